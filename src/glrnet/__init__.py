@@ -1,0 +1,19 @@
+"""glrnet: train noisy neural networks by the generalized likelihood ratio (GLR) method.
+
+Data flows one way: batch → noisy forward (K replications) → per-replication losses
+→ estimator → ``param.grad`` → any ``torch.optim`` optimizer.
+"""
+
+from .activations import ACTIVATIONS, Sigmoid, get_activation
+from .estimators import GLR, Backprop, GradStats, NonFiniteLossError
+from .losses import LOSSES, cross_entropy, get_loss, zero_one
+from .model import NoisyMLP, predict, predict_proba
+from .noise import Logistic, make_noise
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS", "Backprop", "GLR", "GradStats", "LOSSES", "Logistic", "NoisyMLP",
+    "NonFiniteLossError", "Sigmoid", "cross_entropy", "get_activation", "get_loss", "make_noise",
+    "predict", "predict_proba", "zero_one",
+]

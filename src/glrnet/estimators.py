@@ -1,0 +1,308 @@
+"""Gradient producers: the GLR estimator, and back-propagation for the baselines.
+
+Both write ``param.grad`` (adding to it, as autograd does) and leave the step to any
+``torch.optim`` optimizer::
+
+    est = glrnet.GLR(loss="zero_one", replications=1000)
+    opt.zero_grad(); stats = est.backward(model, x, y); opt.step()
+
+The GLR estimator (Xiao, Peng, Hong & Ke) of ∇θ E[L] for a network whose neuron a of
+layer l has pre-activation v = (W x + b)ₐ + rₐ, r ~ f i.i.d., with score
+s(r) = −d log f(r)/dr:
+
+    ∂E[L]/∂W⁽ˡ⁾ₐ,ᵦ = E[ L · s(r⁽ˡ⁾ₐ) · x⁽ˡ⁾ᵦ ],      ∂E[L]/∂b⁽ˡ⁾ₐ = E[ L · s(r⁽ˡ⁾ₐ) ].
+
+It needs neither φ nor L to be differentiable (only f). With K replications of each
+of the B inputs of a batch, the estimate of ∇θ (1/B) Σᵢ E[L(xᵢ, yᵢ)] is
+
+    Ĝ⁽ˡ⁾ = 1/(K·B) Σₖ Σᵢ wₖᵢ · s(r⁽ˡ⁾ₖᵢ) x⁽ˡ⁾ₖᵢᵀ,
+
+one matrix product per layer over the flattened (k, i) axis, where w = L for the
+plain estimator, and with a control variate (baseline) that does not depend on
+replication k's own noise, so the estimate stays exactly unbiased:
+
+    leave-one-out    wₖᵢ = Lₖᵢ − (Sᵢ − Lₖᵢ)/(K − 1),            Sᵢ = Σⱼ Lⱼᵢ
+    antithetic pairs  r and −r (all layers at once) for k and its partner k';
+                      each replication is still marginally ~ f, so w = L is unbiased
+    both              leave-pair-out: wₖᵢ = Lₖᵢ − (Sᵢ − Lₖᵢ − Lₖ'ᵢ)/(K − 2)
+
+Sᵢ is known only after all chunks of replications (and, distributed, all ranks)
+are done. We therefore split w into a part known within the chunk and one that is
+not: wₖᵢ = aₖᵢ − Sᵢ/(K − m), with aₖᵢ = Lₖᵢ K/(K−1) (m = 1) or Lₖᵢ + Pₖᵢ/(K−2)
+(m = 2, P the pair sum), and accumulate Σ a s xᵀ plus, per input, Σₖ s xᵀ. The
+result is the same for any chunking (exactly, for the same random stream).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .activations import activation_name
+from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
+from .model import NoisyMLP, check_batch
+from .noise import sample_, score
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or the estimate) became NaN/inf; nothing was written to ``.grad``."""
+
+
+@dataclass
+class GradStats:
+    """What a gradient producer reports for one batch (tensors: no host synchronisation)."""
+
+    loss: Tensor                      # mean loss over the K·B (replication, input) pairs
+    replications: int = 1
+    chunks: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Accumulator:
+    """Per-layer running sums of one GLR estimate (see the module docstring)."""
+
+    weight: list[Tensor]              # Σ a s xᵀ, (out, in)
+    bias: list[Tensor]                # Σ a s, (out,)
+    loss_per_input: Tensor            # Sᵢ = Σₖ Lₖᵢ, (B,)
+    score_per_input: list[Tensor]     # Σₖ sₖᵢ, (B, out)          [baseline only]
+    score_input_per_input: list      # Σₖ sₖᵢ xₖᵢᵀ, (B, out, in) [baseline only; None for layer 0]
+    nonfinite: Tensor                 # count of non-finite losses
+
+
+class GLR:
+    """Generalized likelihood ratio estimator of ∇θ E[mean batch loss] for a :class:`NoisyMLP`.
+
+    Requires: the noise density f differentiable (Normal, Laplace, Logistic, ...).
+    No requirement on the activations or the loss: only loss *values* are used.
+
+    Args:
+        loss: registered name (``cross_entropy``, ``zero_one``) or callable
+            ``(outputs (N, C), targets (N,)) → (N,)``.
+        replications: K, noisy replications of every input.
+        baseline: leave-one-out control variate (K ≥ 2; leave-pair-out with antithetic).
+        antithetic: replications in pairs r, −r (K even); halves the random numbers drawn.
+        memory_budget_mb: bound on the working set; replications are processed in chunks.
+        generator: ``torch.Generator`` for the noise (on the model's device). Default: one
+            seeded from the global RNG at first use, so ``torch.manual_seed`` governs it.
+        check_finite: raise :class:`NonFiniteLossError` if a loss is NaN/inf (one host
+            synchronisation per call; turn off for CUDA-graph style training).
+    """
+
+    def __init__(self, loss: LossLike = "cross_entropy", replications: int = 1000, baseline: bool = False,
+                 antithetic: bool = False, memory_budget_mb: float = 256.0,
+                 generator: torch.Generator | None = None, check_finite: bool = True):
+        self.loss = get_loss(loss)
+        if not isinstance(replications, int) or replications < 1:
+            raise ValueError(f"replications must be a positive integer, got {replications!r}")
+        if antithetic and replications % 2:
+            raise ValueError(f"antithetic pairs need an even number of replications, got {replications}")
+        if baseline and replications < (4 if antithetic else 2):
+            raise ValueError(f"a baseline needs replications ≥ {4 if antithetic else 2} "
+                             f"({'two pairs' if antithetic else 'two'}), got {replications}")
+        if not memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
+        self.replications = replications
+        self.baseline, self.antithetic = bool(baseline), bool(antithetic)
+        self.memory_budget_mb = float(memory_budget_mb)
+        self.generator = generator
+        self.check_finite = check_finite
+        self._buffers: dict = {}
+
+    def __repr__(self) -> str:
+        return (f"GLR(loss={loss_name(self.loss)}, replications={self.replications}, "
+                f"baseline={self.baseline}, antithetic={self.antithetic})")
+
+    # ------------------------------------------------------------------ public API
+    def backward(self, model: NoisyMLP, x: Tensor, y: Tensor) -> GradStats:
+        """Add the GLR estimate of ∇θ (1/B) Σᵢ E[L(xᵢ, yᵢ)] to every parameter's ``.grad``."""
+        grads, stats = self.estimate(model, x, y)
+        for p, g in zip(model.parameters(), grads):
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        return stats
+
+    @torch.no_grad()
+    def estimate(self, model: NoisyMLP, x: Tensor, y: Tensor) -> tuple[list[Tensor], GradStats]:
+        """The estimate as a list aligned with ``model.parameters()``, without touching ``.grad``."""
+        check_batch(model, x, y)
+        acc, chunks = self._accumulate(model, x, y, self._local_replications())
+        loss_sum = acc.loss_per_input.sum()
+        if self.baseline:
+            self._all_reduce([acc.loss_per_input])  # distributed: Sᵢ over every rank's replications
+        grads = self._finalize(acc, x)
+        totals = torch.stack([loss_sum, acc.nonfinite.to(loss_sum.dtype)])
+        self._all_reduce(grads + [totals])
+        count = self.replications * self._global_batch(x)
+        for g in grads:
+            g.div_(count)
+        if self.check_finite:
+            nonfinite = int(totals[1])
+            if nonfinite or not all(torch.isfinite(g).all() for g in grads):
+                raise NonFiniteLossError(
+                    f"loss {loss_name(self.loss)!r} gave {nonfinite} non-finite values among "
+                    f"{count} (replication, input) pairs during GLR estimation (activation "
+                    f"{activation_name(model.activation)}); parameters and their .grad are untouched")
+        return grads, GradStats(loss=totals[0] / count, replications=self.replications, chunks=chunks)
+
+    # ------------------------------------------------------------------ the estimator
+    def _accumulate(self, model: NoisyMLP, x: Tensor, y: Tensor, replications: int):
+        K, B = self.replications, x.shape[0]
+        layers, widths = list(model.layers), model.widths
+        m = 2 if self.antithetic else 1
+        chunk = self._chunk_size(B, sum(widths), x.element_size(), replications, m)
+        y_rep = y.repeat(chunk)
+        zeros = lambda *s: torch.zeros(*s, dtype=x.dtype, device=x.device)  # noqa: E731
+        acc = _Accumulator(
+            weight=[torch.zeros_like(l.weight) for l in layers],
+            bias=[torch.zeros_like(l.bias) for l in layers],
+            loss_per_input=zeros(B),
+            score_per_input=[zeros(B, w) for w in widths] if self.baseline else [],
+            score_input_per_input=[None] + [zeros(B, l.out_features, l.in_features) for l in layers[1:]]
+            if self.baseline else [],
+            nonfinite=torch.zeros((), dtype=torch.long, device=x.device))
+        chunks = 0
+        for start in range(0, replications, chunk):
+            k = min(chunk, replications - start)
+            noise, scores = self._draw(model, k, B, x)
+            out, inputs = model(x, noise=noise, return_inputs=True)
+            losses = self.loss(out.reshape(k * B, -1), y_rep[:k * B]).reshape(k, B)
+            acc.nonfinite += (~torch.isfinite(losses)).sum()
+            acc.loss_per_input += losses.sum(0)
+            if self.baseline:
+                self._accumulate_baseline_terms(acc, scores, inputs, widths)
+            # a: the part of the weight w known within this chunk (module docstring)
+            if not self.baseline:
+                a = losses
+            elif self.antithetic:
+                half = k // 2
+                pair = losses[:half] + losses[half:]
+                a = losses + torch.cat([pair, pair]) / (K - 2)
+            else:
+                a = losses * (K / (K - 1))
+            weighted = scores.mul_(a.unsqueeze(-1))  # a · s(r), in place: scores are not needed after
+            offset = 0
+            for t, layer in enumerate(layers):
+                ws = weighted[..., offset:offset + layer.out_features]
+                offset += layer.out_features
+                if t == 0:  # x⁽⁰⁾ is the same for all replications: sum over k first
+                    ws_sum = ws.sum(0)
+                    acc.weight[0].addmm_(ws_sum.T, x)
+                    acc.bias[0] += ws_sum.sum(0)
+                else:
+                    acc.weight[t].addmm_(ws.reshape(-1, layer.out_features).T,
+                                         inputs[t].reshape(-1, layer.in_features))
+                    acc.bias[t] += ws.sum((0, 1))
+            chunks += 1
+        return acc, chunks
+
+    @staticmethod
+    def _accumulate_baseline_terms(acc: _Accumulator, scores: Tensor, inputs: list[Tensor], widths):
+        offset = 0
+        for t, w in enumerate(widths):
+            s = scores[..., offset:offset + w]
+            offset += w
+            acc.score_per_input[t] += s.sum(0)
+            if t > 0:
+                acc.score_input_per_input[t] += torch.einsum("kbo,kbi->boi", s, inputs[t])
+
+    def _finalize(self, acc: _Accumulator, x: Tensor) -> list[Tensor]:
+        """Σ w s xᵀ per layer as [W⁽⁰⁾, b⁽⁰⁾, W⁽¹⁾, ...], subtracting the Sᵢ/(K − m) part."""
+        grads = []
+        c = 1.0 / (self.replications - (2 if self.antithetic else 1)) if self.baseline else 0.0
+        for t, (gw, gb) in enumerate(zip(acc.weight, acc.bias)):
+            if self.baseline:
+                S = acc.loss_per_input
+                s_weighted = S.unsqueeze(1) * acc.score_per_input[t]           # (B, out)
+                gb = gb - c * s_weighted.sum(0)
+                if t == 0:
+                    gw = gw - c * (s_weighted.T @ x)
+                else:
+                    gw = gw - c * torch.einsum("b,boi->oi", S, acc.score_input_per_input[t])
+            grads += [gw, gb]
+        return grads
+
+    def _draw(self, model: NoisyMLP, k: int, B: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Noise r (k, B, Σw) drawn in place, and its score s(r) in a second buffer."""
+        width = sum(model.widths)
+        key = (x.device, x.dtype, B, width)
+        bufs = self._buffers.get(key)
+        if bufs is None or bufs[0].shape[0] < k:
+            bufs = tuple(torch.empty(k, B, width, dtype=x.dtype, device=x.device) for _ in range(2))
+            self._buffers = {key: bufs}
+        noise, scores = bufs[0][:k], bufs[1][:k]
+        gen = self._generator(x.device)
+        if self.antithetic:
+            half = k // 2
+            sample_(model.noise, noise[:half], gen)
+            torch.neg(noise[:half], out=noise[half:])
+        else:
+            sample_(model.noise, noise, gen)
+        score(model.noise, noise, out=scores)
+        return noise, scores
+
+    def _chunk_size(self, B: int, width: int, itemsize: int, replications: int, m: int) -> int:
+        """Replications per chunk: fits the memory budget, a multiple of m, and draws a
+        multiple of 16 random numbers so that the random stream does not depend on it."""
+        per_replication = B * (6 * width + 8) * itemsize   # noise, scores, v, φ(v) per layer, loss temps
+        k = int(self.memory_budget_mb * 2**20) // per_replication
+        align = m * (16 // math.gcd(B * width, 16))
+        k = max(align, k // align * align)
+        return min(k, replications)
+
+    def _generator(self, device) -> torch.Generator:
+        if self.generator is None:
+            seed = int(torch.randint(0, 2**62, ()))
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+        return self.generator
+
+    # ------------------------------------------------------------------ distribution hooks
+    def _local_replications(self) -> int:
+        return self.replications
+
+    def _global_batch(self, x: Tensor) -> int:
+        return x.shape[0]
+
+    def _all_reduce(self, tensors: list[Tensor]) -> None:
+        """Sum across processes (single process: nothing to do)."""
+
+
+class Backprop:
+    """Back-propagation through the same NoisyMLP, for the baselines (same interface as GLR).
+
+    ``noise=False``: the noise-free network (the seed's BP baseline). ``noise=True``: the
+    pathwise gradient through K noisy replications — unbiased for smooth φ and L, and the
+    reference the GLR tests compare against. Requires a differentiable loss.
+    """
+
+    def __init__(self, loss: LossLike = "cross_entropy", noise: bool = False, replications: int = 1,
+                 generator: torch.Generator | None = None):
+        if isinstance(loss, str) and loss not in DIFFERENTIABLE:
+            get_loss(loss)  # unknown names get the listing error first
+            raise ValueError(f"back-propagation needs a differentiable loss; {loss!r} is not "
+                             f"(use GLR, or one of {sorted(DIFFERENTIABLE)})")
+        if replications < 1:
+            raise ValueError(f"replications must be ≥ 1, got {replications}")
+        self.loss = get_loss(loss)
+        self.noise, self.replications, self.generator = noise, replications, generator
+
+    def __repr__(self) -> str:
+        return f"Backprop(loss={loss_name(self.loss)}, noise={self.noise}, replications={self.replications})"
+
+    def backward(self, model: NoisyMLP, x: Tensor, y: Tensor) -> GradStats:
+        check_batch(model, x, y)
+        if activation_name(model.activation) == "threshold":
+            raise ValueError("back-propagation through the 'threshold' activation gives zero gradients; use GLR")
+        if self.noise:
+            r = model.sample_noise(self.replications, x.shape[0], generator=self.generator)
+            out = model(x, noise=r)
+            loss = self.loss(out.reshape(-1, out.shape[-1]), y.repeat(self.replications)).mean()
+        else:
+            loss = self.loss(model(x), y).mean()
+        loss.backward()
+        return GradStats(loss=loss.detach(), replications=self.replications if self.noise else 1)

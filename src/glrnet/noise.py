@@ -1,0 +1,158 @@
+"""Neuron noise r ~ f and its score s(r) = −d log f(r) / dr.
+
+The GLR estimator needs two things from the noise distribution: samples, drawn
+in place into preallocated buffers from an explicit ``torch.Generator`` (fast and
+reproducible), and the score s. Noise is described by a ``torch.distributions``
+object; closed forms are used for the three families below (each is tested against
+the autograd derivative of ``log_prob``):
+
+==========================  ====================  ============================
+noise f                     score s(r)            in-place sampler
+==========================  ====================  ============================
+Normal(0, σ)                r / σ²                ``normal_``
+Laplace(0, b)               sign(r) / b           inverse CDF of ``uniform_``
+Logistic(0, s) (below)      tanh(r / 2s) / s      logit of ``uniform_``
+==========================  ====================  ============================
+
+Any other zero-centred distribution on the real line with a differentiable density
+and an ``icdf`` also works (sampled by inverse CDF, score by autograd), more slowly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import (AffineTransform, Distribution, Laplace, Normal, SigmoidTransform,
+                                 TransformedDistribution, Uniform, constraints)
+
+
+class Logistic(TransformedDistribution):
+    """Logistic(loc, scale): density e^{−z} / (scale (1 + e^{−z})²), z = (x − loc)/scale.
+
+    ``torch.distributions`` has none; this is the standard construction
+    loc + scale · logit(U), U ~ Uniform(0, 1). Standard deviation: scale · π / √3.
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+
+    def __init__(self, loc, scale, validate_args=None):
+        loc, scale = torch.as_tensor(loc, dtype=torch.get_default_dtype()), torch.as_tensor(
+            scale, dtype=torch.get_default_dtype())
+        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
+        base = Uniform(torch.zeros_like(self.loc), torch.ones_like(self.loc), validate_args=validate_args)
+        super().__init__(base, [SigmoidTransform().inv, AffineTransform(self.loc, self.scale)],
+                         validate_args=validate_args)
+
+    @property
+    def mean(self):
+        return self.loc
+
+    @property
+    def stddev(self):
+        return self.scale * math.pi / math.sqrt(3)
+
+    def __repr__(self):
+        return f"Logistic(loc: {self.loc}, scale: {self.scale})"
+
+
+KINDS = ("gaussian", "laplace", "logistic")
+
+
+def make_noise(kind: str = "gaussian", std: float = 2.0) -> Distribution:
+    """Zero-centred noise of the given family with standard deviation ``std``.
+
+    ``std`` is the standard deviation for every family (Laplace scale std/√2, logistic
+    scale std·√3/π), so that families are compared at equal variance.
+    """
+    if not std > 0:
+        raise ValueError(f"noise standard deviation must be > 0, got {std}")
+    if kind == "gaussian":
+        return Normal(0.0, float(std))
+    if kind == "laplace":
+        return Laplace(0.0, float(std) / math.sqrt(2))
+    if kind == "logistic":
+        return Logistic(0.0, float(std) * math.sqrt(3) / math.pi)
+    raise ValueError(f"unknown noise {kind!r}; valid: {', '.join(KINDS)}")
+
+
+def describe(dist: Distribution) -> dict:
+    """A JSON-able description that :func:`make_noise` turns back into ``dist``."""
+    for kind, cls in (("gaussian", Normal), ("laplace", Laplace), ("logistic", Logistic)):
+        if type(dist) is cls:
+            return {"kind": kind, "std": float(dist.stddev)}
+    return {"kind": type(dist).__name__, "std": float("nan")}
+
+
+def validate_noise(dist: Distribution) -> Distribution:
+    """Check that ``dist`` is a scalar, zero-centred distribution on ℝ with a differentiable density."""
+    if not isinstance(dist, Distribution):
+        raise ValueError(f"noise must be a torch.distributions.Distribution, got {type(dist).__name__}")
+    if dist.batch_shape != torch.Size() or dist.event_shape != torch.Size():
+        raise ValueError(f"noise must be a scalar distribution (one draw per neuron), got batch shape "
+                         f"{tuple(dist.batch_shape)} and event shape {tuple(dist.event_shape)}")
+    if dist.support is not constraints.real:
+        raise ValueError(
+            f"noise {dist!r} has no differentiable density on the real line (support {dist.support}); "
+            "GLR needs the score −d log f/dr, so use Normal, Laplace or Logistic noise")
+    centre = getattr(dist, "loc", None)
+    if centre is None:
+        centre = dist.mean
+    if not torch.all(torch.as_tensor(centre) == 0):
+        raise ValueError(f"noise must be zero-centred, got location {float(centre):g} for {dist!r}")
+    if not _closed_form(dist) and not _has_icdf(dist):
+        raise ValueError(f"noise {type(dist).__name__} has no closed-form sampler and no icdf")
+    return dist
+
+
+def _closed_form(dist: Distribution) -> bool:
+    return type(dist) in (Normal, Laplace, Logistic)
+
+
+def _has_icdf(dist: Distribution) -> bool:
+    try:
+        dist.icdf(torch.tensor(0.5))
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _scale(dist: Distribution) -> float:
+    return float(dist.scale)
+
+
+def sample_(dist: Distribution, out: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Fill ``out`` in place with i.i.d. draws of ``dist`` from ``generator``; returns ``out``."""
+    if type(dist) is Normal:
+        return out.normal_(0.0, _scale(dist), generator=generator)
+    tiny = torch.finfo(out.dtype).tiny
+    if type(dist) is Laplace:
+        # torch's Laplace.rsample: −b · sign(u) · log1p(−|u|),  u ~ U(−1, 1)
+        out.uniform_(-1.0 + torch.finfo(out.dtype).eps, 1.0, generator=generator)
+        sign = torch.sign(out)
+        return out.abs_().neg_().log1p_().mul_(sign).mul_(-_scale(dist))
+    if type(dist) is Logistic:
+        return out.uniform_(tiny, 1.0, generator=generator).logit_().mul_(_scale(dist))
+    out.uniform_(tiny, 1.0, generator=generator)
+    return out.copy_(dist.icdf(out))
+
+
+def score(dist: Distribution, r: Tensor, out: Tensor | None = None) -> Tensor:
+    """s(r) = −d log f(r) / dr, elementwise (closed form where known, autograd otherwise)."""
+    if type(dist) is Normal:
+        return torch.mul(r, 1.0 / _scale(dist) ** 2, out=out)
+    if type(dist) is Laplace:
+        return torch.sign(r, out=out).mul_(1.0 / _scale(dist))
+    if type(dist) is Logistic:
+        s = _scale(dist)
+        return torch.mul(r, 0.5 / s, out=out).tanh_().mul_(1.0 / s)
+    return score_autograd(dist, r) if out is None else out.copy_(score_autograd(dist, r))
+
+
+def score_autograd(dist: Distribution, r: Tensor) -> Tensor:
+    """−d log f(r)/dr by autograd on ``dist.log_prob``; the reference for the closed forms."""
+    with torch.enable_grad():
+        r = r.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(dist.log_prob(r).sum(), r)
+    return -grad
