@@ -134,7 +134,7 @@ class GLR:
         acc, chunks = self._accumulate(model, x, y, self._local_replications())
         loss_sum = acc.loss_per_input.sum()
         if self.baseline:
-            self._all_reduce([acc.loss_per_input])  # distributed: Sᵢ over every rank's replications
+            self._combine_loss_sums(acc, x)
         grads = self._finalize(acc, x)
         totals = torch.stack([loss_sum, acc.nonfinite.to(loss_sum.dtype)])
         self._all_reduce(grads + [totals])
@@ -249,7 +249,7 @@ class GLR:
     def _chunk_size(self, B: int, width: int, itemsize: int, replications: int, m: int) -> int:
         """Replications per chunk: fits the memory budget, a multiple of m, and draws a
         multiple of 16 random numbers so that the random stream does not depend on it."""
-        per_replication = B * (6 * width + 8) * itemsize   # noise, scores, v, φ(v) per layer, loss temps
+        per_replication = max(B, 1) * (6 * width + 8) * itemsize   # noise, scores, v, φ(v) per layer, loss temps
         k = int(self.memory_budget_mb * 2**20) // per_replication
         align = m * (16 // math.gcd(B * width, 16))
         k = max(align, k // align * align)
@@ -267,6 +267,9 @@ class GLR:
 
     def _global_batch(self, x: Tensor) -> int:
         return x.shape[0]
+
+    def _combine_loss_sums(self, acc: _Accumulator, x: Tensor) -> None:
+        """Make Sᵢ the sum over all K replications (distributed: over every rank's share)."""
 
     def _all_reduce(self, tensors: list[Tensor]) -> None:
         """Sum across processes (single process: nothing to do)."""

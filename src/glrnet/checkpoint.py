@@ -1,0 +1,130 @@
+"""Checkpoints and saved models: safetensors for tensors, JSON for everything else.
+
+A checkpoint is one safetensors file written atomically (temporary file, then
+``os.replace``): model weights, optimizer tensors and RNG states as tensors, and the
+JSON sidecar (config, epoch, history, optimizer hyper-parameters, scheduler) in its
+metadata, so the two can never disagree. ``checkpoint.json`` beside it is a copy for
+people and tools. A saved model (``model.safetensors``) carries its architecture in
+its metadata and is rebuilt by :func:`load_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from .model import NoisyMLP
+from .noise import make_noise
+
+FORMAT = 1
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: str | os.PathLike, model: NoisyMLP, optimizer: torch.optim.Optimizer,
+                    generators: dict[str, torch.Generator], sidecar: dict[str, Any]) -> None:
+    """Write model, optimizer and RNG states plus ``sidecar`` (JSON-able) to ``path`` atomically."""
+    path = Path(path)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    opt_json = {"param_groups": opt["param_groups"], "state": {}}
+    for pid, state in opt["state"].items():
+        opt_json["state"][str(pid)] = {}
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                opt_json["state"][str(pid)][k] = v
+    for name, g in generators.items():
+        tensors[f"rng.{name}"] = g.get_state()
+    meta = dict(sidecar, format=FORMAT, optimizer=opt_json, generators=list(generators),
+                model=model.config())
+    text = json.dumps(meta)
+    _atomic_save_tensors(tensors, path, {"glrnet": text})
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+
+
+def load_checkpoint(path: str | os.PathLike, model: NoisyMLP, optimizer: torch.optim.Optimizer,
+                    generators: dict[str, torch.Generator]) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns the sidecar."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["glrnet"])
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"checkpoint {path} is unreadable ({e})") from None
+    device = next(model.parameters()).device
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt = {"param_groups": meta["optimizer"]["param_groups"], "state": {}}
+    for pid, state in meta["optimizer"]["state"].items():
+        opt["state"][int(pid)] = dict(state)
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            opt["state"].setdefault(int(pid), {})[name] = v.to(device) if name != "step" else v
+    optimizer.load_state_dict(opt)
+    for name, g in generators.items():
+        g.set_state(tensors[f"rng.{name}"])
+    return meta
+
+
+def save_model(path: str | os.PathLike, model: NoisyMLP, extra: dict | None = None) -> None:
+    """Weights plus the architecture (and ``extra``, e.g. the training config) in the metadata."""
+    meta = {"glrnet_model": json.dumps(model.config())}
+    if extra is not None:
+        meta["glrnet_extra"] = json.dumps(extra)
+    _atomic_save_tensors(dict(model.state_dict()), Path(path), meta)
+
+
+def model_from_config(cfg: dict) -> NoisyMLP:
+    noise = cfg.get("noise", {"kind": "gaussian", "std": 2.0})
+    return NoisyMLP(cfg["sizes"], activation=cfg["activation"], noise=make_noise(noise["kind"], noise["std"]),
+                    output_activation=cfg.get("output_activation"))
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[NoisyMLP, dict]:
+    """Rebuild a model saved by :func:`save_model`; returns (model, extra metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved model at {path}")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "glrnet_model" not in meta:
+        raise ValueError(f"{path} is not a glrnet model (no 'glrnet_model' metadata)")
+    model = model_from_config(json.loads(meta["glrnet_model"]))
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device), json.loads(meta.get("glrnet_extra", "{}"))

@@ -1,0 +1,213 @@
+"""The ``glrnet`` command: a thin layer over the library (train, evaluate, datasets, reproduce, robustness)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from . import distributed
+from .activations import ACTIVATIONS
+from .data import DATASETS, DataError, describe_datasets
+from .losses import LOSSES
+from .noise import KINDS
+from .train import METHODS, OPTIMIZERS, SCHEDULES, TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _hidden(text: str) -> list[int]:
+    try:
+        widths = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hidden takes comma-separated widths like 20 or 100,100, got {text!r}")
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"--hidden needs positive widths, got {text!r}")
+    return widths
+
+
+def _activation(text: str) -> str:
+    name, _, slope = text.partition(":")
+    if name not in ACTIVATIONS or (slope and name != "sigmoid"):
+        raise argparse.ArgumentTypeError(f"unknown activation {text!r}; valid: {', '.join(ACTIVATIONS)} "
+                                         "(or sigmoid:<slope>)")
+    return text
+
+
+def add_data_options(p: argparse.ArgumentParser, required_dataset: bool = False) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default=None if required_dataset else DEFAULTS.dataset,
+                   help="dataset name")
+    g.add_argument("--data-dir", default=None, help="folder with the four MNIST-format IDX files "
+                   "(default: download into the cache)")
+    g.add_argument("--image-size", type=int, default=None, help="resize images to N×N by area averaging "
+                   "(14 = the seed's 2×2 pooling of MNIST)")
+    g.add_argument("--subset", type=int, default=None, help="use only this many training images")
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    add_data_options(p)
+    d = DEFAULTS
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden widths, e.g. 20 or 100,100")
+    g.add_argument("--activation", type=_activation, default=d.activation,
+                   help=f"hidden activation: {', '.join(ACTIVATIONS)}, or sigmoid:<slope>")
+    g.add_argument("--output-activation", type=_activation, default=None,
+                   help="activation on the output layer too (default: none, the authors' code)")
+    g.add_argument("--loss", choices=list(LOSSES), default=d.loss, help="per-sample loss")
+    g.add_argument("--noise", choices=KINDS, default=d.noise, help="neuron noise distribution")
+    g.add_argument("--noise-std", type=float, default=d.noise_std, help="noise standard deviation σ")
+    g = p.add_argument_group("estimator")
+    g.add_argument("--method", choices=METHODS, default=d.method, help="glr, or bp (back-propagation)")
+    g.add_argument("--replications", type=int, default=d.replications, help="K noisy replications per input")
+    g.add_argument("--baseline", action="store_true", help="leave-one-out baseline (control variate)")
+    g.add_argument("--antithetic", action="store_true", help="antithetic noise pairs r, −r")
+    g.add_argument("--bp-noise", action="store_true", help="with --method bp: back-propagate through noisy "
+                   "replications (smooth activations only)")
+    g.add_argument("--memory-budget-mb", type=float, default=d.memory_budget_mb, help="working-set bound (MB)")
+    g.add_argument("--parallel", default=d.parallel, help="under torchrun: replications, data, or a number of "
+                   "data groups")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=d.optimizer, help="torch.optim optimizer")
+    g.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="momentum (sgd, rmsprop)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="learning-rate schedule")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="hold out this fraction of training for validation (0: validate on test)")
+    g.add_argument("--lap-replications", type=int, default=d.lap_replications, help="K for the LAP predictor")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed (same seed, same run)")
+    g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
+
+
+def config_from_args(args) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def cmd_train(args) -> int:
+    from .train import train
+    distributed.init_from_env(args.device)
+    train(config_from_args(args), args.out, resume=args.resume, quiet=args.quiet)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .model import predict
+    path = Path(args.run)
+    path = path / "model.safetensors" if path.is_dir() else path
+    model, extra = load_model(path, args.device)
+    cfg = extra.get("config", {})
+    dataset = args.dataset or cfg.get("dataset", "digits")
+    data = load_dataset(dataset, args.data_dir if args.dataset else (args.data_dir or cfg.get("data_dir")),
+                        args.image_size or cfg.get("image_size"), subset=args.subset)
+    if data.in_features != model.in_features:
+        raise ValueError(f"{dataset} images have {data.in_features} pixels, the model expects {model.in_features} "
+                         "(set --image-size)")
+    x, y = data.x_test.to(args.device), data.y_test.to(args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    result = {"run": str(path), "dataset": data.summary(),
+              "accuracy_ot": (predict(model, x, "ot") == y).double().mean().item(),
+              "accuracy_lap": (predict(model, x, "lap", args.lap_replications, generator=gen) == y).double().mean().item(),
+              "lap_replications": args.lap_replications}
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    for row in describe_datasets(args.cache_dir):
+        mark = "available" if row["available"] else "not cached"
+        print(f"{row['name']:<14} {mark:<11} {row['source']}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .experiments import reproduce
+    reproduce(args.spec, args.out, dataset=args.dataset, data_dir=args.data_dir, quick=args.quick,
+              device=args.device, quiet=args.quiet, robustness=not args.no_robustness)
+    return 0
+
+
+def cmd_robustness(args) -> int:
+    from .robustness import robustness_command
+    robustness_command(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glrnet", formatter_class=_Formatter,
+                                description="Train noisy networks by the generalized likelihood ratio method "
+                                            "and measure their adversarial robustness.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="train one model", formatter_class=_Formatter,
+                       description="Train one NoisyMLP by GLR or back-propagation; writes metrics.json, "
+                                   "model.safetensors, history.csv, curves.png and a checkpoint per epoch.")
+    add_train_options(t)
+    t.add_argument("--out", default="runs/train", help="output folder")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="OT and LAP accuracy of a trained run", formatter_class=_Formatter)
+    e.add_argument("--run", required=True, help="a run folder (or its model.safetensors)")
+    add_data_options(e, required_dataset=True)
+    e.add_argument("--lap-replications", type=int, default=1000, help="K for LAP")
+    e.add_argument("--seed", type=int, default=0, help="seed of the LAP noise")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("datasets", help="list the datasets and where each is looked for", formatter_class=_Formatter)
+    d.add_argument("--cache-dir", default=None, help="download cache (default: $GLRNET_CACHE or ~/.cache/glrnet)")
+    d.set_defaults(func=cmd_datasets)
+
+    r = sub.add_parser("reproduce", help="the seed's Tables 1 and 2 (and robustness) from a spec file",
+                       formatter_class=_Formatter)
+    r.add_argument("--spec", default=None, help="experiment spec (TOML); default: the packaged paper.toml")
+    r.add_argument("--dataset", choices=DATASETS, default=None, help="override the spec's dataset")
+    r.add_argument("--data-dir", default=None, help="IDX folder for mnist / fashion-mnist")
+    r.add_argument("--quick", action="store_true", help="the whole pipeline on digits in about two minutes")
+    r.add_argument("--no-robustness", action="store_true", help="skip the adaptive-attack evaluation")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    r.add_argument("--out", required=True, help="output folder (models already trained there are reused)")
+    r.add_argument("--quiet", action="store_true", help="less output")
+    r.set_defaults(func=cmd_reproduce)
+
+    b = sub.add_parser("robustness", help="adaptive attacks on trained runs", formatter_class=_Formatter)
+    b.add_argument("--run", required=True, nargs="+", help="run folder(s) to attack")
+    add_data_options(b, required_dataset=True)
+    b.add_argument("--eps", default="0.05,0.1,0.15,0.2,0.25,0.3", help="comma-separated L∞ budgets")
+    b.add_argument("--images", type=int, default=500, help="test images attacked")
+    b.add_argument("--eot-samples", type=int, default=32, help="noise samples per EOT gradient")
+    b.add_argument("--steps", type=int, default=40, help="PGD steps")
+    b.add_argument("--lap-replications", type=int, default=1000, help="K of the defended LAP predictor")
+    b.add_argument("--seed", type=int, default=0, help="seed")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    b.add_argument("--out", required=True, help="output folder")
+    b.set_defaults(func=cmd_robustness)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, DataError, FileNotFoundError) as e:
+        print(f"glrnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"glrnet {args.command}: interrupted; the last checkpoint is kept (rerun with --resume)",
+              file=sys.stderr)
+        return 130

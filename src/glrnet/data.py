@@ -1,0 +1,259 @@
+"""Datasets as flat float tensors with pixels in [0, 1].
+
+* ``digits``: scikit-learn's 8×8 handwritten digits (1,797 images, shipped with
+  scikit-learn, so it needs no download); fixed stratified 75/25 train/test split.
+* ``mnist`` / ``fashion-mnist``: the four standard IDX files (gzip or raw) read from
+  ``data_dir``; with no ``data_dir`` they are downloaded once from the official
+  mirrors into the cache (``$GLRNET_CACHE`` or ``~/.cache/glrnet``), each file's MD5
+  verified before it is moved into place, so nothing half-written stays there.
+
+Images can be resized by area averaging (28 → 14 is the seed's 2×2 average pooling).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IDX_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+
+# (mirrors, {file: md5}) — the checksums torchvision uses for the official files
+REMOTE = {
+    "mnist": (["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"], {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
+    "fashion-mnist": (["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"], {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+}
+DATASETS = ("digits", "mnist", "fashion-mnist")
+CLASS_NAMES = {"fashion-mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                 "Sneaker", "Bag", "Boot"]}
+
+
+class DataError(ValueError):
+    """A dataset could not be found or read; the message names the file and what is wrong."""
+
+
+@dataclass
+class Dataset:
+    """Flattened images (N, H·W) in [0, 1] and int64 labels; ``val`` is empty unless asked for."""
+
+    name: str
+    image_shape: tuple[int, int]
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
+    num_classes: int = 10
+
+    @property
+    def in_features(self) -> int:
+        return self.image_shape[0] * self.image_shape[1]
+
+    def to(self, device) -> "Dataset":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Dataset(self.name, self.image_shape, *(move(t) for t in (
+            self.x_train, self.y_train, self.x_test, self.y_test, self.x_val, self.y_val)), self.num_classes)
+
+    def summary(self) -> str:
+        val = 0 if self.x_val is None else len(self.x_val)
+        h, w = self.image_shape
+        return f"{self.name} {h}×{w}: {len(self.x_train)} train, {val} validation, {len(self.x_test)} test"
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    return Path(override or os.environ.get("GLRNET_CACHE") or Path.home() / ".cache" / "glrnet")
+
+
+def load_dataset(name: str = "digits", data_dir: str | os.PathLike | None = None, image_size: int | None = None,
+                 val_fraction: float = 0.0, subset: int | None = None, seed: int = 0,
+                 download: bool = True, cache: str | os.PathLike | None = None) -> Dataset:
+    """Load ``name`` as flat tensors; ``image_size`` resizes (area averaging) to a square.
+
+    ``subset`` keeps the first ``subset`` training and ``subset // 4`` test images after a
+    seeded shuffle (quick runs); ``val_fraction`` holds out a stratified part of training.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if name == "digits":
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+        d = load_digits()
+        x = d.images.astype(np.float32) / 16.0
+        x_tr, x_te, y_tr, y_te = train_test_split(x, d.target, test_size=0.25, stratify=d.target, random_state=0)
+    else:
+        folder = Path(data_dir) if data_dir is not None else _download(name, cache_dir(cache), download)
+        arrays = read_idx_folder(folder)
+        x_tr, y_tr = arrays["train_images"].astype(np.float32) / 255.0, arrays["train_labels"]
+        x_te, y_te = arrays["test_images"].astype(np.float32) / 255.0, arrays["test_labels"]
+    x_tr, x_te = torch.from_numpy(np.ascontiguousarray(x_tr)), torch.from_numpy(np.ascontiguousarray(x_te))
+    y_tr, y_te = torch.from_numpy(np.asarray(y_tr, np.int64)), torch.from_numpy(np.asarray(y_te, np.int64))
+    if image_size is not None:
+        x_tr, x_te = resize(x_tr, image_size), resize(x_te, image_size)
+    shape = tuple(x_tr.shape[1:])
+    x_tr, x_te = x_tr.reshape(len(x_tr), -1), x_te.reshape(len(x_te), -1)
+    if subset is not None:
+        if subset < 10:
+            raise DataError(f"subset must be ≥ 10 images, got {subset}")
+        g = torch.Generator().manual_seed(seed)
+        tr, te = torch.randperm(len(x_tr), generator=g)[:subset], torch.randperm(len(x_te), generator=g)
+        te = te[:max(10, subset // 4)]
+        x_tr, y_tr, x_te, y_te = x_tr[tr], y_tr[tr], x_te[te], y_te[te]
+    ds = Dataset(name, shape, x_tr, y_tr, x_te, y_te)
+    if val_fraction > 0:
+        from sklearn.model_selection import train_test_split
+        idx = np.arange(len(ds.x_train))
+        tr, va = train_test_split(idx, test_size=val_fraction, stratify=ds.y_train.numpy(), random_state=seed)
+        tr, va = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(va))
+        ds.x_val, ds.y_val = ds.x_train[va], ds.y_train[va]
+        ds.x_train, ds.y_train = ds.x_train[tr], ds.y_train[tr]
+    return ds
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """(N, H, W) → (N, size, size) by area averaging (exact 2×2 mean pooling for 28 → 14)."""
+    if size < 1:
+        raise DataError(f"image size must be ≥ 1, got {size}")
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.adaptive_avg_pool2d(images.unsqueeze(1), size).squeeze(1)
+
+
+# ---------------------------------------------------------------------- IDX files
+def _find(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_idx_folder(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read the four standard MNIST-format files (gzip or raw) from ``folder``, checking them."""
+    folder = Path(folder)
+    wanted = ", ".join(f"{s}[.gz]" for s in IDX_FILES.values())
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist; it should hold the four IDX files "
+                        f"{wanted} (download them from http://yann.lecun.com/exdb/mnist/ or "
+                        f"https://github.com/zalandoresearch/fashion-mnist, or omit --data-dir to download)")
+    out = {}
+    for key, stem in IDX_FILES.items():
+        path = _find(folder, stem)
+        if path is None:
+            raise DataError(f"{folder} lacks {stem}[.gz]; a data folder must hold the four IDX files {wanted}")
+        out[key] = read_idx(path, expect_dims=3 if key.endswith("images") else 1)
+    for split in ("train", "test"):
+        n_img, n_lab = len(out[f"{split}_images"]), len(out[f"{split}_labels"])
+        if n_img != n_lab:
+            raise DataError(f"{folder}: {split} has {n_img} images but {n_lab} labels")
+        labels = out[f"{split}_labels"]
+        if labels.size and labels.max() > 9:
+            raise DataError(f"{folder / IDX_FILES[split + '_labels']}: labels must be 0-9, found {labels.max()}")
+    return out
+
+
+def read_idx(path: str | os.PathLike, expect_dims: int | None = None) -> np.ndarray:
+    """Parse one IDX file (unsigned-byte data only, as MNIST uses)."""
+    path = Path(path)
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e}); the file is truncated or not gzip") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    if raw[2] != 0x08:
+        raise DataError(f"{path}: IDX data type 0x{raw[2]:02x} unsupported (expected unsigned byte 0x08)")
+    dims = raw[3]
+    if expect_dims is not None and dims != expect_dims:
+        raise DataError(f"{path}: expected {expect_dims} dimensions, found {dims} (images and labels swapped?)")
+    header = 4 + 4 * dims
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    size = int(np.prod(shape))
+    if len(raw) - header != size:
+        raise DataError(f"{path}: header says {shape} = {size} bytes of data, file has {len(raw) - header} "
+                        "(truncated or corrupted)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (gzip if the name ends in .gz); used by tests and tools."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.tobytes()
+    path = Path(path)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+# ---------------------------------------------------------------------- download
+def md5sum(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download(name: str, root: Path, allowed: bool) -> Path:
+    mirrors, files = REMOTE[name]
+    folder = root / name
+    missing = [f for f, md5 in files.items() if not ((folder / f).is_file() and md5sum(folder / f) == md5)]
+    if not missing:
+        return folder
+    if not allowed:
+        raise DataError(f"{name} is not in the cache {folder} and downloading is off; pass a data folder "
+                        f"holding {', '.join(files)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for fname in missing:
+        errors = []
+        for mirror in mirrors:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{fname}.", suffix=".part")
+            os.close(fd)
+            try:
+                urllib.request.urlretrieve(mirror + fname, tmp)
+                got = md5sum(Path(tmp))
+                if got != files[fname]:
+                    raise DataError(f"checksum mismatch: MD5 {got}, expected {files[fname]}")
+                os.replace(tmp, folder / fname)  # atomic: the cache never holds a partial file
+                break
+            except Exception as e:  # noqa: BLE001 - try the next mirror, report all
+                errors.append(f"{mirror}{fname}: {e}")
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            raise DataError(f"could not download {name} file {fname} (no network?):\n  " + "\n  ".join(errors)
+                            + f"\nPass --data-dir with a folder holding the four IDX files instead.")
+    return folder
+
+
+def describe_datasets(cache: str | os.PathLike | None = None) -> list[dict]:
+    """Where each dataset is looked for, and whether it is available right now."""
+    rows = [{"name": "digits", "source": "scikit-learn (bundled, 1,797 images of 8×8)", "available": True}]
+    for name, (mirrors, files) in REMOTE.items():
+        folder = cache_dir(cache) / name
+        have = all((folder / f).is_file() for f in files)
+        rows.append({"name": name, "source": f"--data-dir DIR with {', '.join(IDX_FILES.values())}[.gz], "
+                                              f"or downloaded from {mirrors[0]} into {folder}",
+                     "available": have})
+    return rows

@@ -1,0 +1,287 @@
+"""Training loop: any gradient producer (GLR or back-propagation) + any torch.optim optimizer.
+
+``train(TrainConfig(...), out_dir)`` writes into ``out_dir``:
+
+* ``checkpoint.safetensors`` (+ ``checkpoint.json``) after every epoch, atomically;
+  ``resume=True`` continues from it and ends with the same weights as an
+  uninterrupted run (every random stream is either saved or derived from the seed);
+* ``history.csv`` after every epoch; at the end ``model.safetensors``,
+  ``metrics.json`` and ``curves.png`` (training / validation loss per epoch, the
+  seed's Figure 5).
+
+Works unchanged under ``torchrun`` (see :mod:`glrnet.distributed`): each rank trains
+on its shard or its share of the replications, only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed as dist_utils
+from .activations import SMOOTH, get_activation
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model
+from .data import Dataset, load_dataset
+from .estimators import GLR, Backprop
+from .losses import get_loss
+from .model import NoisyMLP, predict_proba
+from .noise import KINDS, make_noise
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+              "rmsprop": torch.optim.RMSprop}
+SCHEDULES = ("constant", "cosine", "step")
+METHODS = ("glr", "bp")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (saved in checkpoints and metrics.json)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    subset: int | None = None
+    val_fraction: float = 0.0
+    hidden: list[int] = field(default_factory=lambda: [20])
+    activation: str = "sigmoid"
+    output_activation: str | None = None
+    loss: str = "cross_entropy"
+    noise: str = "gaussian"
+    noise_std: float = 2.0
+    method: str = "glr"
+    replications: int = 1000
+    baseline: bool = False
+    antithetic: bool = False
+    bp_noise: bool = False
+    memory_budget_mb: float = 256.0
+    optimizer: str = "adam"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    epochs: int = 5
+    batch_size: int = 32
+    lap_replications: int = 1000
+    eval_replications: int = 100
+    parallel: str = "replications"
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> "TrainConfig":
+        get_activation(self.activation)
+        if self.output_activation is not None:
+            get_activation(self.output_activation)
+        get_loss(self.loss)
+        checks = [(self.method in METHODS, f"unknown method {self.method!r}; valid: {', '.join(METHODS)}"),
+                  (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"),
+                  (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}"),
+                  (self.noise in KINDS, f"unknown noise {self.noise!r}; valid: {', '.join(KINDS)}"),
+                  (self.parallel in ("replications", "data"), f"unknown parallel mode {self.parallel!r}; valid: replications, data"),
+                  (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
+                  (self.batch_size >= 1, f"batch size must be ≥ 1, got {self.batch_size}"),
+                  (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+                  (all(h >= 1 for h in self.hidden), f"hidden widths must be ≥ 1, got {self.hidden}"),
+                  (self.lap_replications >= 1, f"lap replications must be ≥ 1, got {self.lap_replications}")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if self.method == "bp":
+            Backprop(self.loss)  # differentiable loss
+            if self.bp_noise and self.activation not in SMOOTH:
+                raise ValueError(f"back-propagation through noise needs a smooth activation, not {self.activation!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training option(s) {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+def build_model(cfg: TrainConfig, in_features: int, num_classes: int) -> NoisyMLP:
+    return NoisyMLP([in_features, *cfg.hidden, num_classes], activation=cfg.activation,
+                    noise=make_noise(cfg.noise, cfg.noise_std), output_activation=cfg.output_activation)
+
+
+def build_producer(cfg: TrainConfig, generator: torch.Generator):
+    """The gradient producer of a config: GLR (possibly distributed) or back-propagation."""
+    if cfg.method == "bp":
+        bp = Backprop(cfg.loss, noise=cfg.bp_noise, replications=cfg.replications if cfg.bp_noise else 1,
+                      generator=generator)
+        return dist_utils.DataParallelBackprop(bp) if dist_utils.world_size() > 1 else bp
+    kwargs = dict(loss=cfg.loss, replications=cfg.replications, baseline=cfg.baseline,
+                  antithetic=cfg.antithetic, memory_budget_mb=cfg.memory_budget_mb, generator=generator)
+    if dist_utils.world_size() > 1:
+        return dist_utils.DistributedGLR(parallel=cfg.parallel, **kwargs)
+    return GLR(**kwargs)
+
+
+def build_optimizer(cfg: TrainConfig, model: NoisyMLP):
+    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer in ("sgd", "rmsprop"):
+        kw["momentum"] = cfg.momentum
+    opt = OPTIMIZERS[cfg.optimizer](model.parameters(), **kw)
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    elif cfg.schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.epochs // 3), gamma=0.1)
+    else:
+        sched = None
+    return opt, sched
+
+
+@torch.no_grad()
+def evaluate(model: NoisyMLP, x, y, loss, noisy: bool, replications: int = 100,
+             generator: torch.Generator | None = None, lap_replications: int = 0) -> dict:
+    """Loss (expected under the noise if ``noisy``, else noise-free), OT accuracy, optional LAP accuracy."""
+    loss_fn = get_loss(loss)
+    out = model(x)
+    result = {"acc_ot": (out.argmax(1) == y).double().mean().item()}
+    if noisy:
+        total = 0.0
+        for i in range(0, len(x), 500):
+            xi, yi = x[i:i + 500], y[i:i + 500]
+            o = model(xi, noise=model.sample_noise(replications, len(xi), generator=generator))
+            total += loss_fn(o.reshape(-1, o.shape[-1]), yi.repeat(replications)).double().sum().item()
+        result["loss"] = total / (len(x) * replications)
+    else:
+        result["loss"] = loss_fn(out, y).double().mean().item()
+    if lap_replications:
+        p = predict_proba(model, x, "lap", lap_replications, generator=generator)
+        result["acc_lap"] = (p.argmax(1) == y).double().mean().item()
+    return result
+
+
+HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_acc_ot", "lr", "seconds", "samples_per_second",
+                  "sample_replications_per_second"]
+
+
+def _history_csv(history: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
+    w.writeheader()
+    w.writerows(history)
+    return buf.getvalue()
+
+
+def _seeded(seed: int, *stream: int, device="cpu") -> torch.Generator:
+    """A generator for one named stream of a run: a pure function of (seed, stream ids)."""
+    return torch.Generator(device=device).manual_seed(hash((seed, *stream)) % 2**62)
+
+
+def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, quiet: bool = False,
+          data: Dataset | None = None) -> dict:
+    """Train per ``cfg``; write outputs into ``out_dir`` (if given). Returns the metrics dict."""
+    cfg.validate()
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    writer = out_dir is not None and rank == 0
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        done = out / "metrics.json"
+        if done.exists() and resume:
+            metrics = json.loads(done.read_text())
+            if metrics.get("config") == asdict(cfg):
+                return metrics
+        if writer:
+            out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.val_fraction, cfg.subset, cfg.seed)
+    data = data.to(device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.in_features, data.num_classes).to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1)
+    if cfg.method == "glr" and world > 1:
+        gen = dist_utils.rank_generator(cfg.seed * 7919 + 1, device)
+    producer = build_producer(cfg, gen)
+    opt, sched = build_optimizer(cfg, model)
+    history, start_epoch, train_seconds = [], 1, 0.0
+    ckpt = out / "checkpoint.safetensors" if out is not None else None
+    if resume and ckpt is not None and ckpt.exists():
+        meta = load_checkpoint(ckpt, model, opt, {"estimator": gen})
+        saved = dict(meta["config"], epochs=cfg.epochs)
+        if saved != dict(asdict(cfg), epochs=cfg.epochs):
+            diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
+            raise ValueError(f"{ckpt} was written with a different configuration (differs in {diff}); "
+                             "use another --out or the same options")
+        if sched is not None and meta.get("scheduler"):
+            sched.load_state_dict(meta["scheduler"])
+        history, start_epoch, train_seconds = meta["history"], meta["epoch"] + 1, meta["train_seconds"]
+        if world > 1:  # each rank continues its own stream: stored per rank in the sidecar
+            gen.set_state(torch.tensor(meta["rank_rng"][rank], dtype=torch.uint8))
+    elif world > 1:
+        dist_utils.broadcast_parameters(model)
+
+    x_val, y_val = (data.x_val, data.y_val) if data.x_val is not None else (data.x_test, data.y_test)
+    noisy_objective = cfg.method == "glr" or cfg.bp_noise
+    n = len(data.x_train)
+    reps = cfg.replications if noisy_objective else 1
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=_seeded(cfg.seed, 1, epoch)).to(device)
+        batches = range(0, n, cfg.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=quiet or rank != 0, leave=False,
+                   unit="batch", dynamic_ncols=True)
+        running = torch.zeros((), dtype=torch.float64, device=device)
+        for i, start in enumerate(bar):
+            idx = order[start:start + cfg.batch_size]
+            xb, yb = dist_utils.shard_batch(data.x_train[idx], data.y_train[idx], cfg)
+            opt.zero_grad(set_to_none=True)
+            stats = producer.backward(model, xb, yb)
+            opt.step()
+            running += stats.loss
+            if not quiet and rank == 0 and (i % 20 == 19 or start + cfg.batch_size >= n):
+                elapsed = time.perf_counter() - t0
+                done = min(start + cfg.batch_size, n)
+                bar.set_postfix(loss=f"{running.item() / (i + 1):.4f}",
+                                rep_per_s=f"{done * reps / elapsed:.3g}")
+        if sched is not None:
+            sched.step()
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        g_eval = _seeded(cfg.seed, 2, epoch, device=device)
+        tr = evaluate(model, data.x_train, data.y_train, cfg.loss, noisy_objective, cfg.eval_replications, g_eval)
+        va = evaluate(model, x_val, y_val, cfg.loss, noisy_objective, cfg.eval_replications, g_eval)
+        row = {"epoch": epoch, "train_loss": tr["loss"], "val_loss": va["loss"], "val_acc_ot": va["acc_ot"],
+               "lr": opt.param_groups[0]["lr"], "seconds": seconds, "samples_per_second": n / seconds,
+               "sample_replications_per_second": n * reps / seconds}
+        history.append(row)
+        if not quiet and rank == 0:
+            tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f}  val loss {va['loss']:.4f}  "
+                       f"val acc (OT) {va['acc_ot']:.4f}  {seconds:.1f}s  {n * reps / seconds:.3g} sample-rep/s")
+        sidecar = {"config": asdict(cfg), "epoch": epoch, "history": history, "train_seconds": train_seconds,
+                   "scheduler": sched.state_dict() if sched is not None else None}
+        if world > 1:
+            sidecar["rank_rng"] = dist_utils.gather_generator_states(gen)
+        if writer:
+            save_checkpoint(ckpt, model, opt, {"estimator": gen}, sidecar)
+            atomic_write_text(out / "history.csv", _history_csv(history))
+
+    model.eval()
+    test = evaluate(model, data.x_test, data.y_test, cfg.loss, noisy_objective, cfg.eval_replications,
+                    _seeded(cfg.seed, 3, device=device), lap_replications=cfg.lap_replications)
+    metrics = {"test_accuracy_ot": test["acc_ot"], "test_accuracy_lap": test["acc_lap"], "test_loss": test["loss"],
+               "epochs": cfg.epochs, "train_seconds": train_seconds,
+               "final_train_loss": history[-1]["train_loss"] if history else math.nan,
+               "dataset": data.summary(), "world_size": world, "config": asdict(cfg)}
+    if writer:
+        save_model(out / "model.safetensors", model, {"config": asdict(cfg)})
+        atomic_write_text(out / "history.csv", _history_csv(history))
+        from .plots import plot_curves
+        plot_curves(history, out / "curves.png", title=f"{cfg.method.upper()} · {cfg.activation} · {cfg.loss}")
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    if not quiet and rank == 0:
+        print(f"test accuracy: OT {test['acc_ot']:.4f}  LAP(K={cfg.lap_replications}) {test['acc_lap']:.4f}  "
+              f"({train_seconds:.1f}s training)")
+    return metrics
