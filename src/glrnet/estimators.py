@@ -36,6 +36,7 @@ result is the same for any chunking (exactly, for the same random stream).
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +45,7 @@ from torch import Tensor
 from .activations import activation_name
 from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
 from .model import NoisyMLP, check_batch
-from .noise import sample_, score
+from .noise import linear_score_scale, sample_, score
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -90,11 +91,13 @@ class GLR:
             seeded from the global RNG at first use, so ``torch.manual_seed`` governs it.
         check_finite: raise :class:`NonFiniteLossError` if a loss is NaN/inf (one host
             synchronisation per call; turn off for CUDA-graph style training).
+        prefetch: on a CPU, draw the next chunk's noise on a helper thread while the current
+            chunk is processed (random numbers are the serial bottleneck; see benchmarks/).
     """
 
     def __init__(self, loss: LossLike = "cross_entropy", replications: int = 1000, baseline: bool = False,
                  antithetic: bool = False, memory_budget_mb: float = 256.0,
-                 generator: torch.Generator | None = None, check_finite: bool = True):
+                 generator: torch.Generator | None = None, check_finite: bool = True, prefetch: bool = True):
         self.loss = get_loss(loss)
         if not isinstance(replications, int) or replications < 1:
             raise ValueError(f"replications must be a positive integer, got {replications!r}")
@@ -110,7 +113,10 @@ class GLR:
         self.memory_budget_mb = float(memory_budget_mb)
         self.generator = generator
         self.check_finite = check_finite
+        self.prefetch = prefetch
+        self.prefetch_chunk_mb = 16.0
         self._buffers: dict = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         return (f"GLR(loss={loss_name(self.loss)}, replications={self.replications}, "
@@ -166,16 +172,16 @@ class GLR:
             score_input_per_input=[None] + [zeros(B, l.out_features, l.in_features) for l in layers[1:]]
             if self.baseline else [],
             nonfinite=torch.zeros((), dtype=torch.long, device=x.device))
-        chunks = 0
-        for start in range(0, replications, chunk):
-            k = min(chunk, replications - start)
-            noise, scores = self._draw(model, k, B, x)
+        sizes = [min(chunk, replications - s) for s in range(0, replications, chunk)]
+        for i, draw in enumerate(self._noise_stream(model, sizes, B, x)):
+            k = sizes[i]
+            noise, scores, score_scale = draw
             out, inputs = model(x, noise=noise, return_inputs=True)
             losses = self.loss(out.reshape(k * B, -1), y_rep[:k * B]).reshape(k, B)
             acc.nonfinite += (~torch.isfinite(losses)).sum()
             acc.loss_per_input += losses.sum(0)
             if self.baseline:
-                self._accumulate_baseline_terms(acc, scores, inputs, widths)
+                self._accumulate_baseline_terms(acc, scores, inputs, widths, score_scale)
             # a: the part of the weight w known within this chunk (module docstring)
             if not self.baseline:
                 a = losses
@@ -185,31 +191,31 @@ class GLR:
                 a = losses + torch.cat([pair, pair]) / (K - 2)
             else:
                 a = losses * (K / (K - 1))
-            weighted = scores.mul_(a.unsqueeze(-1))  # a · s(r), in place: scores are not needed after
+            if score_scale != 1.0:
+                a = a * score_scale
             offset = 0
             for t, layer in enumerate(layers):
-                ws = weighted[..., offset:offset + layer.out_features]
+                s = scores[..., offset:offset + layer.out_features]
                 offset += layer.out_features
-                if t == 0:  # x⁽⁰⁾ is the same for all replications: sum over k first
-                    ws_sum = ws.sum(0)
+                if t == 0:  # x⁽⁰⁾ is the same for all replications: Σₖ a s first, (B, out)
+                    ws_sum = torch.einsum("kb,kbo->bo", a, s)
                     acc.weight[0].addmm_(ws_sum.T, x)
                     acc.bias[0] += ws_sum.sum(0)
                 else:
-                    acc.weight[t].addmm_(ws.reshape(-1, layer.out_features).T,
-                                         inputs[t].reshape(-1, layer.in_features))
-                    acc.bias[t] += ws.sum((0, 1))
-            chunks += 1
-        return acc, chunks
+                    ws = (s * a.unsqueeze(-1)).reshape(-1, layer.out_features)
+                    acc.weight[t].addmm_(ws.T, inputs[t].reshape(-1, layer.in_features))
+                    acc.bias[t] += ws.sum(0)
+        return acc, len(sizes)
 
     @staticmethod
-    def _accumulate_baseline_terms(acc: _Accumulator, scores: Tensor, inputs: list[Tensor], widths):
+    def _accumulate_baseline_terms(acc: _Accumulator, scores: Tensor, inputs: list[Tensor], widths, scale):
         offset = 0
         for t, w in enumerate(widths):
             s = scores[..., offset:offset + w]
             offset += w
-            acc.score_per_input[t] += s.sum(0)
+            acc.score_per_input[t].add_(s.sum(0), alpha=scale)
             if t > 0:
-                acc.score_input_per_input[t] += torch.einsum("kbo,kbi->boi", s, inputs[t])
+                acc.score_input_per_input[t].add_(torch.einsum("kbo,kbi->boi", s, inputs[t]), alpha=scale)
 
     def _finalize(self, acc: _Accumulator, x: Tensor) -> list[Tensor]:
         """Σ w s xᵀ per layer as [W⁽⁰⁾, b⁽⁰⁾, W⁽¹⁾, ...], subtracting the Sᵢ/(K − m) part."""
@@ -227,15 +233,41 @@ class GLR:
             grads += [gw, gb]
         return grads
 
-    def _draw(self, model: NoisyMLP, k: int, B: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Noise r (k, B, Σw) drawn in place, and its score s(r) in a second buffer."""
+    def _noise_stream(self, model: NoisyMLP, sizes: list[int], B: int, x: Tensor):
+        """Yield (noise, s̃, c) for each chunk; on a CPU the next chunk is drawn on a helper thread
+        while this one is processed (the random stream is consumed in the same order)."""
+        if not self.prefetch or x.device.type != "cpu" or len(sizes) == 1:
+            for k in sizes:
+                yield self._draw(model, k, B, x, slot=0)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glr-noise")
+        # one core draws random numbers (a serial generator), the others compute
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads - 1))
+        try:
+            pending = self._pool.submit(self._draw, model, sizes[0], B, x, 0)
+            for i in range(len(sizes)):
+                draw = pending.result()
+                if i + 1 < len(sizes):
+                    pending = self._pool.submit(self._draw, model, sizes[i + 1], B, x, (i + 1) % 2)
+                yield draw
+        finally:
+            torch.set_num_threads(threads)
+
+    def _draw(self, model: NoisyMLP, k: int, B: int, x: Tensor, slot: int = 0) -> tuple[Tensor, Tensor, float]:
+        """Noise r (k, B, Σw) drawn in place into buffer ``slot``, and (s̃, c) with s(r) = c · s̃.
+
+        For Normal noise s(r) = r/σ², so s̃ is r itself and c = 1/σ² (no extra pass).
+        """
         width = sum(model.widths)
-        key = (x.device, x.dtype, B, width)
+        key = (x.device, x.dtype, B, width, slot)
         bufs = self._buffers.get(key)
         if bufs is None or bufs[0].shape[0] < k:
             bufs = tuple(torch.empty(k, B, width, dtype=x.dtype, device=x.device) for _ in range(2))
-            self._buffers = {key: bufs}
-        noise, scores = bufs[0][:k], bufs[1][:k]
+            self._buffers = {kk: v for kk, v in self._buffers.items() if kk[:4] == key[:4]}
+            self._buffers[key] = bufs
+        noise = bufs[0][:k]
         gen = self._generator(x.device)
         if self.antithetic:
             half = k // 2
@@ -243,14 +275,19 @@ class GLR:
             torch.neg(noise[:half], out=noise[half:])
         else:
             sample_(model.noise, noise, gen)
-        score(model.noise, noise, out=scores)
-        return noise, scores
+        scale = linear_score_scale(model.noise)
+        if scale is not None:
+            return noise, noise, scale
+        return noise, score(model.noise, noise, out=bufs[1][:k]), 1.0
 
     def _chunk_size(self, B: int, width: int, itemsize: int, replications: int, m: int) -> int:
         """Replications per chunk: fits the memory budget, a multiple of m, and draws a
         multiple of 16 random numbers so that the random stream does not depend on it."""
         per_replication = max(B, 1) * (6 * width + 8) * itemsize   # noise, scores, v, φ(v) per layer, loss temps
-        k = int(self.memory_budget_mb * 2**20) // per_replication
+        budget = self.memory_budget_mb
+        if self.prefetch:  # double-buffered noise: two chunks in flight, each cache-sized
+            budget = min(budget / 2, self.prefetch_chunk_mb)
+        k = int(budget * 2**20) // per_replication
         align = m * (16 // math.gcd(B * width, 16))
         k = max(align, k // align * align)
         return min(k, replications)
