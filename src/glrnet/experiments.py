@@ -1,0 +1,353 @@
+"""The seed's Tables 1 and 2 as a declarative spec, and the runner behind ``glrnet reproduce``.
+
+A spec (TOML; ``specs/paper.toml`` and ``specs/quick.toml`` ship with the package) names
+the dataset, the ε sweep, the adversarial source networks, the models to attack and, for
+each, the seed's reported figures. :func:`reproduce` then
+
+1. trains every source and model with :func:`glrnet.train.train` (reusing finished runs in
+   ``out/models``, resuming interrupted ones);
+2. calibrates the headline ε: bisection for the ε at which the calibration model (the BP
+   baseline) under FGSM from the first source falls to the seed's figure;
+3. generates FGSM sets once per (source, ε) into ``out/adversarial`` (safetensors + metadata);
+4. evaluates every model on identical images: Acc_Orig, Acc_OT, Acc_LAP;
+5. writes ``results.csv``, ``table1.md``, ``table2.md``, the figures, the replications study
+   and (optionally) the adaptive-attack evaluation of :mod:`glrnet.robustness`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .attacks import fgsm, load_adversarial, save_adversarial
+from .checkpoint import atomic_write_text, load_model
+from .data import load_dataset
+from .model import NoisyMLP, predict_proba
+from .train import TrainConfig, train
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    label: str
+    config: TrainConfig
+    seed_figures: dict | None = None       # {"orig": .., "ot": [per source], "lap": [per source]}
+
+
+@dataclass
+class Spec:
+    name: str
+    dataset: str
+    data_dir: str | None
+    image_size: int | None
+    subset: int | None
+    eps: list[float]
+    headline_target: float
+    calibrate_model: str
+    attack_images: int | None
+    lap_replications: int
+    sources: list[ModelSpec]
+    models: list[ModelSpec]
+    study: dict = field(default_factory=dict)
+    robustness: dict = field(default_factory=dict)
+    notes: str = ""
+
+
+def spec_path(name: str) -> Path:
+    return Path(str(resources.files("glrnet") / "specs" / f"{name}.toml"))
+
+
+def load_spec(path: str | Path | None = None, quick: bool = False, dataset: str | None = None,
+              data_dir: str | None = None) -> Spec:
+    """Read a spec file (default: the packaged paper.toml, or quick.toml with ``quick``)."""
+    path = Path(path) if path is not None else spec_path("quick" if quick else "paper")
+    if not path.is_file():
+        raise FileNotFoundError(f"spec file {path} not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"spec {path}: {e}") from None
+    exp = raw.get("experiment", {})
+    defaults = raw.get("defaults", {})
+    data = {"dataset": dataset or exp.get("dataset", "digits"),
+            "data_dir": data_dir if data_dir is not None else exp.get("data_dir"),
+            "image_size": exp.get("image_size"), "subset": exp.get("subset")}
+    if dataset and dataset != exp.get("dataset"):
+        data["image_size"] = None if dataset == "digits" else exp.get("image_size") or 14
+
+    def entry(d: dict, kind: str) -> ModelSpec:
+        d = dict(d)
+        if "name" not in d:
+            raise ValueError(f"spec {path}: every [[{kind}]] needs a name")
+        name, label, seed = d.pop("name"), d.pop("label", None), d.pop("seed_figures", None)
+        base = dict(defaults) if kind == "models" else {}
+        try:
+            cfg = TrainConfig.from_dict({**base, **data, **d}).validate()
+        except ValueError as e:
+            raise ValueError(f"spec {path}, {kind} {name!r}: {e}") from None
+        return ModelSpec(name, label or name, cfg, seed)
+
+    sources = [entry(s, "sources") for s in raw.get("sources", [])]
+    models = [entry(m, "models") for m in raw.get("models", [])]
+    if len(sources) < 1 or not models:
+        raise ValueError(f"spec {path} needs at least one [[sources]] and one [[models]]")
+    names = [m.name for m in sources + models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"spec {path}: model names must be unique, got {names}")
+    calibrate = exp.get("calibrate_model", models[0].name)
+    if calibrate not in names:
+        raise ValueError(f"spec {path}: calibrate_model {calibrate!r} is not a model of the spec")
+    return Spec(name=exp.get("name", path.stem), eps=[float(e) for e in exp.get("eps", [0.05, 0.1, 0.15, 0.2, 0.25, 0.3])],
+                headline_target=float(exp.get("headline_target", 0.28)), calibrate_model=calibrate,
+                attack_images=exp.get("attack_images"), lap_replications=int(exp.get("lap_replications", 1000)),
+                sources=sources, models=models, study=raw.get("study", {}), robustness=raw.get("robustness", {}),
+                notes=exp.get("notes", ""), **data)
+
+
+# ---------------------------------------------------------------------------------------- steps
+def train_all(spec: Spec, out: Path, device: str, quiet: bool, data) -> dict[str, dict]:
+    """Train (or reuse / resume) every source and model; returns their metrics by name."""
+    metrics = {}
+    for m in spec.sources + spec.models:
+        cfg = TrainConfig(**{**asdict(m.config), "device": device})
+        t0 = time.perf_counter()
+        if not quiet:
+            print(f"[train] {m.name}: {cfg.method} {cfg.activation} {cfg.loss} hidden={cfg.hidden} "
+                  f"K={cfg.replications} epochs={cfg.epochs}", flush=True)
+        metrics[m.name] = train(cfg, out / "models" / m.name, resume=True, quiet=True, data=data)
+        metrics[m.name]["wall_seconds_this_call"] = time.perf_counter() - t0
+        if not quiet:
+            print(f"        test acc OT {metrics[m.name]['test_accuracy_ot']:.4f} "
+                  f"LAP {metrics[m.name]['test_accuracy_lap']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return metrics
+
+
+def accuracy(model: NoisyMLP, x, y, mode="ot", replications=1000, seed=0) -> float:
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    with torch.no_grad():
+        if mode == "ot":
+            return (model(x).argmax(1) == y).double().mean().item()
+        p = predict_proba(model, x, "lap", replications, generator=gen, antithetic=replications % 2 == 0)
+    return (p.argmax(1) == y).double().mean().item()
+
+
+def calibrate_eps(source: NoisyMLP, target_model: NoisyMLP, x, y, target_acc: float,
+                  lo: float = 0.0, hi: float = 0.5, iters: int = 14) -> float:
+    """Smallest ε (to ~1e-4) at which ``target_model``'s OT accuracy on FGSM(source, ε) ≤ target."""
+    if accuracy(target_model, fgsm(source, x, y, hi), y) > target_acc:
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if accuracy(target_model, fgsm(source, x, y, mid), y) > target_acc:
+            lo = mid
+        else:
+            hi = mid
+    return round(hi, 4)
+
+
+def adversarial_sets(spec: Spec, out: Path, sources: dict[str, NoisyMLP], x, y, idx, eps_list) -> dict:
+    """FGSM sets per (source, ε), generated once and saved; reused when their metadata matches."""
+    sets = {}
+    for name, src in sources.items():
+        for eps in eps_list:
+            path = out / "adversarial" / name / f"fgsm_eps{eps:.4f}.safetensors"
+            meta = {"source": name, "attack": "fgsm", "eps": eps, "images": len(idx), "dataset": spec.dataset}
+            if path.exists():
+                x_adv, saved_idx, saved = load_adversarial(path)
+                if saved == meta and torch.equal(saved_idx, idx.cpu()):
+                    sets[name, eps] = x_adv.to(x.device)
+                    continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            x_adv = fgsm(src, x, y, eps)
+            save_adversarial(path, x_adv, idx.cpu(), meta)
+            sets[name, eps] = x_adv
+    return sets
+
+
+RESULT_FIELDS = ["model", "activation", "loss", "method", "source", "eps", "acc_orig", "acc_ot", "acc_lap"]
+
+
+def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisyMLP]], sources, sets, x, y, eps_list,
+                 quiet: bool) -> list[dict]:
+    rows = []
+    for mi, (name, (ms, model)) in enumerate(models.items()):
+        noisy = ms.config.method == "glr" or ms.config.bp_noise
+        acc_orig = accuracy(model, x, y)
+        for si, src_name in enumerate(sources):
+            for eps in eps_list:
+                xa = sets[src_name, eps]
+                row = {"model": name, "activation": ms.config.activation, "loss": ms.config.loss,
+                       "method": ms.config.method, "source": src_name, "eps": eps, "acc_orig": acc_orig,
+                       "acc_ot": accuracy(model, xa, y),
+                       "acc_lap": accuracy(model, xa, y, "lap", spec.lap_replications, seed=1000 * mi + si)
+                       if noisy else math.nan}
+                rows.append(row)
+        if not quiet:
+            print(f"[evaluate] {name}: done", flush=True)
+    return rows
+
+
+def _fmt(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def write_tables(spec: Spec, out: Path, rows: list[dict], headline: float, source_metrics: dict) -> list[str]:
+    """table1.md / table2.md: the seed's layout, the seed's figures beside ours, at the headline ε."""
+    paths = []
+    for si, src in enumerate(spec.sources):
+        lines = [f"# Table {si + 1}: FGSM examples transferred from `{src.name}` ({src.label})", "",
+                 f"Dataset: {spec.dataset} (image size {spec.image_size or 'native'}). Headline ε = {headline:.4f}: "
+                 f"where the BP baseline `{spec.calibrate_model}` under the first source falls to the seed's "
+                 f"{spec.headline_target:.2f} (the seed does not state its ε). Source clean test accuracy: "
+                 f"{source_metrics[src.name]['test_accuracy_ot']:.4f}. LAP: K = {spec.lap_replications}.", "",
+                 "| model | seed Acc_Orig | seed Acc_OT | seed Acc_LAP | ours Acc_Orig | ours Acc_OT | ours Acc_LAP |",
+                 "|---|---|---|---|---|---|---|"]
+        for ms in spec.models:
+            r = next(r for r in rows if r["model"] == ms.name and r["source"] == src.name and r["eps"] == headline)
+            seed = ms.seed_figures or {}
+            pick = lambda key: (seed.get(key) or [None] * len(spec.sources))[si] if seed.get(key) else None  # noqa: E731
+            lines.append(f"| {ms.label} | {_fmt(seed.get('orig'))} | {_fmt(pick('ot'))} | {_fmt(pick('lap'))} | "
+                         f"{_fmt(r['acc_orig'])} | {_fmt(r['acc_ot'])} | {_fmt(r['acc_lap'])} |")
+        path = out / f"table{si + 1}.md"
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        paths.append(str(path))
+    return paths
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def run_study(spec: Spec, out: Path, data, device, quiet, source: NoisyMLP, headline: float, x, y) -> list[dict]:
+    """Test and adversarial accuracy against K, with and without variance reduction."""
+    st = spec.study
+    if not st:
+        return []
+    rows = []
+    x_adv = fgsm(source, x, y, headline)
+    base = {m.name: m for m in spec.models}
+    for model_name in st.get("models", []):
+        if model_name not in base:
+            raise ValueError(f"study model {model_name!r} is not a model of the spec")
+        reference = (base[model_name].config.replications, "plain")  # the spec's own model, reused
+        combos = [(k, v) for k in st.get("replications", [10, 100, 1000]) for v in st.get("variants", ["plain", "baseline"])]
+        for k, variant in combos + ([reference] if reference not in combos else []):
+            vr = {"plain": {}, "baseline": {"baseline": True}, "antithetic": {"antithetic": True},
+                  "baseline+antithetic": {"baseline": True, "antithetic": True}}[variant]
+            cfg = TrainConfig(**{**asdict(base[model_name].config), "replications": k, "device": device,
+                                 "baseline": False, "antithetic": False, **vr})
+            same = (k == base[model_name].config.replications and variant == "plain")
+            run_dir = out / "models" / (model_name if same else f"{model_name}-K{k}-{variant}")
+            t0 = time.perf_counter()
+            m = train(cfg, run_dir, resume=True, quiet=True, data=data)
+            model, _ = load_model(run_dir / "model.safetensors", device)
+            rows.append({"model": model_name, "replications": k, "variant": variant,
+                         "test_acc_ot": m["test_accuracy_ot"], "test_acc_lap": m["test_accuracy_lap"],
+                         "adv_acc_ot": accuracy(model, x_adv, y),
+                         "adv_acc_lap": accuracy(model, x_adv, y, "lap", spec.lap_replications, seed=7),
+                         "train_seconds": m["train_seconds"]})
+            if not quiet:
+                r = rows[-1]
+                print(f"[study] {model_name} K={k} {variant}: test OT {r['test_acc_ot']:.4f}, adv OT "
+                      f"{r['adv_acc_ot']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    fields = ["model", "replications", "variant", "test_acc_ot", "test_acc_lap", "adv_acc_ot", "adv_acc_lap",
+              "train_seconds"]
+    write_csv(out / "study.csv", rows, fields)
+    lines = [f"# Replications study (adversarial: FGSM from `{spec.sources[0].name}` at ε = {headline:.4f})", "",
+             "| model | K | variance reduction | test Acc_OT | test Acc_LAP | adv Acc_OT | adv Acc_LAP | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['replications']} | {r['variant']} | {r['test_acc_ot']:.4f} | "
+                     f"{r['test_acc_lap']:.4f} | {r['adv_acc_ot']:.4f} | {r['adv_acc_lap']:.4f} | "
+                     f"{r['train_seconds']:.0f} |")
+    atomic_write_text(out / "study.md", "\n".join(lines) + "\n")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- runner
+def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = None, data_dir: str | None = None,
+              quick: bool = False, device: str = "cpu", quiet: bool = False, robustness: bool = True) -> dict:
+    """Run a spec end to end into ``out`` (see the module docstring). Returns the summary dict."""
+    t_start = time.perf_counter()
+    spec = load_spec(spec, quick=quick, dataset=dataset, data_dir=data_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(spec.dataset, spec.data_dir, spec.image_size, subset=spec.subset)
+    if not quiet:
+        print(f"[reproduce] spec {spec.name}: {data.summary()}", flush=True)
+    data = data.to(device)
+    timings = {}
+    t0 = time.perf_counter()
+    metrics = train_all(spec, out, device, quiet, data)
+    timings["train"] = time.perf_counter() - t0
+
+    loaded = {m.name: (m, load_model(out / "models" / m.name / "model.safetensors", device)[0])
+              for m in spec.sources + spec.models}
+    sources = {m.name: loaded[m.name][1] for m in spec.sources}
+    models = {m.name: loaded[m.name] for m in spec.models}
+    n = len(data.x_test) if spec.attack_images is None else min(spec.attack_images, len(data.x_test))
+    idx = torch.arange(n, device=device)
+    x, y = data.x_test[idx], data.y_test[idx]
+
+    t0 = time.perf_counter()
+    first = spec.sources[0].name
+    headline = calibrate_eps(sources[first], loaded[spec.calibrate_model][1], x, y, spec.headline_target)
+    eps_list = sorted(set(spec.eps) | {headline})
+    sets = adversarial_sets(spec, out, sources, x, y, idx, eps_list)
+    timings["attacks"] = time.perf_counter() - t0
+    if not quiet:
+        print(f"[attacks] headline ε = {headline:.4f}; {len(sets)} FGSM sets", flush=True)
+
+    t0 = time.perf_counter()
+    rows = evaluate_all(spec, {**{s: (loaded[s][0], sources[s]) for s in sources}, **models}, sources, sets, x, y,
+                        eps_list, quiet)
+    timings["evaluate"] = time.perf_counter() - t0
+    write_csv(out / "results.csv", rows, RESULT_FIELDS)
+    tables = write_tables(spec, out, [r for r in rows if r["model"] in models], headline, metrics)
+
+    t0 = time.perf_counter()
+    from . import plots
+    plots.paper_figures(out, spec, metrics, rows, sets, x, y, headline, data.image_shape)
+    timings["figures"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    study = run_study(spec, out, data, device, quiet, sources[first], headline, x, y)
+    timings["study"] = time.perf_counter() - t0
+
+    robust = None
+    if robustness and spec.robustness:
+        from .robustness import run_protocol
+        t0 = time.perf_counter()
+        robust = run_protocol(out, spec, models, sources, data, headline, device, quiet)
+        timings["robustness"] = time.perf_counter() - t0
+
+    timings["total"] = time.perf_counter() - t_start
+    summary = {"spec": spec.name, "dataset": spec.dataset, "headline_eps": headline, "eps": eps_list,
+               "attack_images": n, "timings_seconds": timings, "tables": tables, "study_rows": len(study),
+               "robustness": robust is not None,
+               "models": {k: {kk: v[kk] for kk in ("test_accuracy_ot", "test_accuracy_lap", "train_seconds")}
+                          for k, v in metrics.items()}}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    if not quiet:
+        for t in tables:
+            print(Path(t).read_text())
+        print(f"[reproduce] done in {timings['total']:.0f}s; outputs in {out}")
+    return summary
