@@ -78,9 +78,16 @@ def shard_batch(x: Tensor, y: Tensor, cfg) -> tuple[Tensor, Tensor]:
     return torch.tensor_split(x, d_count)[d], torch.tensor_split(y, d_count)[d]
 
 
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed for the stream named by integer ``keys``: NumPy's SeedSequence hashing,
+    built to give statistically independent streams for distinct keys (and the same on every run)."""
+    import numpy as np
+    return int(np.random.SeedSequence([k % 2**63 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def rank_generator(seed: int, device="cpu") -> torch.Generator:
-    """This rank's own noise stream: seeded by (seed, rank)."""
-    return torch.Generator(device=device).manual_seed(hash((seed, "rank", rank())) % 2**62)
+    """This rank's own noise stream: seeded by (seed, rank); distinct ranks get independent streams."""
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, 0x52414E4B, rank()))
 
 
 def gather_generator_states(gen: torch.Generator) -> list[list[int]]:

@@ -176,7 +176,7 @@ def _history_csv(history: list[dict]) -> str:
 
 def _seeded(seed: int, *stream: int, device="cpu") -> torch.Generator:
     """A generator for one named stream of a run: a pure function of (seed, stream ids)."""
-    return torch.Generator(device=device).manual_seed(hash((seed, *stream)) % 2**62)
+    return torch.Generator(device=device).manual_seed(dist_utils.stream_seed(seed, *stream))
 
 
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, quiet: bool = False,

@@ -1,0 +1,77 @@
+"""torch.distributed: real processes (2 ranks, gloo, this CPU) launched by torchrun."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stats import assert_means_equal
+from test_estimator import glr_samples, pathwise_samples, small_problem
+
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, nproc=2, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel,variant", [("replications", "plain"), ("replications", "baseline"),
+                                              ("data", "baseline"), ("replications", "both")])
+def test_distributed_estimator_unbiased_and_equal_to_single_process(tmp_path, float64, parallel, variant):
+    """2 ranks, K replications in all: same mean as the single-process K-replication estimator and as
+    the pathwise gradient; the spread matches the single-process one (same K ⇒ same variance)."""
+    n, k = 150, 400
+    out = tmp_path / "samples.pt"
+    torchrun([str(HERE / "dist_worker.py"), str(out), parallel, variant, str(n), str(k)])
+    dist_samples = torch.load(out)["samples"]
+    model, x, y = small_problem([5, 4, 3], batch=6)
+    kw = {"plain": {}, "baseline": {"baseline": True}, "both": {"baseline": True, "antithetic": True}}[variant]
+    single = glr_samples(model, x, y, n=n, replications=k, **kw)
+    print(assert_means_equal(dist_samples, single))
+    assert_means_equal(dist_samples, pathwise_samples(model, x, y, n=n, replications=2000))
+    ratio = dist_samples.var(0).sum() / single.var(0).sum()
+    # the total variance of both is estimated from n draws; its log has SE ≲ sqrt(2/n) each
+    assert abs(torch.log(ratio).item()) < 4 * (2 * 2 / n) ** 0.5, ratio
+
+
+@pytest.mark.slow
+def test_two_rank_training_learns_and_writes_one_set_of_outputs(tmp_path):
+    out = tmp_path / "run"
+    args = ["-m", "glrnet", "train", "--dataset", "digits", "--epochs", "3", "--replications", "400",
+            "--parallel", "data", "--out", str(out), "--quiet"]
+    torchrun(args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["test_accuracy_ot"] > 0.6
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.json", "checkpoint.safetensors", "curves.png",
+                                                     "history.csv", "metrics.json", "model.safetensors"]
+
+
+@pytest.mark.slow
+def test_resumed_distributed_run_continues_identically(tmp_path):
+    """2 ranks, replication-parallel: 1 epoch then --resume to 2 epochs = 2 epochs straight."""
+    base = ["-m", "glrnet", "train", "--dataset", "digits", "--replications", "200", "--subset", "400",
+            "--quiet", "--baseline"]
+    torchrun([*base, "--epochs", "2", "--out", str(tmp_path / "straight")])
+    torchrun([*base, "--epochs", "1", "--out", str(tmp_path / "split")])
+    torchrun([*base, "--epochs", "2", "--out", str(tmp_path / "split"), "--resume"])
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
