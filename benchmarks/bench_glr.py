@@ -87,6 +87,7 @@ def one(impl: str, config: str, activation: str, device: str, repeats: int) -> d
     y = torch.randint(0, 10, (c["B"],), device=device)
     K, B, widths = c["K"], c["B"], c["sizes"][1:]
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    warmup = 2
     if impl == "ours":
         est = glrnet.GLR(replications=K)
         fn = lambda: est.estimate(model, x, y)  # noqa: E731
@@ -95,7 +96,8 @@ def one(impl: str, config: str, activation: str, device: str, repeats: int) -> d
         fn = lambda: est.estimate(model, x, y)  # noqa: E731
     elif impl == "naive":
         fn = lambda: naive_estimate(model, x, y, K)  # noqa: E731
-        repeats = max(3, repeats // 5)
+        repeats = 3 if K * B <= 250_000 else 1          # it is slow: a minute per estimate on the large one
+        warmup = 0
     elif impl == "floor":
         buf = torch.empty(K, B, sum(widths), device=device)
         gen = torch.Generator(device=device).manual_seed(0)
@@ -113,7 +115,7 @@ def one(impl: str, config: str, activation: str, device: str, repeats: int) -> d
             return pre
     else:
         raise ValueError(impl)
-    median, times = _time(fn, repeats, device)
+    median, times = _time(fn, repeats, device, warmup)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     out = {"impl": impl, "config": config, "activation": activation, "median_s": median,
            "sample_replications_per_s": K * B / median, "peak_rss_mb": peak / 1024,

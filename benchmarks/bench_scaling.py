@@ -26,7 +26,8 @@ def worker(args) -> None:
 
     import glrnet
     from glrnet import distributed
-    distributed.init_from_env("cpu")
+    if not dist.is_initialized():  # also for 1 rank: the same code path, all-reduces included
+        dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = glrnet.NoisyMLP([196, 20, 10])
     x, y = torch.rand(args.batch, 196), torch.randint(0, 10, (args.batch,))
@@ -56,6 +57,8 @@ def main() -> None:
     p.add_argument("--replications", type=int, default=10000)
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--parallel", default="replications")
+    p.add_argument("--threads-per-rank", type=int, default=0,
+                   help="intra-op threads per rank (0: cores / ranks, i.e. the whole machine every time)")
     p.add_argument("--out", default="benchmarks/scaling.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -68,7 +71,8 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
+        threads = args.threads_per_rank or max(1, cores // n)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
                f"--master_port={port}", __file__, "--worker", "--steps", str(args.steps), "--replications",
                str(args.replications), "--batch", str(args.batch), "--parallel", args.parallel]
@@ -78,11 +82,13 @@ def main() -> None:
         r = rows[-1]
         r["speedup"] = t1 / r["median_s"]
         r["efficiency"] = r["speedup"] / r["ranks"] * rows[0]["ranks"]
-        print(f"{r['ranks']} rank(s) × {max(1, cores // n)} threads: {r['median_s'] * 1e3:7.1f} ms/step  "
+        r["threads_per_rank"] = threads
+        print(f"{r['ranks']} rank(s) × {threads} threads: {r['median_s'] * 1e3:7.1f} ms/step  "
               f"speed-up {r['speedup']:.2f}×  efficiency {100 * r['efficiency']:.0f} %  "
               f"({args.parallel}-parallel, K={args.replications}, batch {args.batch})", flush=True)
     with open(args.out, "w") as f:
-        json.dump({"cores": cores, "parallel": args.parallel, "rows": rows}, f, indent=1)
+        json.dump({"cores": cores, "parallel": args.parallel, "threads_per_rank": args.threads_per_rank,
+                   "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--run", required=True, nargs="+", help="run folder(s) to attack")
     add_data_options(b, required_dataset=True)
     b.add_argument("--eps", default="0.05,0.1,0.15,0.2,0.25,0.3", help="comma-separated L∞ budgets")
+    b.add_argument("--headline", type=float, default=None, help="ε of the transfer and 2× checks "
+                   "(default: the middle of --eps)")
+    b.add_argument("--source", default=None, help="a run folder of a network to transfer FGSM from")
     b.add_argument("--images", type=int, default=500, help="test images attacked")
     b.add_argument("--eot-samples", type=int, default=32, help="noise samples per EOT gradient")
     b.add_argument("--steps", type=int, default=40, help="PGD steps")

@@ -36,7 +36,6 @@ result is the same for any chunking (exactly, for the same random stream).
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +44,7 @@ from torch import Tensor
 from .activations import activation_name
 from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
 from .model import NoisyMLP, check_batch
-from .noise import linear_score_scale, sample_, score
+from .noise import NoiseStream, linear_score_scale, score
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -93,6 +92,8 @@ class GLR:
             synchronisation per call; turn off for CUDA-graph style training).
         prefetch: on a CPU, draw the next chunk's noise on a helper thread while the current
             chunk is processed (random numbers are the serial bottleneck; see benchmarks/).
+            The first such call dedicates one core to it: torch's intra-op threads are
+            lowered by one for the process (:func:`glrnet.noise.reserve_core_for_noise`).
     """
 
     def __init__(self, loss: LossLike = "cross_entropy", replications: int = 1000, baseline: bool = False,
@@ -115,8 +116,8 @@ class GLR:
         self.check_finite = check_finite
         self.prefetch = prefetch
         self.prefetch_chunk_mb = 16.0
-        self._buffers: dict = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._stream = NoiseStream(prefetch)
+        self._score_buffer: Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"GLR(loss={loss_name(self.loss)}, replications={self.replications}, "
@@ -173,7 +174,7 @@ class GLR:
             if self.baseline else [],
             nonfinite=torch.zeros((), dtype=torch.long, device=x.device))
         sizes = [min(chunk, replications - s) for s in range(0, replications, chunk)]
-        for i, draw in enumerate(self._noise_stream(model, sizes, B, x)):
+        for i, draw in enumerate(self._noise_and_scores(model, sizes, B, x)):
             k = sizes[i]
             noise, scores, score_scale = draw
             out, inputs = model(x, noise=noise, return_inputs=True)
@@ -233,52 +234,22 @@ class GLR:
             grads += [gw, gb]
         return grads
 
-    def _noise_stream(self, model: NoisyMLP, sizes: list[int], B: int, x: Tensor):
-        """Yield (noise, s̃, c) for each chunk; on a CPU the next chunk is drawn on a helper thread
-        while this one is processed (the random stream is consumed in the same order)."""
-        if not self.prefetch or x.device.type != "cpu" or len(sizes) == 1:
-            for k in sizes:
-                yield self._draw(model, k, B, x, slot=0)
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glr-noise")
-        # one core draws random numbers (a serial generator), the others compute
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads - 1))
-        try:
-            pending = self._pool.submit(self._draw, model, sizes[0], B, x, 0)
-            for i in range(len(sizes)):
-                draw = pending.result()
-                if i + 1 < len(sizes):
-                    pending = self._pool.submit(self._draw, model, sizes[i + 1], B, x, (i + 1) % 2)
-                yield draw
-        finally:
-            torch.set_num_threads(threads)
-
-    def _draw(self, model: NoisyMLP, k: int, B: int, x: Tensor, slot: int = 0) -> tuple[Tensor, Tensor, float]:
-        """Noise r (k, B, Σw) drawn in place into buffer ``slot``, and (s̃, c) with s(r) = c · s̃.
+    def _noise_and_scores(self, model: NoisyMLP, sizes: list[int], B: int, x: Tensor):
+        """Yield (noise r, s̃, c) per chunk, with the score s(r) = c · s̃.
 
         For Normal noise s(r) = r/σ², so s̃ is r itself and c = 1/σ² (no extra pass).
         """
         width = sum(model.widths)
-        key = (x.device, x.dtype, B, width, slot)
-        bufs = self._buffers.get(key)
-        if bufs is None or bufs[0].shape[0] < k:
-            bufs = tuple(torch.empty(k, B, width, dtype=x.dtype, device=x.device) for _ in range(2))
-            self._buffers = {kk: v for kk, v in self._buffers.items() if kk[:4] == key[:4]}
-            self._buffers[key] = bufs
-        noise = bufs[0][:k]
-        gen = self._generator(x.device)
-        if self.antithetic:
-            half = k // 2
-            sample_(model.noise, noise[:half], gen)
-            torch.neg(noise[:half], out=noise[half:])
-        else:
-            sample_(model.noise, noise, gen)
         scale = linear_score_scale(model.noise)
-        if scale is not None:
-            return noise, noise, scale
-        return noise, score(model.noise, noise, out=bufs[1][:k]), 1.0
+        stream = self._stream.chunks(model.noise, sizes, B, width, x, self._generator(x.device), self.antithetic)
+        for noise in stream:
+            if scale is not None:
+                yield noise, noise, scale
+                continue
+            if self._score_buffer is None or self._score_buffer.shape[0] < noise.shape[0] \
+                    or self._score_buffer.shape[1:] != noise.shape[1:] or self._score_buffer.dtype != noise.dtype:
+                self._score_buffer = torch.empty_like(noise)
+            yield noise, score(model.noise, noise, out=self._score_buffer[:noise.shape[0]]), 1.0
 
     def _chunk_size(self, B: int, width: int, itemsize: int, replications: int, m: int) -> int:
         """Replications per chunk: fits the memory budget, a multiple of m, and draws a

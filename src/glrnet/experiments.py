@@ -247,15 +247,17 @@ def run_study(spec: Spec, out: Path, data, device, quiet, source: NoisyMLP, head
     for model_name in st.get("models", []):
         if model_name not in base:
             raise ValueError(f"study model {model_name!r} is not a model of the spec")
-        reference = (base[model_name].config.replications, "plain")  # the spec's own model, reused
+        own = base[model_name].config
+        own_variant = {(False, False): "plain", (True, False): "baseline", (False, True): "antithetic",
+                       (True, True): "baseline+antithetic"}[(own.baseline, own.antithetic)]
+        reference = (own.replications, own_variant)  # the spec's own model, reused as it is
         combos = [(k, v) for k in st.get("replications", [10, 100, 1000]) for v in st.get("variants", ["plain", "baseline"])]
         for k, variant in combos + ([reference] if reference not in combos else []):
             vr = {"plain": {}, "baseline": {"baseline": True}, "antithetic": {"antithetic": True},
                   "baseline+antithetic": {"baseline": True, "antithetic": True}}[variant]
-            cfg = TrainConfig(**{**asdict(base[model_name].config), "replications": k, "device": device,
+            cfg = TrainConfig(**{**asdict(own), "replications": k, "device": device,
                                  "baseline": False, "antithetic": False, **vr})
-            same = (k == base[model_name].config.replications and variant == "plain")
-            run_dir = out / "models" / (model_name if same else f"{model_name}-K{k}-{variant}")
+            run_dir = out / "models" / (model_name if (k, variant) == reference else f"{model_name}-K{k}-{variant}")
             t0 = time.perf_counter()
             m = train(cfg, run_dir, resume=True, quiet=True, data=data)
             model, _ = load_model(run_dir / "model.safetensors", device)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from .activations import ActivationLike, activation_name, get_activation
-from .noise import sample_, validate_noise
+from .noise import NoiseStream, sample_, validate_noise
 
 
 class NoisyMLP(nn.Module):
@@ -144,7 +144,7 @@ def _rows_per_chunk(budget_mb: float, row_bytes: int, multiple: int = 1) -> int:
 @torch.no_grad()
 def predict_proba(model: NoisyMLP, x: Tensor, mode: str = "ot", replications: int = 10000,
                   generator: torch.Generator | None = None, antithetic: bool = False,
-                  memory_budget_mb: float = 256.0) -> Tensor:
+                  memory_budget_mb: float = 256.0, prefetch: bool = True) -> Tensor:
     """Class probabilities (N, C).
 
     ``mode="ot"`` (one time): softmax of the noise-free network.
@@ -162,14 +162,16 @@ def predict_proba(model: NoisyMLP, x: Tensor, mode: str = "ot", replications: in
     n, width = x.shape[0], sum(model.widths)
     row_bytes = 4 * width * x.element_size()  # noise + activations + softmax, roughly
     images = min(n, _rows_per_chunk(memory_budget_mb, row_bytes * min(replications, 64)))
-    reps = min(replications, _rows_per_chunk(memory_budget_mb, row_bytes * images, 2 if antithetic else 1))
+    reps = min(replications, _rows_per_chunk(min(memory_budget_mb, 16.0), row_bytes * images, 2 if antithetic else 1))
+    sizes = [min(reps, replications - k0) for k0 in range(0, replications, reps)]
     total = torch.zeros(n, model.num_classes, dtype=x.dtype, device=x.device)
+    stream = NoiseStream(prefetch)
     for i in range(0, n, images):
         xi = x[i:i + images]
-        for k0 in range(0, replications, reps):
-            k = min(reps, replications - k0)
-            r = model.sample_noise(k, xi.shape[0], generator=generator, antithetic=antithetic)
-            total[i:i + images] += torch.softmax(model(xi, noise=r), dim=-1).sum(0)
+        for r in stream.chunks(model.noise, sizes, xi.shape[0], width, x, generator, antithetic):
+            out = model(xi, noise=r)
+            # softmax as exp(o − logsumexp o): several times faster than torch.softmax over 10 classes on a CPU
+            total[i:i + images] += torch.exp(out - torch.logsumexp(out, -1, keepdim=True)).sum(0)
     return total / replications
 
 

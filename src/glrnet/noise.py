@@ -21,6 +21,7 @@ and an ``icdf`` also works (sampled by inverse CDF, score by autograd), more slo
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -161,3 +162,75 @@ def score_autograd(dist: Distribution, r: Tensor) -> Tensor:
         r = r.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(dist.log_prob(r).sum(), r)
     return -grad
+
+
+_CORE_RESERVED = False
+
+
+def reserve_core_for_noise() -> bool:
+    """Dedicate one core to drawing noise: lower torch's intra-op threads by one, once per process.
+
+    Measured on a 2-core machine (benchmarks/): noise drawn on a helper thread while one
+    compute thread works brings a GLR step to within ~1.1× of the random-number floor;
+    oversubscribing (helper + all compute threads), or changing the thread count around
+    every call, is several times slower and slows later small operations too. Returns
+    False (and prefetching is skipped) when torch runs on a single thread.
+    """
+    global _CORE_RESERVED
+    if _CORE_RESERVED:
+        return True
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return False
+    torch.set_num_threads(threads - 1)
+    _CORE_RESERVED = True
+    return True
+
+
+class NoiseStream:
+    """Noise for successive chunks of replications, drawn in place into reused buffers.
+
+    Random numbers are the serial bottleneck on a CPU (one generator, one core), so with
+    ``prefetch`` the next chunk is drawn on a helper thread while the caller works on the
+    current one (see :func:`reserve_core_for_noise`). The generator is consumed in the same
+    order either way, so the values are the same. Antithetic chunks hold draws r in their
+    first half and −r in their second.
+    """
+
+    def __init__(self, prefetch: bool = True):
+        self.prefetch = prefetch
+        self._buffers: dict = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def chunks(self, dist: Distribution, sizes: list[int], rows: int, width: int, like: Tensor,
+               generator: torch.Generator | None, antithetic: bool = False):
+        """Yield noise tensors (k, rows, width) for each k in ``sizes`` (dtype and device of ``like``)."""
+        draw = lambda k, slot: self._draw(dist, k, rows, width, like, generator, antithetic, slot)  # noqa: E731
+        if not self.prefetch or like.device.type != "cpu" or len(sizes) == 1 or not reserve_core_for_noise():
+            for k in sizes:
+                yield draw(k, 0)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glrnet-noise",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+        pending = self._pool.submit(draw, sizes[0], 0)
+        for i in range(len(sizes)):
+            noise = pending.result()
+            if i + 1 < len(sizes):
+                pending = self._pool.submit(draw, sizes[i + 1], (i + 1) % 2)
+            yield noise
+
+    def _draw(self, dist, k, rows, width, like, generator, antithetic, slot) -> Tensor:
+        key = (like.device, like.dtype, rows, width, slot)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < k:
+            buf = torch.empty(k, rows, width, dtype=like.dtype, device=like.device)
+            self._buffers = {kk: v for kk, v in self._buffers.items() if kk[:4] == key[:4]}
+            self._buffers[key] = buf
+        noise = buf[:k]
+        if not antithetic:
+            return sample_(dist, noise, generator)
+        half = k // 2
+        sample_(dist, noise[:half], generator)
+        torch.neg(noise[:half], out=noise[half:])
+        return noise

@@ -375,8 +375,13 @@ def robustness_command(args) -> None:
                         seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = evaluate_robustness(models, x, y, eps, st)
-    headline = eps[len(eps) // 2]
+    source = None
+    if args.source:
+        src = Path(args.source)
+        source = load_model(src / "model.safetensors" if src.is_dir() else src, args.device)[0]
+    headline = args.headline if args.headline is not None else eps[len(eps) // 2]
+    eps = sorted(set(eps) | {headline})
+    rows = evaluate_robustness(models, x, y, eps, st, source=source)
     checks = sanity_checks(models, rows, x, y, headline, st)
     write_reports(out, rows, checks, headline, None, st, len(x))
     print((out / "robustness.md").read_text())
