@@ -128,3 +128,30 @@ def test_cli_train_evaluate_datasets(tmp_path, capsys):
     assert 0 <= result["accuracy_ot"] <= 1 and result["lap_replications"] == 50
     assert main(["datasets"]) == 0
     assert "digits" in capsys.readouterr().out
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    train(TrainConfig(epochs=1, replications=20, subset=100), tmp_path, quiet=True)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        train(TrainConfig(epochs=1, replications=20, subset=100, seed=5), tmp_path, quiet=True)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_failing_run_keeps_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """A loss that turns NaN in epoch 2: exit 1 with a clear message; epoch 1's checkpoint survives."""
+    import glrnet.estimators as est_mod
+    real = est_mod.GLR.estimate
+    calls = {"n": 0}
+
+    def flaky(self, model, x, y):
+        calls["n"] += 1
+        if calls["n"] > 5:  # after the first epoch of 4 batches
+            raise est_mod.NonFiniteLossError("loss 'cross_entropy' gave 3 non-finite values")
+        return real(self, model, x, y)
+    monkeypatch.setattr(est_mod.GLR, "estimate", flaky)
+    code = main(["train", "--subset", "100", "--batch-size", "25", "--replications", "20", "--epochs", "3",
+                 "--out", str(tmp_path), "--quiet"])
+    assert code == 1 and "non-finite" in capsys.readouterr().err
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["epoch"] == 1
+    assert (tmp_path / "history.csv").exists() and not (tmp_path / "metrics.json").exists()

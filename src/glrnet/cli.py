@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, FileNotFoundError) as e:
         print(f"glrnet {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # NonFiniteLossError: the step was refused, nothing was written
+        print(f"glrnet {args.command}: error: {e}; the last checkpoint and outputs are kept", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"glrnet {args.command}: interrupted; the last checkpoint is kept (rerun with --resume)",
               file=sys.stderr)

@@ -192,6 +192,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
             metrics = json.loads(done.read_text())
             if metrics.get("config") == asdict(cfg):
                 return metrics
+        if not resume and (out / "checkpoint.safetensors").exists():
+            raise ValueError(f"{out} already holds a run (checkpoint.safetensors); pass --resume to continue it "
+                             "or choose another --out")
         if writer:
             out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
