@@ -5,9 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-import glrnet
 from glrnet import distributed
-from glrnet.estimators import GLR
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_estimator import small_problem  # noqa: E402

@@ -9,7 +9,7 @@ from torch.distributions import Cauchy, Exponential, Laplace, Normal, Uniform
 
 import glrnet
 from glrnet.activations import ACTIVATIONS, get_activation
-from glrnet.noise import Logistic, make_noise, sample_, score, score_autograd
+from glrnet.noise import make_noise, sample_, score, score_autograd
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "laplace", "logistic"])

@@ -158,6 +158,9 @@ def test_packaged_specs_load_and_bad_specs_are_named(tmp_path):
     assert len(paper.models) == 9 and [s.name for s in paper.sources] == ["bp-2hidden", "bp-5hidden"]
     assert all(m.config.replications == 10000 for m in paper.models if m.config.method == "glr")
     assert load_spec(quick=True).dataset == "digits"
+    fast = load_spec(spec_path("paper-fast"))
+    assert [m.name for m in fast.models] == [m.name for m in paper.models] and not fast.study
+    assert all(m.config.replications == 1000 and m.config.baseline for m in fast.models if m.config.method == "glr")
     bad = tmp_path / "bad.toml"
     bad.write_text(TINY.replace('activation = "threshold"', 'activation = "thresh"'))
     with pytest.raises(ValueError, match="glr-threshold-01.*unknown activation 'thresh'"):

@@ -243,7 +243,7 @@ def _download(name: str, root: Path, allowed: bool) -> Path:
                     os.unlink(tmp)
         else:
             raise DataError(f"could not download {name} file {fname} (no network?):\n  " + "\n  ".join(errors)
-                            + f"\nPass --data-dir with a folder holding the four IDX files instead.")
+                            + "\nPass --data-dir with a folder holding the four IDX files instead.")
     return folder
 
 

@@ -111,7 +111,7 @@ class DistributedGLR(GLR):
     def __init__(self, parallel: str = "replications", **kwargs):
         super().__init__(**kwargs)
         self.parallel = parallel
-        _, self.d_count, self.j, self.r_count = grid_position(parallel)
+        _, self.d_count, _, self.r_count = grid_position(parallel)
         m = 2 if self.antithetic else 1
         if self.replications % (self.r_count * m):
             raise ValueError(f"replications ({self.replications}) must divide evenly over {self.r_count} "

@@ -39,13 +39,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.distributions import Normal
 
 from .activations import SMOOTH, activation_name
 from .attacks import fgsm, pgd
 from .checkpoint import atomic_write_text
 from .model import NoisyMLP, predict_proba
 from .noise import score
-from torch.distributions import Normal
 
 
 @dataclass
@@ -293,7 +293,7 @@ def sanity_checks(models: dict[str, tuple[NoisyMLP, bool]], rows: list[dict], x,
     return checks
 
 
-def write_reports(out: Path, rows: list[dict], checks: list[dict], headline: float, transfer: dict | None,
+def write_reports(out: Path, rows: list[dict], checks: list[dict], headline: float,
                   st: AttackSettings, images: int) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=ROBUST_FIELDS)
@@ -352,7 +352,7 @@ def run_protocol(out: Path, spec, models: dict, sources: dict, data, headline: f
     first = next(iter(sources.values()))
     rows = evaluate_robustness(chosen, x, y, eps, st, source=first, quiet=quiet)
     checks = sanity_checks(chosen, rows, x, y, headline, st)
-    write_reports(out, rows, checks, headline, None, st, len(x))
+    write_reports(out, rows, checks, headline, st, len(x))
     return {"rows": len(rows), "checks_passed": sum(c["pass"] for c in checks), "checks": len(checks)}
 
 
@@ -383,5 +383,5 @@ def robustness_command(args) -> None:
     eps = sorted(set(eps) | {headline})
     rows = evaluate_robustness(models, x, y, eps, st, source=source)
     checks = sanity_checks(models, rows, x, y, headline, st)
-    write_reports(out, rows, checks, headline, None, st, len(x))
+    write_reports(out, rows, checks, headline, st, len(x))
     print((out / "robustness.md").read_text())
