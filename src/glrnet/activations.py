@@ -112,3 +112,9 @@ def get_activation(spec: ActivationLike) -> Activation:
 def activation_name(act: Activation) -> str:
     """The registry name of an activation (its repr for Sigmoid, __name__ otherwise)."""
     return repr(act) if isinstance(act, Sigmoid) else getattr(act, "__name__", repr(act))
+
+
+def is_smooth(act: ActivationLike) -> bool:
+    """True for the registered activations (any sigmoid slope included) that autograd differentiates correctly."""
+    name = act if isinstance(act, str) else activation_name(act)
+    return name.partition(":")[0] in SMOOTH

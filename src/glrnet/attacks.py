@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .checkpoint import _atomic_save_tensors
+from .checkpoint import save_tensors_atomic
 from .losses import cross_entropy
 
 LogitsFn = Callable[[Tensor], Tensor]
@@ -76,7 +76,7 @@ def pgd(logits_fn: LogitsFn | None, x: Tensor, y: Tensor, eps: float, steps: int
 
 def save_adversarial(path: str | Path, x_adv: Tensor, indices: Tensor, meta: dict) -> None:
     """Adversarial images (N, D) with the test-set indices they came from and their metadata."""
-    _atomic_save_tensors({"x_adv": x_adv.float(), "indices": indices.long()}, Path(path),
+    save_tensors_atomic({"x_adv": x_adv.float(), "indices": indices.long()}, Path(path),
                          {"glrnet_adversarial": json.dumps(meta)})
 
 

@@ -10,9 +10,12 @@ its metadata and is rebuilt by :func:`load_model`.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,15 @@ from .noise import make_noise
 FORMAT = 1
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically, on
+    failure it is removed, so readers only ever see the old file or the complete new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -40,18 +44,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def _atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+def atomic_write_csv(path: str | os.PathLike, rows: list[dict], fields: list[str]) -> None:
+    """Rows as CSV (floats to 6 significant digits; keys not in ``fields`` ignored), atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_checkpoint(path: str | os.PathLike, model: NoisyMLP, optimizer: torch.optim.Optimizer,
@@ -73,7 +84,7 @@ def save_checkpoint(path: str | os.PathLike, model: NoisyMLP, optimizer: torch.o
     meta = dict(sidecar, format=FORMAT, optimizer=opt_json, generators=list(generators),
                 model=model.config())
     text = json.dumps(meta)
-    _atomic_save_tensors(tensors, path, {"glrnet": text})
+    save_tensors_atomic(tensors, path, {"glrnet": text})
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
 
 
@@ -107,7 +118,7 @@ def save_model(path: str | os.PathLike, model: NoisyMLP, extra: dict | None = No
     meta = {"glrnet_model": json.dumps(model.config())}
     if extra is not None:
         meta["glrnet_extra"] = json.dumps(extra)
-    _atomic_save_tensors(dict(model.state_dict()), Path(path), meta)
+    save_tensors_atomic(dict(model.state_dict()), Path(path), meta)
 
 
 def model_from_config(cfg: dict) -> NoisyMLP:

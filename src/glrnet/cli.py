@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 
 from . import distributed
-from .activations import ACTIVATIONS
+from .activations import ACTIVATIONS, get_activation
 from .data import DATASETS, DataError, describe_datasets
 from .losses import LOSSES
 from .noise import KINDS
@@ -32,10 +32,10 @@ def _hidden(text: str) -> list[int]:
 
 
 def _activation(text: str) -> str:
-    name, _, slope = text.partition(":")
-    if name not in ACTIVATIONS or (slope and name != "sigmoid"):
-        raise argparse.ArgumentTypeError(f"unknown activation {text!r}; valid: {', '.join(ACTIVATIONS)} "
-                                         "(or sigmoid:<slope>)")
+    try:
+        get_activation(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

@@ -117,19 +117,20 @@ class DistributedGLR(GLR):
             raise ValueError(f"replications ({self.replications}) must divide evenly over {self.r_count} "
                              f"replication ranks{' in antithetic pairs' if m == 2 else ''}")
 
-    def _local_replications(self) -> int:
-        return self.replications // self.r_count
-
-    def _global_batch(self, x: Tensor) -> int:
-        return self._shard_sizes(x)[1]
-
-    def _shard_sizes(self, x: Tensor) -> tuple[list[int], int]:
+    def estimate(self, model, x: Tensor, y: Tensor):
+        # the whole batch's size and this shard's offset in it: one all-gather per call
         n = torch.tensor([x.shape[0]], device=x.device)
         sizes = [torch.zeros_like(n) for _ in range(world_size())]
         dist.all_gather(sizes, n)
         per_group = [int(sizes[d * self.r_count]) for d in range(self.d_count)]
-        self._offset = sum(per_group[: rank() // self.r_count])
-        return per_group, sum(per_group)
+        self._offset, self._total = sum(per_group[: rank() // self.r_count]), sum(per_group)
+        return super().estimate(model, x, y)
+
+    def _local_replications(self) -> int:
+        return self.replications // self.r_count
+
+    def _global_batch(self, x: Tensor) -> int:
+        return self._total
 
     def _all_reduce(self, tensors: list[Tensor]) -> None:
         flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -141,8 +142,7 @@ class DistributedGLR(GLR):
 
     def _combine_loss_sums(self, acc, x: Tensor) -> None:
         """Sᵢ over every replication rank: scatter into a whole-batch vector, one all-reduce."""
-        _, total = self._shard_sizes(x)
-        full = torch.zeros(total, dtype=x.dtype, device=x.device)
+        full = torch.zeros(self._total, dtype=x.dtype, device=x.device)
         full[self._offset:self._offset + x.shape[0]] = acc.loss_per_input
         dist.all_reduce(full)
         acc.loss_per_input = full[self._offset:self._offset + x.shape[0]]

@@ -44,7 +44,7 @@ from torch import Tensor
 from .activations import activation_name
 from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
 from .model import NoisyMLP, check_batch
-from .noise import NoiseStream, linear_score_scale, score
+from .noise import PREFETCH_CHUNK_MB, NoiseStream, linear_score_scale, score
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -115,7 +115,6 @@ class GLR:
         self.generator = generator
         self.check_finite = check_finite
         self.prefetch = prefetch
-        self.prefetch_chunk_mb = 16.0
         self._stream = NoiseStream(prefetch)
         self._score_buffer: Tensor | None = None
 
@@ -174,9 +173,8 @@ class GLR:
             if self.baseline else [],
             nonfinite=torch.zeros((), dtype=torch.long, device=x.device))
         sizes = [min(chunk, replications - s) for s in range(0, replications, chunk)]
-        for i, draw in enumerate(self._noise_and_scores(model, sizes, B, x)):
-            k = sizes[i]
-            noise, scores, score_scale = draw
+        for noise, scores, score_scale in self._noise_and_scores(model, sizes, B, x):
+            k = noise.shape[0]
             out, inputs = model(x, noise=noise, return_inputs=True)
             losses = self.loss(out.reshape(k * B, -1), y_rep[:k * B]).reshape(k, B)
             acc.nonfinite += (~torch.isfinite(losses)).sum()
@@ -257,7 +255,7 @@ class GLR:
         per_replication = max(B, 1) * (6 * width + 8) * itemsize   # noise, scores, v, φ(v) per layer, loss temps
         budget = self.memory_budget_mb
         if self.prefetch:  # double-buffered noise: two chunks in flight, each cache-sized
-            budget = min(budget / 2, self.prefetch_chunk_mb)
+            budget = min(budget / 2, PREFETCH_CHUNK_MB)
         k = int(budget * 2**20) // per_replication
         align = m * (16 // math.gcd(B * width, 16))
         k = max(align, k // align * align)

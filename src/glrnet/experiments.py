@@ -16,7 +16,6 @@ each, the seed's reported figures. :func:`reproduce` then
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -27,9 +26,9 @@ from pathlib import Path
 import torch
 
 from .attacks import fgsm, load_adversarial, save_adversarial
-from .checkpoint import atomic_write_text, load_model
+from .checkpoint import atomic_write_csv, atomic_write_text, load_model
 from .data import load_dataset
-from .model import NoisyMLP, predict_proba
+from .model import NoisyMLP, predict
 from .train import TrainConfig, train
 
 try:
@@ -135,12 +134,10 @@ def train_all(spec: Spec, out: Path, device: str, quiet: bool, data) -> dict[str
 
 
 def accuracy(model: NoisyMLP, x, y, mode="ot", replications=1000, seed=0) -> float:
+    """OT or LAP accuracy; LAP from a generator seeded by ``seed`` (antithetic pairs when K is even)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    with torch.no_grad():
-        if mode == "ot":
-            return (model(x).argmax(1) == y).double().mean().item()
-        p = predict_proba(model, x, "lap", replications, generator=gen, antithetic=replications % 2 == 0)
-    return (p.argmax(1) == y).double().mean().item()
+    pred = predict(model, x, mode, replications, generator=gen, antithetic=replications % 2 == 0)
+    return (pred == y).double().mean().item()
 
 
 def calibrate_eps(source: NoisyMLP, target_model: NoisyMLP, x, y, target_acc: float,
@@ -183,7 +180,7 @@ def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisyMLP]], sour
                  quiet: bool) -> list[dict]:
     rows = []
     for mi, (name, (ms, model)) in enumerate(models.items()):
-        noisy = ms.config.method == "glr" or ms.config.bp_noise
+        noisy = ms.config.noisy
         acc_orig = accuracy(model, x, y)
         for si, src_name in enumerate(sources):
             for eps in eps_list:
@@ -217,23 +214,13 @@ def write_tables(spec: Spec, out: Path, rows: list[dict], headline: float, sourc
         for ms in spec.models:
             r = next(r for r in rows if r["model"] == ms.name and r["source"] == src.name and r["eps"] == headline)
             seed = ms.seed_figures or {}
-            pick = lambda key: (seed.get(key) or [None] * len(spec.sources))[si] if seed.get(key) else None  # noqa: E731
-            lines.append(f"| {ms.label} | {_fmt(seed.get('orig'))} | {_fmt(pick('ot'))} | {_fmt(pick('lap'))} | "
+            ot, lap = (seed[k][si] if k in seed else None for k in ("ot", "lap"))
+            lines.append(f"| {ms.label} | {_fmt(seed.get('orig'))} | {_fmt(ot)} | {_fmt(lap)} | "
                          f"{_fmt(r['acc_orig'])} | {_fmt(r['acc_ot'])} | {_fmt(r['acc_lap'])} |")
         path = out / f"table{si + 1}.md"
         atomic_write_text(path, "\n".join(lines) + "\n")
         paths.append(str(path))
     return paths
-
-
-def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    import io
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
 
 
 def run_study(spec: Spec, out: Path, data, device, quiet, source: NoisyMLP, headline: float, x, y) -> list[dict]:
@@ -272,7 +259,7 @@ def run_study(spec: Spec, out: Path, data, device, quiet, source: NoisyMLP, head
                       f"{r['adv_acc_ot']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
     fields = ["model", "replications", "variant", "test_acc_ot", "test_acc_lap", "adv_acc_ot", "adv_acc_lap",
               "train_seconds"]
-    write_csv(out / "study.csv", rows, fields)
+    atomic_write_csv(out / "study.csv", rows, fields)
     lines = [f"# Replications study (adversarial: FGSM from `{spec.sources[0].name}` at ε = {headline:.4f})", "",
              "| model | K | variance reduction | test Acc_OT | test Acc_LAP | adv Acc_OT | adv Acc_LAP | train s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -322,7 +309,7 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
     rows = evaluate_all(spec, {**{s: (loaded[s][0], sources[s]) for s in sources}, **models}, sources, sets, x, y,
                         eps_list, quiet)
     timings["evaluate"] = time.perf_counter() - t0
-    write_csv(out / "results.csv", rows, RESULT_FIELDS)
+    atomic_write_csv(out / "results.csv", rows, RESULT_FIELDS)
     tables = write_tables(spec, out, [r for r in rows if r["model"] in models], headline, metrics)
 
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from .activations import ActivationLike, activation_name, get_activation
-from .noise import NoiseStream, sample_, validate_noise
+from .noise import PREFETCH_CHUNK_MB, NoiseStream, fill_noise_, validate_noise
 
 
 class NoisyMLP(nn.Module):
@@ -61,12 +61,15 @@ class NoisyMLP(nn.Module):
         """Noisy neurons per layer; the noise tensor's last axis has ``sum(widths)`` entries."""
         return self.sizes[1:]
 
-    def forward(self, x: Tensor, noise: Tensor | None = None, return_inputs: bool = False):
+    def forward(self, x: Tensor, noise: Tensor | None = None, return_inputs: bool = False,
+                hidden_activation=None):
         """Outputs for inputs ``x`` (..., in); with ``noise`` (..., B, Σ widths) the noisy network.
 
         The first layer's clean pre-activation W x + b is computed once and broadcast over
         the noise's leading (replication) axes. With ``return_inputs`` also returns the
         list of each layer's input x⁽ᵗ⁾ (what the GLR gradient of W⁽ᵗ⁾ multiplies).
+        ``hidden_activation(v, z)``, if given, replaces φ(v) on hidden layers; it also gets
+        the layer's pre-activation without its own noise, z (used by the BPDA attacks).
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features (shape {tuple(x.shape)}), "
@@ -77,13 +80,14 @@ class NoisyMLP(nn.Module):
         h, inputs, offset, last = x, [], 0, len(self.layers) - 1
         for t, layer in enumerate(self.layers):
             inputs.append(h)
-            v = layer(h)
+            v = z = layer(h)
             if noise is not None:
                 r = noise[..., offset:offset + layer.out_features]
                 offset += layer.out_features
-                v = r + v if t == 0 else v.add_(r)  # t = 0: broadcast the shared W x + b
+                # t = 0: broadcast the shared W x + b; z kept intact for the override
+                v = r + z if t == 0 or hidden_activation is not None else v.add_(r)
             if t < last:
-                h = self.activation(v)
+                h = self.activation(v) if hidden_activation is None else hidden_activation(v, z)
             else:
                 h = v if self.output_activation is None else self.output_activation(v)
         return (h, inputs) if return_inputs else h
@@ -93,14 +97,7 @@ class NoisyMLP(nn.Module):
         """Noise of shape (*shape, Σ widths); ``antithetic`` negates the second half of axis 0."""
         p = self.layers[0].weight
         r = torch.empty(*shape, sum(self.widths), dtype=p.dtype, device=p.device)
-        if not antithetic:
-            return sample_(self.noise, r, generator)
-        if shape[0] % 2:
-            raise ValueError(f"antithetic noise needs an even number of replications, got {shape[0]}")
-        half = shape[0] // 2
-        sample_(self.noise, r[:half], generator)
-        torch.neg(r[:half], out=r[half:])
-        return r
+        return fill_noise_(self.noise, r, generator, antithetic)
 
     def config(self) -> dict:
         """JSON-able architecture (see :func:`glrnet.checkpoint` for the round trip)."""
@@ -162,7 +159,7 @@ def predict_proba(model: NoisyMLP, x: Tensor, mode: str = "ot", replications: in
     n, width = x.shape[0], sum(model.widths)
     row_bytes = 4 * width * x.element_size()  # noise + activations + softmax, roughly
     images = min(n, _rows_per_chunk(memory_budget_mb, row_bytes * min(replications, 64)))
-    reps = min(replications, _rows_per_chunk(min(memory_budget_mb, 16.0), row_bytes * images, 2 if antithetic else 1))
+    reps = min(replications, _rows_per_chunk(min(memory_budget_mb, PREFETCH_CHUNK_MB), row_bytes * images, 2 if antithetic else 1))
     sizes = [min(reps, replications - k0) for k0 in range(0, replications, reps)]
     total = torch.zeros(n, model.num_classes, dtype=x.dtype, device=x.device)
     stream = NoiseStream(prefetch)

@@ -164,7 +164,24 @@ def score_autograd(dist: Distribution, r: Tensor) -> Tensor:
     return -grad
 
 
+def fill_noise_(dist: Distribution, out: Tensor, generator: torch.Generator | None = None,
+                antithetic: bool = False) -> Tensor:
+    """Fill ``out`` (k, ...) with noise; ``antithetic``: draws r in the first half of axis 0, −r in the second."""
+    if not antithetic:
+        return sample_(dist, out, generator)
+    if out.shape[0] % 2:
+        raise ValueError(f"antithetic noise needs an even number of replications, got {out.shape[0]}")
+    half = out.shape[0] // 2
+    sample_(dist, out[:half], generator)
+    torch.neg(out[:half], out=out[half:])
+    return out
+
+
+#: chunk size (MB of working set) when noise is prefetched: small enough for the cache, two in flight
+PREFETCH_CHUNK_MB = 16.0
+
 _CORE_RESERVED = False
+_NOISE_THREAD: ThreadPoolExecutor | None = None
 
 
 def reserve_core_for_noise() -> bool:
@@ -187,6 +204,15 @@ def reserve_core_for_noise() -> bool:
     return True
 
 
+def _noise_thread() -> ThreadPoolExecutor:
+    """The process's one noise-drawing thread (single-threaded itself), shared by every stream."""
+    global _NOISE_THREAD
+    if _NOISE_THREAD is None:
+        _NOISE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glrnet-noise",
+                                           initializer=torch.set_num_threads, initargs=(1,))
+    return _NOISE_THREAD
+
+
 class NoiseStream:
     """Noise for successive chunks of replications, drawn in place into reused buffers.
 
@@ -200,7 +226,6 @@ class NoiseStream:
     def __init__(self, prefetch: bool = True):
         self.prefetch = prefetch
         self._buffers: dict = {}
-        self._pool: ThreadPoolExecutor | None = None
 
     def chunks(self, dist: Distribution, sizes: list[int], rows: int, width: int, like: Tensor,
                generator: torch.Generator | None, antithetic: bool = False):
@@ -210,14 +235,12 @@ class NoiseStream:
             for k in sizes:
                 yield draw(k, 0)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glrnet-noise",
-                                            initializer=torch.set_num_threads, initargs=(1,))
-        pending = self._pool.submit(draw, sizes[0], 0)
+        pool = _noise_thread()
+        pending = pool.submit(draw, sizes[0], 0)
         for i in range(len(sizes)):
             noise = pending.result()
             if i + 1 < len(sizes):
-                pending = self._pool.submit(draw, sizes[i + 1], (i + 1) % 2)
+                pending = pool.submit(draw, sizes[i + 1], (i + 1) % 2)
             yield noise
 
     def _draw(self, dist, k, rows, width, like, generator, antithetic, slot) -> Tensor:
@@ -227,10 +250,4 @@ class NoiseStream:
             buf = torch.empty(k, rows, width, dtype=like.dtype, device=like.device)
             self._buffers = {kk: v for kk, v in self._buffers.items() if kk[:4] == key[:4]}
             self._buffers[key] = buf
-        noise = buf[:k]
-        if not antithetic:
-            return sample_(dist, noise, generator)
-        half = k // 2
-        sample_(dist, noise[:half], generator)
-        torch.neg(noise[:half], out=noise[half:])
-        return noise
+        return fill_noise_(dist, buf[:k], generator, antithetic)

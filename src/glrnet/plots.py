@@ -11,11 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _save(fig, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    from .checkpoint import atomic_path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def plot_curves(history: list[dict], path, title: str = "") -> None:

@@ -28,8 +28,6 @@ The per-example worst case counts an image as robust only if every attack fails 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -41,10 +39,10 @@ import torch
 from torch import Tensor
 from torch.distributions import Normal
 
-from .activations import SMOOTH, activation_name
+from .activations import activation_name, is_smooth
 from .attacks import fgsm, pgd
-from .checkpoint import atomic_write_text
-from .model import NoisyMLP, predict_proba
+from .checkpoint import atomic_write_csv, atomic_write_text
+from .model import NoisyMLP, predict, predict_proba
 from .noise import score
 
 
@@ -97,22 +95,12 @@ class _BPDA(torch.autograd.Function):
 
 def attack_forward(model: NoisyMLP, x: Tensor, noise: Tensor | None = None) -> Tensor:
     """The network's forward for attacks: exact values, BPDA gradients through non-smooth φ."""
-    smooth = activation_name(model.activation) in SMOOTH or activation_name(model.activation).startswith("sigmoid")
-    if not isinstance(model.noise, Normal) and not smooth:
+    if is_smooth(model.activation):
+        return model(x, noise=noise)
+    if not isinstance(model.noise, Normal):
         raise ValueError("the BPDA surrogate assumes Gaussian noise")
     sigma = float(model.noise.stddev)
-    h, offset, last = x, 0, len(model.layers) - 1
-    for t, layer in enumerate(model.layers):
-        z = layer(h)
-        v = z
-        if noise is not None:
-            v = z + noise[..., offset:offset + layer.out_features]
-            offset += layer.out_features
-        if t < last:
-            h = model.activation(v) if smooth else _BPDA.apply(v, z, model.activation, sigma)
-        else:
-            h = v if model.output_activation is None else model.output_activation(v)
-    return h
+    return model(x, noise=noise, hidden_activation=lambda v, z: _BPDA.apply(v, z, model.activation, sigma))
 
 
 def _margin_of_probs(p: Tensor, y: Tensor) -> Tensor:
@@ -181,11 +169,10 @@ def spsa_gradient(prob_fn, samples: int, delta: float, gen: torch.Generator):
 
 # ------------------------------------------------------------------------- protocol
 def _correct(model: NoisyMLP, x_adv: Tensor, y: Tensor, noisy: bool, k: int, seed: int) -> dict[str, Tensor]:
-    with torch.no_grad():
-        out = {"ot": model(x_adv).argmax(-1) == y}
-        if noisy:
-            gen = torch.Generator(device=x_adv.device).manual_seed(10_000 + seed)  # the defender's own noise
-            out["lap"] = predict_proba(model, x_adv, "lap", k, generator=gen, antithetic=k % 2 == 0).argmax(-1) == y
+    out = {"ot": predict(model, x_adv, "ot") == y}
+    if noisy:
+        gen = torch.Generator(device=x_adv.device).manual_seed(10_000 + seed)  # the defender's own noise
+        out["lap"] = predict(model, x_adv, "lap", k, generator=gen, antithetic=k % 2 == 0) == y
     return out
 
 
@@ -295,12 +282,7 @@ def sanity_checks(models: dict[str, tuple[NoisyMLP, bool]], rows: list[dict], x,
 
 def write_reports(out: Path, rows: list[dict], checks: list[dict], headline: float,
                   st: AttackSettings, images: int) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=ROBUST_FIELDS)
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(out / "robustness.csv", buf.getvalue())
+    atomic_write_csv(out / "robustness.csv", rows, ROBUST_FIELDS)
     models = list(dict.fromkeys(r["model"] for r in rows))
     show = [e for e in (headline, 0.1, 0.2) if any(r["eps"] == e for r in rows)]
 
@@ -347,7 +329,7 @@ def run_protocol(out: Path, spec, models: dict, sources: dict, data, headline: f
     eps = sorted(set(rb.pop("eps", [0.05, 0.1, 0.15, 0.2, 0.25, 0.3])) | {headline})
     images = rb.pop("images", 500)
     st = AttackSettings(**rb)
-    chosen = {n: (models[n][1], models[n][0].config.method == "glr" or models[n][0].config.bp_noise) for n in names}
+    chosen = {n: (models[n][1], models[n][0].config.noisy) for n in names}
     x, y = data.x_test[:images], data.y_test[:images]
     first = next(iter(sources.values()))
     rows = evaluate_robustness(chosen, x, y, eps, st, source=first, quiet=quiet)
@@ -360,12 +342,13 @@ def robustness_command(args) -> None:
     """``glrnet robustness --run DIR [DIR ...]``: the protocol on trained runs."""
     from .checkpoint import load_model
     from .data import load_dataset
+    from .train import TrainConfig
     models, cfg = {}, None
     for run in args.run:
         path = Path(run)
         model, extra = load_model(path / "model.safetensors" if path.is_dir() else path, args.device)
         cfg = extra.get("config", {})
-        noisy = cfg.get("method", "glr") == "glr" or cfg.get("bp_noise", False)
+        noisy = TrainConfig.from_dict(cfg).noisy
         models[path.name if path.is_dir() else path.stem] = (model, noisy)
     dataset = args.dataset or cfg.get("dataset", "digits")
     data = load_dataset(dataset, args.data_dir or cfg.get("data_dir"), args.image_size or cfg.get("image_size"))

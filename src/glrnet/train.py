@@ -15,8 +15,6 @@ on its shard or its share of the replications, only rank 0 writes.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -27,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
-from .activations import SMOOTH, get_activation
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model
+from .activations import get_activation, is_smooth
+from .checkpoint import atomic_write_csv, atomic_write_text, load_checkpoint, save_checkpoint, save_model
 from .data import Dataset, load_dataset
 from .estimators import GLR, Backprop
 from .losses import get_loss
@@ -95,9 +93,14 @@ class TrainConfig:
                 raise ValueError(msg)
         if self.method == "bp":
             Backprop(self.loss)  # differentiable loss
-            if self.bp_noise and self.activation not in SMOOTH:
+            if self.bp_noise and not is_smooth(self.activation):
                 raise ValueError(f"back-propagation through noise needs a smooth activation, not {self.activation!r}")
         return self
+
+    @property
+    def noisy(self) -> bool:
+        """Trained with noise (GLR, or BP through noise): its objective and its LAP predictor are noisy."""
+        return self.method == "glr" or self.bp_noise
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -166,14 +169,6 @@ HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_acc_ot", "lr", "second
                   "sample_replications_per_second"]
 
 
-def _history_csv(history: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
-    w.writeheader()
-    w.writerows(history)
-    return buf.getvalue()
-
-
 def _seeded(seed: int, *stream: int, device="cpu") -> torch.Generator:
     """A generator for one named stream of a run: a pure function of (seed, stream ids)."""
     return torch.Generator(device=device).manual_seed(dist_utils.stream_seed(seed, *stream))
@@ -226,9 +221,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
         dist_utils.broadcast_parameters(model)
 
     x_val, y_val = (data.x_val, data.y_val) if data.x_val is not None else (data.x_test, data.y_test)
-    noisy_objective = cfg.method == "glr" or cfg.bp_noise
     n = len(data.x_train)
-    reps = cfg.replications if noisy_objective else 1
+    reps = cfg.replications if cfg.noisy else 1
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -254,8 +248,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         g_eval = _seeded(cfg.seed, 2, epoch, device=device)
-        tr = evaluate(model, data.x_train, data.y_train, cfg.loss, noisy_objective, cfg.eval_replications, g_eval)
-        va = evaluate(model, x_val, y_val, cfg.loss, noisy_objective, cfg.eval_replications, g_eval)
+        tr = evaluate(model, data.x_train, data.y_train, cfg.loss, cfg.noisy, cfg.eval_replications, g_eval)
+        va = evaluate(model, x_val, y_val, cfg.loss, cfg.noisy, cfg.eval_replications, g_eval)
         row = {"epoch": epoch, "train_loss": tr["loss"], "val_loss": va["loss"], "val_acc_ot": va["acc_ot"],
                "lr": opt.param_groups[0]["lr"], "seconds": seconds, "samples_per_second": n / seconds,
                "sample_replications_per_second": n * reps / seconds}
@@ -269,10 +263,10 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
             sidecar["rank_rng"] = dist_utils.gather_generator_states(gen)
         if writer:
             save_checkpoint(ckpt, model, opt, {"estimator": gen}, sidecar)
-            atomic_write_text(out / "history.csv", _history_csv(history))
+            atomic_write_csv(out / "history.csv", history, HISTORY_FIELDS)
 
     model.eval()
-    test = evaluate(model, data.x_test, data.y_test, cfg.loss, noisy_objective, cfg.eval_replications,
+    test = evaluate(model, data.x_test, data.y_test, cfg.loss, cfg.noisy, cfg.eval_replications,
                     _seeded(cfg.seed, 3, device=device), lap_replications=cfg.lap_replications)
     metrics = {"test_accuracy_ot": test["acc_ot"], "test_accuracy_lap": test["acc_lap"], "test_loss": test["loss"],
                "epochs": cfg.epochs, "train_seconds": train_seconds,
@@ -280,7 +274,6 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
                "dataset": data.summary(), "world_size": world, "config": asdict(cfg)}
     if writer:
         save_model(out / "model.safetensors", model, {"config": asdict(cfg)})
-        atomic_write_text(out / "history.csv", _history_csv(history))
         from .plots import plot_curves
         plot_curves(history, out / "curves.png", title=f"{cfg.method.upper()} · {cfg.activation} · {cfg.loss}")
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
