@@ -97,7 +97,8 @@ def test_outputs_exist(run):
     _, out = run
     for name in ["results.csv", "table1.md", "table2.md", "summary.json", "study.csv", "study.md",
                  "fig2_sigmoid_slopes.png", "fig5_training_curves.png", "fig6_adversarial_examples.png",
-                 "fig7_activations.png", "robustness_curves.png", "robustness.md", "robustness.csv"]:
+                 "fig7_activations.png", "transfer_src-a.png", "robustness_worst_case.png", "robustness.md",
+                 "robustness.csv"]:
         assert (out / name).stat().st_size > 0, name
     assert len(list((out / "adversarial").rglob("*.safetensors"))) == 2 * 3   # 2 sources × (2 ε + headline)
 
@@ -135,7 +136,8 @@ def test_study_and_robustness_reports(run):
     study = read_csv(out / "study.csv")
     assert {(r["replications"], r["variant"]) for r in study} == {("10", "plain"), ("10", "baseline"), ("50", "baseline")}
     rob = read_csv(out / "robustness.csv")
-    assert {r["attack"] for r in rob} >= {"worst-case", "pgd-eot", "pgd-lr", "spsa", "random", "transfer-fgsm"}
+    assert {r["attack"] for r in rob} >= {"worst-case", "apgd-ce[gauss]", "apgd-dlr[lr]", "apgd-ce[ste]",
+                                          "apgd-ce[sigmoid:1]", "apgd-ce[ot]", "spsa", "random", "transfer-fgsm"}
     worst = [r for r in rob if r["attack"] == "worst-case"]
     for r in worst:  # the worst case is at most every single attack
         single = [float(s["acc_ot"]) for s in rob if s["model"] == r["model"] and s["eps"] == r["eps"]
@@ -155,12 +157,18 @@ def test_rerun_reuses_everything(run, capsys):
 
 def test_packaged_specs_load_and_bad_specs_are_named(tmp_path):
     paper = load_spec(spec_path("paper"))
-    assert len(paper.models) == 9 and [s.name for s in paper.sources] == ["bp-2hidden", "bp-5hidden"]
-    assert all(m.config.replications == 10000 for m in paper.models if m.config.method == "glr")
+    assert len(paper.models) == 12 and [s.name for s in paper.sources] == ["bp-2hidden", "bp-5hidden"]
+    assert (paper.dataset, paper.split, paper.val_fraction) == ("mnist", "seed", 0.1)
+    k = {m.name: (m.config.replications, m.config.baseline) for m in paper.models if m.config.method == "glr"}
+    assert sum(v == (1000, True) for v in k.values()) == 8
+    assert {n for n, v in k.items() if v == (10000, False)} == {"glr-sigmoid-k10000", "glr-threshold-k10000",
+                                                                "glr-threshold-01-k10000"}
     assert load_spec(quick=True).dataset == "digits"
-    fast = load_spec(spec_path("paper-fast"))
-    assert [m.name for m in fast.models] == [m.name for m in paper.models] and not fast.study
-    assert all(m.config.replications == 1000 and m.config.baseline for m in fast.models if m.config.method == "glr")
+    small = load_spec(spec_path("mnist-10k"))
+    assert [m.name for m in small.models] == [m.name for m in paper.models][:9] and small.split == "standard"
+    fashion = load_spec(spec_path("fashion"))
+    assert fashion.dataset == "fashion-mnist" and [m.name for m in fashion.models] == [
+        "bp-sigmoid", "glr-sigmoid", "glr-threshold", "glr-threshold-01"]
     bad = tmp_path / "bad.toml"
     bad.write_text(TINY.replace('activation = "threshold"', 'activation = "thresh"'))
     with pytest.raises(ValueError, match="glr-threshold-01.*unknown activation 'thresh'"):

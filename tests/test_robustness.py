@@ -7,8 +7,8 @@ import torch
 
 import glrnet
 from glrnet.attacks import fgsm, pgd
-from glrnet.robustness import (AttackSettings, attack_forward, attack_model, eot_gradient, lr_input_jacobian,
-                               smoothed_derivative)
+from glrnet.robustness import (AttackSettings, LAPClassifier, attack_forward, attack_model, attack_plan,
+                               lr_input_jacobian, smoothed_derivative, surrogates_for)
 from glrnet.train import TrainConfig, train
 from stats import assert_means_equal
 
@@ -20,29 +20,56 @@ def digits_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     train(TrainConfig(method="bp", epochs=6, lr=0.02), root / "bp", quiet=True)
     train(TrainConfig(epochs=3, replications=200), root / "glr", quiet=True)
+    train(TrainConfig(epochs=3, replications=200, activation="threshold", baseline=True), root / "thr", quiet=True)
     data = load_dataset("digits")
     return (load_model(root / "bp" / "model.safetensors")[0], load_model(root / "glr" / "model.safetensors")[0],
-            data.x_test[:60], data.y_test[:60])
+            data.x_test[:60], data.y_test[:60], load_model(root / "thr" / "model.safetensors")[0])
 
 
 def test_every_attack_breaks_the_bp_network_at_large_eps(digits_models):
-    bp, _, x, y = digits_models
+    bp, _, x, y, _ = digits_models
     assert (bp(x).argmax(1) == y).double().mean() > 0.85
     st = AttackSettings(steps=10, eot_samples=1, spsa_samples=32, spsa_steps=10, random_draws=4)
     res = attack_model(bp, False, x, y, 0.3, st, source=bp)
-    for attack in ("transfer-fgsm", "fgsm", "pgd-eot", "spsa", "worst-case"):
+    for attack in ("transfer-fgsm", "fgsm", "apgd-ce[exact]", "apgd-dlr[exact]", "spsa", "worst-case"):
         acc = res[attack]["ot"].double().mean().item()
         assert acc <= 0.1, (attack, acc)
     assert res["random"]["ot"].double().mean() > 0.3  # random corners are no attack: a control
 
 
 def test_white_box_attacks_break_the_lap_predictor_at_large_eps(digits_models):
-    _, glr_model, x, y = digits_models
-    st = AttackSettings(steps=10, eot_samples=8, lr_samples=128, spsa_samples=16, spsa_steps=5, random_draws=2,
-                        lap_replications=200)
-    res = attack_model(glr_model, True, x, y, 0.3, st, attacks=["pgd-eot", "pgd-lr"])
-    for attack in ("pgd-eot", "pgd-lr"):
+    _, glr_model, x, y, _ = digits_models
+    st = AttackSettings(steps=10, eot_samples=8, lr_samples=128, lap_replications=200)
+    res = attack_model(glr_model, True, x, y, 0.3, st, attacks=["apgd-ce[exact]", "apgd-dlr[lr]"])
+    for attack in ("apgd-ce[exact]", "apgd-dlr[lr]"):
         assert res[attack]["lap"].double().mean() <= 0.1, attack
+
+
+def test_every_surrogate_attack_runs_on_a_threshold_network_and_the_worst_case_is_their_union(digits_models):
+    *_, x, y, thr = digits_models
+    assert surrogates_for(thr) == ["gauss", "sigmoid:1", "sigmoid:4", "ste", "lr"]
+    st = AttackSettings(steps=5, eot_samples=4, lr_samples=64, spsa_samples=8, spsa_steps=3, random_draws=2,
+                        lap_replications=100)
+    res = attack_model(thr, True, x, y, 0.1, st)
+    assert set(res) == set(attack_plan(thr, True, st)) | {"worst-case"}
+    union = torch.ones_like(y, dtype=torch.bool)
+    for name, r in res.items():
+        if name != "worst-case":
+            union &= r["lap"]
+    assert torch.equal(res["worst-case"]["lap"], union)
+    clean = (glrnet.predict(thr, x, "lap", 100) == y).double().mean()
+    assert res["worst-case"]["lap"].double().mean() < clean
+
+
+def test_lap_classifier_is_an_ordinary_module_for_attack_libraries(digits_models):
+    """torchattacks' APGD, given the wrapper and 4-D images, breaks the noisy predictor at ε = 0.3."""
+    torchattacks = pytest.importorskip("torchattacks")
+    _, glr_model, x, y, _ = digits_models
+    clf = LAPClassifier(glr_model, samples=16, generator=torch.Generator().manual_seed(0))
+    assert isinstance(clf, torch.nn.Module) and clf(x.reshape(-1, 1, 8, 8)).shape == (len(x), 10)
+    x_adv = torchattacks.APGD(clf, eps=0.3, steps=10, loss="ce")(x.reshape(-1, 1, 8, 8), y)
+    acc = (glrnet.predict(glr_model, x_adv.reshape(len(x), -1), "lap", 200) == y).double().mean()
+    assert acc <= 0.1 and (x_adv.reshape(len(x), -1) - x).abs().max() <= 0.3 + 1e-6
 
 
 def one_hidden_threshold(seed=0):
@@ -94,13 +121,43 @@ def test_gauss_hermite_smoothed_derivative_matches_closed_form(float64):
     torch.testing.assert_close(smoothed_derivative(sig, z[::10], 2.0), mc, atol=2e-3, rtol=0)
 
 
-def test_eot_gradient_of_smooth_network_is_the_pathwise_mean(float64):
+def _input_grad(clf, x, y):
+    with torch.enable_grad():
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(clf(xr), y, reduction="sum"), xr)
+    return g
+
+
+def test_lap_classifier_gradients_agree_across_surrogates_for_a_smooth_network(float64):
+    """For a smooth network the pathwise (exact) and likelihood-ratio gradients of −log p̄_y estimate
+    the same quantity; two independent pathwise estimates agree with each other too."""
     torch.manual_seed(0)
     model = glrnet.NoisyMLP([5, 4, 3])
     x, y = torch.rand(3, 5), torch.tensor([0, 1, 2])
-    g1 = eot_gradient(model, True, 20000, torch.Generator().manual_seed(0))(x, y)
-    g2 = eot_gradient(model, True, 20000, torch.Generator().manual_seed(1))(x, y)
-    assert (g1 - g2).abs().max() < 0.1 * g1.abs().max()  # converged estimates of the same expectation
+    g1 = _input_grad(LAPClassifier(model, 20000, "exact", generator=torch.Generator().manual_seed(0)), x, y)
+    g2 = _input_grad(LAPClassifier(model, 20000, "exact", generator=torch.Generator().manual_seed(1)), x, y)
+    g3 = _input_grad(LAPClassifier(model, 200000, "lr", generator=torch.Generator().manual_seed(2)), x, y)
+    scale = g1.abs().max()
+    assert (g1 - g2).abs().max() < 0.1 * scale
+    assert (g1 - g3).abs().max() < 0.2 * scale
+
+
+def test_surrogate_backward_passes():
+    """Forward is φ exactly for every surrogate; backward is the named derivative."""
+    torch.manual_seed(0)
+    model = glrnet.NoisyMLP([3, 4, 2], activation="threshold")
+    x = torch.rand(5, 3)
+    noise = model.sample_noise(5, generator=torch.Generator().manual_seed(0))
+    for s in ("gauss", "sigmoid:1", "sigmoid:4", "ste"):
+        torch.testing.assert_close(attack_forward(model, x, noise, s), model(x, noise=noise))
+    v = torch.linspace(-3, 3, 7)
+    for s, expect in (("ste", torch.ones(7)), ("sigmoid:4", 4 * torch.sigmoid(4 * v) * (1 - torch.sigmoid(4 * v)))):
+        vr = v.clone().requires_grad_(True)
+        out = glrnet.robustness._Surrogate.apply(vr, v, model.activation, glrnet.robustness._derivative(model, s))
+        (g,) = torch.autograd.grad(out.sum(), vr)
+        torch.testing.assert_close(g, expect)
+    with pytest.raises(ValueError, match="unknown surrogate"):
+        attack_forward(model, x, noise, "nonsense")
 
 
 def test_pgd_respects_the_budget_and_the_pixel_range():

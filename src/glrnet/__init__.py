@@ -5,6 +5,7 @@ Data flows one way: batch → noisy forward (K replications) → per-replication
 """
 
 from .activations import ACTIVATIONS, Sigmoid, get_activation
+from .data import Dataset, load_dataset
 from .estimators import GLR, Backprop, GradStats, NonFiniteLossError
 from .losses import LOSSES, cross_entropy, get_loss, zero_one
 from .model import NoisyMLP, predict, predict_proba
@@ -13,7 +14,7 @@ from .noise import Logistic, make_noise
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIVATIONS", "Backprop", "GLR", "GradStats", "LOSSES", "Logistic", "NoisyMLP",
-    "NonFiniteLossError", "Sigmoid", "cross_entropy", "get_activation", "get_loss", "make_noise",
+    "ACTIVATIONS", "Backprop", "Dataset", "GLR", "GradStats", "LOSSES", "Logistic", "NoisyMLP",
+    "NonFiniteLossError", "Sigmoid", "cross_entropy", "get_activation", "get_loss", "load_dataset", "make_noise",
     "predict", "predict_proba", "zero_one",
 ]

@@ -85,7 +85,7 @@ def save_checkpoint(path: str | os.PathLike, model: NoisyMLP, optimizer: torch.o
                 model=model.config())
     text = json.dumps(meta)
     save_tensors_atomic(tensors, path, {"glrnet": text})
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, ensure_ascii=False))
 
 
 def load_checkpoint(path: str | os.PathLike, model: NoisyMLP, optimizer: torch.optim.Optimizer,
@@ -132,10 +132,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no saved model at {path}")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad bytes
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
     if "glrnet_model" not in meta:
         raise ValueError(f"{path} is not a glrnet model (no 'glrnet_model' metadata)")
-    model = model_from_config(json.loads(meta["glrnet_model"]))
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model = model_from_config(json.loads(meta["glrnet_model"]))
+        model.load_state_dict(load_file(str(path)))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: the saved model cannot be rebuilt ({e})") from None
     return model.to(device), json.loads(meta.get("glrnet_extra", "{}"))

@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .attacks import fgsm, load_adversarial, save_adversarial
 from .checkpoint import atomic_write_csv, atomic_write_text, load_model
@@ -52,6 +53,8 @@ class Spec:
     data_dir: str | None
     image_size: int | None
     subset: int | None
+    split: str
+    val_fraction: float
     eps: list[float]
     headline_target: float
     calibrate_model: str
@@ -82,7 +85,8 @@ def load_spec(path: str | Path | None = None, quick: bool = False, dataset: str 
     defaults = raw.get("defaults", {})
     data = {"dataset": dataset or exp.get("dataset", "digits"),
             "data_dir": data_dir if data_dir is not None else exp.get("data_dir"),
-            "image_size": exp.get("image_size"), "subset": exp.get("subset")}
+            "image_size": exp.get("image_size"), "subset": exp.get("subset"),
+            "split": exp.get("split", "standard"), "val_fraction": float(exp.get("val_fraction", 0.1))}
     if dataset and dataset != exp.get("dataset"):
         data["image_size"] = None if dataset == "digits" else exp.get("image_size") or 14
 
@@ -125,11 +129,14 @@ def train_all(spec: Spec, out: Path, device: str, quiet: bool, data) -> dict[str
         if not quiet:
             print(f"[train] {m.name}: {cfg.method} {cfg.activation} {cfg.loss} hidden={cfg.hidden} "
                   f"K={cfg.replications} epochs={cfg.epochs}", flush=True)
-        metrics[m.name] = train(cfg, out / "models" / m.name, resume=True, quiet=True, data=data)
+        metrics[m.name] = train(cfg, out / "models" / m.name, resume=True, quiet=True, data=data,
+                                progress=not quiet, desc=m.name)
         metrics[m.name]["wall_seconds_this_call"] = time.perf_counter() - t0
         if not quiet:
-            print(f"        test acc OT {metrics[m.name]['test_accuracy_ot']:.4f} "
-                  f"LAP {metrics[m.name]['test_accuracy_lap']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            lap = metrics[m.name]["test_accuracy_lap"]
+            lap = f" LAP {lap:.4f}" if lap is not None else ""
+            print(f"        test acc OT {metrics[m.name]['test_accuracy_ot']:.4f}{lap} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
     return metrics
 
 
@@ -179,6 +186,8 @@ RESULT_FIELDS = ["model", "activation", "loss", "method", "source", "eps", "acc_
 def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisyMLP]], sources, sets, x, y, eps_list,
                  quiet: bool) -> list[dict]:
     rows = []
+    bar = tqdm(total=len(models) * len(sources) * len(eps_list), desc="evaluate", unit="set", disable=quiet,
+               leave=False, dynamic_ncols=True)
     for mi, (name, (ms, model)) in enumerate(models.items()):
         noisy = ms.config.noisy
         acc_orig = accuracy(model, x, y)
@@ -191,8 +200,8 @@ def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisyMLP]], sour
                        "acc_lap": accuracy(model, xa, y, "lap", spec.lap_replications, seed=1000 * mi + si)
                        if noisy else math.nan}
                 rows.append(row)
-        if not quiet:
-            print(f"[evaluate] {name}: done", flush=True)
+                bar.update()
+    bar.close()
     return rows
 
 
@@ -275,11 +284,14 @@ def run_study(spec: Spec, out: Path, data, device, quiet, source: NoisyMLP, head
 def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = None, data_dir: str | None = None,
               quick: bool = False, device: str = "cpu", quiet: bool = False, robustness: bool = True) -> dict:
     """Run a spec end to end into ``out`` (see the module docstring). Returns the summary dict."""
+    from .train import resolve_device
     t_start = time.perf_counter()
+    resolve_device(device)
     spec = load_spec(spec, quick=quick, dataset=dataset, data_dir=data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(spec.dataset, spec.data_dir, spec.image_size, subset=spec.subset)
+    data = load_dataset(spec.dataset, spec.data_dir, spec.image_size, spec.val_fraction, subset=spec.subset,
+                        split=spec.split)
     if not quiet:
         print(f"[reproduce] spec {spec.name}: {data.summary()}", flush=True)
     data = data.to(device)
@@ -298,7 +310,9 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
 
     t0 = time.perf_counter()
     first = spec.sources[0].name
-    headline = calibrate_eps(sources[first], loaded[spec.calibrate_model][1], x, y, spec.headline_target)
+    # the headline ε is chosen on held-out training data where there is some: the test set only reports
+    x_cal, y_cal = (data.x_val, data.y_val) if data.x_val is not None and len(data.x_val) else (x, y)
+    headline = calibrate_eps(sources[first], loaded[spec.calibrate_model][1], x_cal, y_cal, spec.headline_target)
     eps_list = sorted(set(spec.eps) | {headline})
     sets = adversarial_sets(spec, out, sources, x, y, idx, eps_list)
     timings["attacks"] = time.perf_counter() - t0
@@ -334,7 +348,7 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
                "robustness": robust is not None,
                "models": {k: {kk: v[kk] for kk in ("test_accuracy_ot", "test_accuracy_lap", "train_seconds")}
                           for k, v in metrics.items()}}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
     if not quiet:
         for t in tables:
             print(Path(t).read_text())

@@ -141,13 +141,13 @@ def _rows_per_chunk(budget_mb: float, row_bytes: int, multiple: int = 1) -> int:
 @torch.no_grad()
 def predict_proba(model: NoisyMLP, x: Tensor, mode: str = "ot", replications: int = 10000,
                   generator: torch.Generator | None = None, antithetic: bool = False,
-                  memory_budget_mb: float = 256.0, prefetch: bool = True) -> Tensor:
+                  memory_budget_mb: float = 256.0, prefetch: bool = True, progress: bool = False) -> Tensor:
     """Class probabilities (N, C).
 
     ``mode="ot"`` (one time): softmax of the noise-free network.
     ``mode="lap"`` (largest average probability): (1/K) Σₖ softmax(noisy output k),
     K = ``replications``, chunked over replications and images so that the working
-    set stays under ``memory_budget_mb``.
+    set stays under ``memory_budget_mb``. ``progress`` shows a bar (noisy passes done, ETA).
     """
     check_batch(model, x)
     if mode == "ot":
@@ -163,12 +163,17 @@ def predict_proba(model: NoisyMLP, x: Tensor, mode: str = "ot", replications: in
     sizes = [min(reps, replications - k0) for k0 in range(0, replications, reps)]
     total = torch.zeros(n, model.num_classes, dtype=x.dtype, device=x.device)
     stream = NoiseStream(prefetch)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n * replications, desc="LAP", unit="pass", unit_scale=True, disable=not progress, leave=False,
+               dynamic_ncols=True)
     for i in range(0, n, images):
         xi = x[i:i + images]
         for r in stream.chunks(model.noise, sizes, xi.shape[0], width, x, generator, antithetic):
             out = model(xi, noise=r)
             # softmax as exp(o − logsumexp o): several times faster than torch.softmax over 10 classes on a CPU
             total[i:i + images] += torch.exp(out - torch.logsumexp(out, -1, keepdim=True)).sum(0)
+            bar.update(r.shape[0] * xi.shape[0])
+    bar.close()
     return total / replications
 
 

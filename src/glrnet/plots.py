@@ -17,21 +17,25 @@ def _save(fig, path) -> None:
     plt.close(fig)
 
 
-def plot_curves(history: list[dict], path, title: str = "") -> None:
-    """Training and validation loss per epoch (the seed's Figure 5), with validation accuracy."""
+def plot_curves(history: list[dict], path, title: str = "", val_name: str = "validation") -> None:
+    """Training and held-out loss per epoch (the seed's Figure 5), with held-out accuracy.
+
+    ``val_name`` says what the held-out curve is: "validation", or "test" for a run trained
+    without a validation split."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="training loss")
-    ax.plot(epochs, [h["val_loss"] for h in history], "s--", label="validation loss")
+    ax.plot(epochs, [h["val_loss"] for h in history], "s--", label=f"{val_name} loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
-    ax2.plot(epochs, [h["val_acc_ot"] for h in history], color="gray", alpha=0.6, label="validation accuracy (OT)")
+    ax2.plot(epochs, [h["val_acc_ot"] for h in history], color="gray", alpha=0.6, label=f"{val_name} accuracy (OT)")
     ax2.set_ylabel("accuracy", color="gray")
     ax2.set_ylim(0, 1)
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="center right")
+    fig.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper center",
+               bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)  # below the axes: never over the data
     ax.set_title(title, fontsize=10)
     _save(fig, path)
 
@@ -50,7 +54,9 @@ def _activation_panel(ax, names, title):
     ax.axhline(0, color="k", lw=0.5)
     ax.axvline(0, color="k", lw=0.5)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_xlabel("pre-activation v")
+    ax.set_ylabel("φ(v)")
+    ax.legend(fontsize=8, loc="best")
 
 
 def figure_sigmoid_slopes(path) -> None:
@@ -71,7 +77,7 @@ def figure_extra_activations(path) -> None:
     _save(fig, path)
 
 
-def figure_training_curves(path, histories: dict[str, list[dict]]) -> None:
+def figure_training_curves(path, histories: dict[str, list[dict]], val_name: str = "validation") -> None:
     """Seed Figure 5: training and validation loss per epoch, one panel per model."""
     n = len(histories)
     cols = min(4, n)
@@ -80,13 +86,14 @@ def figure_training_curves(path, histories: dict[str, list[dict]]) -> None:
     for ax, (name, hist) in zip(axes.flat, histories.items()):
         ep = [h["epoch"] for h in hist]
         ax.plot(ep, [h["train_loss"] for h in hist], "o-", ms=3, label="train")
-        ax.plot(ep, [h["val_loss"] for h in hist], "s--", ms=3, label="validation")
+        ax.plot(ep, [h["val_loss"] for h in hist], "s--", ms=3, label=val_name)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     _save(fig, path)
 
@@ -107,23 +114,56 @@ def figure_adversarial_examples(path, x, sets: dict, eps: float, image_shape, co
     _save(fig, path)
 
 
-def figure_robustness_curves(path, rows: list[dict], sources: list[str], models: list[str]) -> None:
-    """Accuracy vs ε per model under each transferred source, OT (solid) and LAP (dashed)."""
-    fig, axes = plt.subplots(1, len(sources), figsize=(5.5 * len(sources), 3.8), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    for ax, src in zip(axes.flat, sources):
-        for i, m in enumerate(models):
-            rs = sorted((r for r in rows if r["model"] == m and r["source"] == src), key=lambda r: r["eps"])
-            eps = [0.0] + [r["eps"] for r in rs]
-            ax.plot(eps, [rs[0]["acc_orig"]] + [r["acc_ot"] for r in rs], "-", color=cmap(i % 10), label=m)
-            if rs and rs[0]["acc_lap"] == rs[0]["acc_lap"]:  # not NaN
-                ax.plot(eps[1:], [r["acc_lap"] for r in rs], "--", color=cmap(i % 10))
-        ax.set_title(f"FGSM transferred from {src} (solid OT, dashed LAP)", fontsize=9)
-        ax.set_xlabel("ε")
-        ax.set_ylabel("accuracy")
+def _styles(n):
+    """n distinguishable (colour, marker) pairs: tab20 colours, markers cycling after 10."""
+    cmap, markers = plt.get_cmap("tab20"), "osD^v<>ph*"
+    return [(cmap(i % 20), markers[i % len(markers)]) for i in range(n)]
+
+
+def figure_transfer(path, rows: list[dict], source: str, models: list[str], title: str = "") -> None:
+    """Accuracy vs ε under FGSM transferred from ``source``: OT (left) and LAP (right) panels."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for (color, marker), m in zip(_styles(len(models)), models):
+        rs = sorted((r for r in rows if r["model"] == m and r["source"] == source), key=lambda r: r["eps"])
+        if not rs:
+            continue
+        eps = [0.0] + [r["eps"] for r in rs]
+        axes[0].plot(eps, [rs[0]["acc_orig"]] + [r["acc_ot"] for r in rs], "-", marker=marker, ms=4, color=color,
+                     label=m)
+        if rs[0]["acc_lap"] == rs[0]["acc_lap"]:  # not NaN: trained with noise
+            axes[1].plot(eps[1:], [r["acc_lap"] for r in rs], "-", marker=marker, ms=4, color=color, label=m)
+    for ax, pred in zip(axes, ("OT (noise off)", "LAP (average of K noisy passes)")):
+        ax.set_title(pred, fontsize=9)
+        ax.set_xlabel("ε (L∞)")
         ax.set_ylim(0, 1)
-    axes.flat[0].legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    fig.suptitle(f"{title + ': ' if title else ''}FGSM transferred from {source}", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
+    _save(fig, path)
+
+
+def figure_worst_case(path, rows: list[dict], models: list[str], keys: dict, title: str = "") -> None:
+    """Adaptive worst case (solid) and transfer FGSM (dashed) against ε, one line pair per model,
+    each on its defended predictor (``keys[m]``: acc_lap or acc_ot)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (color, marker), m in zip(_styles(len(models)), models):
+        key = keys[m]
+        clean = next((r[key] for r in rows if r["model"] == m and r["attack"] == "none"), None)
+        for attack, style in (("worst-case", "-"), ("transfer-fgsm", "--")):
+            rs = sorted((r for r in rows if r["model"] == m and r["attack"] == attack), key=lambda r: r["eps"])
+            if rs:
+                ax.plot([0.0] + [r["eps"] for r in rs], [clean] + [r[key] for r in rs], style, marker=marker, ms=4,
+                        color=color, label=f"{m} ({'LAP' if key == 'acc_lap' else 'OT'})" if attack == "worst-case"
+                        else None)
+    ax.set_xlabel("ε (L∞)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{title + ': ' if title else ''}adaptive worst case (solid) vs transfer FGSM (dashed)", fontsize=9)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     _save(fig, path)
 
 
@@ -136,7 +176,8 @@ def paper_figures(out, spec, metrics, rows, sets, x, y, headline, image_shape) -
     for m in spec.models:
         with open(out / "models" / m.name / "history.csv") as f:
             histories[m.name] = [{k: float(v) for k, v in r.items()} for r in _csv.DictReader(f)]
-    figure_training_curves(out / "fig5_training_curves.png", histories)
+    figure_training_curves(out / "fig5_training_curves.png", histories,
+                           "validation" if spec.val_fraction > 0 else "test")
     figure_adversarial_examples(out / "fig6_adversarial_examples.png", x, sets, headline, image_shape)
-    figure_robustness_curves(out / "robustness_curves.png", rows, [s.name for s in spec.sources],
-                             [m.name for m in spec.models])
+    for src in spec.sources:
+        figure_transfer(out / f"transfer_{src.name}.png", rows, src.name, [m.name for m in spec.models], spec.name)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist_utils
 from .activations import get_activation, is_smooth
 from .checkpoint import atomic_write_csv, atomic_write_text, load_checkpoint, save_checkpoint, save_model
-from .data import Dataset, load_dataset
+from .data import SPLITS, Dataset, load_dataset
 from .estimators import GLR, Backprop
 from .losses import get_loss
 from .model import NoisyMLP, predict_proba
@@ -39,6 +39,24 @@ SCHEDULES = ("constant", "cosine", "step")
 METHODS = ("glr", "bp")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a torch device, or a ``ValueError`` naming it when this machine cannot use it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps): {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+            raise ValueError(f"--device {name}: this torch ({torch.__version__}) is {build}; use --device cpu "
+                             "or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run (saved in checkpoints and metrics.json)."""
@@ -47,7 +65,8 @@ class TrainConfig:
     data_dir: str | None = None
     image_size: int | None = None
     subset: int | None = None
-    val_fraction: float = 0.0
+    split: str = "standard"
+    val_fraction: float = 0.1
     hidden: list[int] = field(default_factory=lambda: [20])
     activation: str = "sigmoid"
     output_activation: str | None = None
@@ -74,6 +93,11 @@ class TrainConfig:
     device: str = "cpu"
 
     def validate(self) -> "TrainConfig":
+        """Check every option (a clear ``ValueError`` naming it); makes ``data_dir`` absolute, so a
+        saved run can be evaluated or resumed from any working directory."""
+        if self.data_dir is not None:
+            self.data_dir = str(Path(self.data_dir).expanduser().resolve())
+        resolve_device(self.device)
         get_activation(self.activation)
         if self.output_activation is not None:
             get_activation(self.output_activation)
@@ -83,6 +107,8 @@ class TrainConfig:
                   (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}"),
                   (self.noise in KINDS, f"unknown noise {self.noise!r}; valid: {', '.join(KINDS)}"),
                   (self.parallel in ("replications", "data"), f"unknown parallel mode {self.parallel!r}; valid: replications, data"),
+                  (self.split in SPLITS, f"unknown split {self.split!r}; valid: {', '.join(SPLITS)}"),
+                  (0 <= self.val_fraction < 1, f"val fraction must be in [0, 1), got {self.val_fraction}"),
                   (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
                   (self.batch_size >= 1, f"batch size must be ≥ 1, got {self.batch_size}"),
                   (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
@@ -109,6 +135,13 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) {sorted(unknown)}; valid: {sorted(names)}")
         return cls(**d)
+
+    @classmethod
+    def from_saved(cls, d: dict) -> "TrainConfig":
+        """A config stored by an older glrnet: options it lacks take the defaults *of that time*
+        where they changed (``val_fraction`` was 0 before it became 0.1)."""
+        legacy = {"val_fraction": 0.0}
+        return cls.from_dict({**{k: v for k, v in legacy.items() if k not in d}, **d})
 
 
 def build_model(cfg: TrainConfig, in_features: int, num_classes: int) -> NoisyMLP:
@@ -175,8 +208,15 @@ def _seeded(seed: int, *stream: int, device="cpu") -> torch.Generator:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, quiet: bool = False,
-          data: Dataset | None = None) -> dict:
-    """Train per ``cfg``; write outputs into ``out_dir`` (if given). Returns the metrics dict."""
+          data: Dataset | None = None, progress: bool | None = None, desc: str | None = None) -> dict:
+    """Train per ``cfg``; write outputs into ``out_dir`` (if given). Returns the metrics dict.
+
+    ``quiet`` silences the per-epoch lines; ``progress`` (default: not ``quiet``) shows one
+    bar over all batches of the run (rate, ETA), labelled ``desc``. The output folder is
+    created only when the first checkpoint is written, so a run that fails to start leaves
+    nothing behind.
+    """
+    progress = (not quiet) if progress is None else progress
     cfg.validate()
     rank, world = dist_utils.rank(), dist_utils.world_size()
     writer = out_dir is not None and rank == 0
@@ -185,16 +225,15 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
         done = out / "metrics.json"
         if done.exists() and resume:
             metrics = json.loads(done.read_text())
-            if metrics.get("config") == asdict(cfg):
+            if asdict(TrainConfig.from_saved(metrics.get("config", {}))) == asdict(cfg):
                 return metrics
         if not resume and (out / "checkpoint.safetensors").exists():
             raise ValueError(f"{out} already holds a run (checkpoint.safetensors); pass --resume to continue it "
                              "or choose another --out")
-        if writer:
-            out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.val_fraction, cfg.subset, cfg.seed)
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.val_fraction, cfg.subset, cfg.seed,
+                            split=cfg.split)
     data = data.to(device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.in_features, data.num_classes).to(device)
@@ -207,7 +246,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     ckpt = out / "checkpoint.safetensors" if out is not None else None
     if resume and ckpt is not None and ckpt.exists():
         meta = load_checkpoint(ckpt, model, opt, {"estimator": gen})
-        saved = dict(meta["config"], epochs=cfg.epochs)
+        saved = dict(asdict(TrainConfig.from_saved(meta["config"])), epochs=cfg.epochs)
         if saved != dict(asdict(cfg), epochs=cfg.epochs):
             diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
             raise ValueError(f"{ckpt} was written with a different configuration (differs in {diff}); "
@@ -220,29 +259,32 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     elif world > 1:
         dist_utils.broadcast_parameters(model)
 
-    x_val, y_val = (data.x_val, data.y_val) if data.x_val is not None else (data.x_test, data.y_test)
+    has_val = data.x_val is not None and len(data.x_val) > 0
+    x_val, y_val = (data.x_val, data.y_val) if has_val else (data.x_test, data.y_test)
     n = len(data.x_train)
     reps = cfg.replications if cfg.noisy else 1
+    val_name = "validation" if has_val else "test"
+    batches = range(0, n, cfg.batch_size)
+    bar = tqdm(total=len(batches) * (cfg.epochs - start_epoch + 1), desc=desc or cfg.method,
+               disable=not progress or rank != 0, unit="batch", dynamic_ncols=True, leave=False)
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=_seeded(cfg.seed, 1, epoch)).to(device)
-        batches = range(0, n, cfg.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=quiet or rank != 0, leave=False,
-                   unit="batch", dynamic_ncols=True)
         running = torch.zeros((), dtype=torch.float64, device=device)
-        for i, start in enumerate(bar):
+        for i, start in enumerate(batches):
             idx = order[start:start + cfg.batch_size]
             xb, yb = dist_utils.shard_batch(data.x_train[idx], data.y_train[idx], cfg)
             opt.zero_grad(set_to_none=True)
             stats = producer.backward(model, xb, yb)
             opt.step()
             running += stats.loss
-            if not quiet and rank == 0 and (i % 20 == 19 or start + cfg.batch_size >= n):
+            bar.update()
+            if progress and rank == 0 and (i % 20 == 19 or start + cfg.batch_size >= n):
                 elapsed = time.perf_counter() - t0
                 done = min(start + cfg.batch_size, n)
-                bar.set_postfix(loss=f"{running.item() / (i + 1):.4f}",
-                                rep_per_s=f"{done * reps / elapsed:.3g}")
+                bar.set_postfix(epoch=f"{epoch}/{cfg.epochs}", loss=f"{running.item() / (i + 1):.4f}",
+                                rep_per_s=f"{done * reps / elapsed:.3g}", refresh=False)
         if sched is not None:
             sched.step()
         seconds = time.perf_counter() - t0
@@ -255,29 +297,35 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
                "sample_replications_per_second": n * reps / seconds}
         history.append(row)
         if not quiet and rank == 0:
-            tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f}  val loss {va['loss']:.4f}  "
-                       f"val acc (OT) {va['acc_ot']:.4f}  {seconds:.1f}s  {n * reps / seconds:.3g} sample-rep/s")
+            tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f}  {val_name} loss {va['loss']:.4f}  "
+                       f"{val_name} acc (OT) {va['acc_ot']:.4f}  {seconds:.1f}s  {n * reps / seconds:.3g} sample-rep/s")
         sidecar = {"config": asdict(cfg), "epoch": epoch, "history": history, "train_seconds": train_seconds,
                    "scheduler": sched.state_dict() if sched is not None else None}
         if world > 1:
             sidecar["rank_rng"] = dist_utils.gather_generator_states(gen)
         if writer:
+            out.mkdir(parents=True, exist_ok=True)
             save_checkpoint(ckpt, model, opt, {"estimator": gen}, sidecar)
             atomic_write_csv(out / "history.csv", history, HISTORY_FIELDS)
 
+    bar.close()
     model.eval()
+    # LAP only for a model trained with noise: a noise-free BP network has no noisy predictor
     test = evaluate(model, data.x_test, data.y_test, cfg.loss, cfg.noisy, cfg.eval_replications,
-                    _seeded(cfg.seed, 3, device=device), lap_replications=cfg.lap_replications)
-    metrics = {"test_accuracy_ot": test["acc_ot"], "test_accuracy_lap": test["acc_lap"], "test_loss": test["loss"],
+                    _seeded(cfg.seed, 3, device=device), lap_replications=cfg.lap_replications if cfg.noisy else 0)
+    metrics = {"test_accuracy_ot": test["acc_ot"], "test_accuracy_lap": test.get("acc_lap"), "test_loss": test["loss"],
+               "curves_on": val_name,
                "epochs": cfg.epochs, "train_seconds": train_seconds,
                "final_train_loss": history[-1]["train_loss"] if history else math.nan,
                "dataset": data.summary(), "world_size": world, "config": asdict(cfg)}
     if writer:
+        out.mkdir(parents=True, exist_ok=True)
         save_model(out / "model.safetensors", model, {"config": asdict(cfg)})
         from .plots import plot_curves
-        plot_curves(history, out / "curves.png", title=f"{cfg.method.upper()} · {cfg.activation} · {cfg.loss}")
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+        plot_curves(history, out / "curves.png", title=f"{desc or out.name}: {cfg.method.upper()} · {cfg.activation} · {cfg.loss}",
+                    val_name=val_name)
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, ensure_ascii=False))
     if not quiet and rank == 0:
-        print(f"test accuracy: OT {test['acc_ot']:.4f}  LAP(K={cfg.lap_replications}) {test['acc_lap']:.4f}  "
-              f"({train_seconds:.1f}s training)")
+        lap = f"  LAP(K={cfg.lap_replications}) {test['acc_lap']:.4f}" if cfg.noisy else ""
+        print(f"test accuracy: OT {test['acc_ot']:.4f}{lap}  ({train_seconds:.1f}s training)")
     return metrics
