@@ -326,6 +326,14 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
     atomic_write_csv(out / "results.csv", rows, RESULT_FIELDS)
     tables = write_tables(spec, out, [r for r in rows if r["model"] in models], headline, metrics)
 
+    from .diagnostics import NOISE_FIELDS, noise_scale, noise_scale_table
+    scales = {name: noise_scale(model, data.x_test[:2000]) for name, (ms, model) in models.items()}
+    atomic_write_csv(out / "noise_scale.csv", [{"model": n, **r} for n, rows in scales.items() for r in rows],
+                     ["model", *NOISE_FIELDS])
+    atomic_write_text(out / "noise_scale.md", "# Noise against signal, per layer (2000 test images)\n\n"
+                      "σ is the neurons' noise standard deviation; z the noise-free pre-activation W x + b.\n\n"
+                      + noise_scale_table(scales))
+
     t0 = time.perf_counter()
     from . import plots
     plots.paper_figures(out, spec, metrics, rows, sets, x, y, headline, data.image_shape)
