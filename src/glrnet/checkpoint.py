@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from .model import NoisyMLP
+from .model import NoisyMLP, NoisySequential
 from .noise import make_noise
 
 FORMAT = 1
@@ -65,7 +65,7 @@ def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[s
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
-def save_checkpoint(path: str | os.PathLike, model: NoisyMLP, optimizer: torch.optim.Optimizer,
+def save_checkpoint(path: str | os.PathLike, model: NoisySequential, optimizer: torch.optim.Optimizer,
                     generators: dict[str, torch.Generator], sidecar: dict[str, Any]) -> None:
     """Write model, optimizer and RNG states plus ``sidecar`` (JSON-able) to ``path`` atomically."""
     path = Path(path)
@@ -88,7 +88,7 @@ def save_checkpoint(path: str | os.PathLike, model: NoisyMLP, optimizer: torch.o
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, ensure_ascii=False))
 
 
-def load_checkpoint(path: str | os.PathLike, model: NoisyMLP, optimizer: torch.optim.Optimizer,
+def load_checkpoint(path: str | os.PathLike, model: NoisySequential, optimizer: torch.optim.Optimizer,
                     generators: dict[str, torch.Generator]) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the sidecar."""
     path = Path(path)
@@ -113,7 +113,7 @@ def load_checkpoint(path: str | os.PathLike, model: NoisyMLP, optimizer: torch.o
     return meta
 
 
-def save_model(path: str | os.PathLike, model: NoisyMLP, extra: dict | None = None) -> None:
+def save_model(path: str | os.PathLike, model: NoisySequential, extra: dict | None = None) -> None:
     """Weights plus the architecture (and ``extra``, e.g. the training config) in the metadata."""
     meta = {"glrnet_model": json.dumps(model.config())}
     if extra is not None:
@@ -121,13 +121,16 @@ def save_model(path: str | os.PathLike, model: NoisyMLP, extra: dict | None = No
     save_tensors_atomic(dict(model.state_dict()), Path(path), meta)
 
 
-def model_from_config(cfg: dict) -> NoisyMLP:
+def model_from_config(cfg: dict) -> NoisySequential:
     noise = cfg.get("noise", {"kind": "gaussian", "std": 2.0})
-    return NoisyMLP(cfg["sizes"], activation=cfg["activation"], noise=make_noise(noise["kind"], noise["std"]),
+    noise = make_noise(noise["kind"], noise["std"])
+    if "modules" in cfg:
+        return NoisySequential.from_config(cfg, noise)
+    return NoisyMLP(cfg["sizes"], activation=cfg["activation"], noise=noise,
                     output_activation=cfg.get("output_activation"))
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[NoisyMLP, dict]:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[NoisySequential, dict]:
     """Rebuild a model saved by :func:`save_model`; returns (model, extra metadata)."""
     path = Path(path)
     if not path.is_file():

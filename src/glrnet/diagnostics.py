@@ -13,26 +13,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .model import NoisyMLP
+from .model import NoisyLayer, NoisySequential
 
 NOISE_FIELDS = ["layer", "shape", "spectral_norm", "preact_rms", "noise_std", "rms_over_std", "frac_within_std"]
 
 
 @torch.no_grad()
-def noise_scale(model: NoisyMLP, x: Tensor) -> list[dict]:
-    """One row per layer: spectral norm of W, RMS of the noise-free pre-activation on ``x``,
-    σ, RMS/σ, and the fraction of (unit, input) pairs with |z| < σ."""
+def noise_scale(model: NoisySequential, x: Tensor) -> list[dict]:
+    """One row per noisy layer: spectral norm of its weight (a convolution's reshaped to
+    (out, in·kh·kw)), RMS of its noise-free pre-activation on ``x``, σ, RMS/σ, and the
+    fraction of (unit, input) pairs with |z| < σ."""
     std = float(model.noise.stddev)
-    rows, h = [], x
-    for t, layer in enumerate(model.layers):
-        z = layer(h)
-        rows.append({"layer": t, "shape": f"{layer.in_features}→{layer.out_features}",
-                     "spectral_norm": torch.linalg.matrix_norm(layer.weight.double(), ord=2).item(),
-                     "preact_rms": z.double().pow(2).mean().sqrt().item(), "noise_std": std,
-                     "rms_over_std": z.double().pow(2).mean().sqrt().item() / std,
-                     "frac_within_std": (z.abs() < std).double().mean().item()})
-        if t < len(model.layers) - 1:
-            h = model.activation(z)
+    rows, h, t = [], model.bind(x), 0
+    for m in model.layers:
+        h = m(h)
+        if not isinstance(m, NoisyLayer):
+            continue
+        w = m.weight.double().reshape(m.weight.shape[0], -1)
+        rms = h.double().pow(2).mean().sqrt().item()
+        rows.append({"layer": t, "shape": f"{w.shape[1]}→{w.shape[0]}" if isinstance(m, torch.nn.Linear)
+                     else f"conv {tuple(m.weight.shape)}",
+                     "spectral_norm": torch.linalg.matrix_norm(w, ord=2).item(), "preact_rms": rms,
+                     "noise_std": std, "rms_over_std": rms / std,
+                     "frac_within_std": (h.abs() < std).double().mean().item()})
+        if m.activation is not None:
+            h = m.activation(h)
+        t += 1
     return rows
 
 

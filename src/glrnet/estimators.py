@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .activations import activation_name
 from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
-from .model import NoisyMLP, check_batch
+from .model import NoisySequential, check_batch
 from .noise import PREFETCH_CHUNK_MB, NoiseStream, linear_score_scale, score
 
 
@@ -63,18 +62,30 @@ class GradStats:
 
 @dataclass
 class _Accumulator:
-    """Per-layer running sums of one GLR estimate (see the module docstring)."""
+    """Per-noisy-layer running sums of one GLR estimate (see the module docstring)."""
 
-    weight: list[Tensor]              # Σ a s xᵀ, (out, in)
-    bias: list[Tensor]                # Σ a s, (out,)
+    grads: list[list[Tensor]]         # Σ a · (layer gradient under cotangent s), per parameter of each layer
     loss_per_input: Tensor            # Sᵢ = Σₖ Lₖᵢ, (B,)
-    score_per_input: list[Tensor]     # Σₖ sₖᵢ, (B, out)          [baseline only]
-    score_input_per_input: list      # Σₖ sₖᵢ xₖᵢᵀ, (B, out, in) [baseline only; None for layer 0]
+    score_per_input: list[Tensor]     # Σₖ sₖᵢ, (B, *units)                [baseline only]
+    grads_per_input: list             # Σₖ layer gradient of (sₖᵢ, hₖᵢ), (B, *param) [baseline; None for the first]
     nonfinite: Tensor                 # count of non-finite losses
 
 
+def glr_parameters(model: NoisySequential) -> list[list[torch.nn.Parameter]]:
+    """Each noisy layer's parameters; a ``ValueError`` naming any parameter GLR cannot estimate
+    (one outside a noisy layer: GLR estimates a parameter through the noise it feeds)."""
+    owned = {id(p) for layer in model.noisy_layers for p in layer.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) not in owned and p.requires_grad:
+            raise ValueError(f"parameter {name!r} {tuple(p.shape)} is not in a noisy layer, so GLR cannot estimate "
+                             "its gradient: make its module a NoisyLinear / NoisyConv2d, or freeze it "
+                             "(requires_grad=False)")
+    return [list(layer.parameters()) for layer in model.noisy_layers]
+
+
 class GLR:
-    """Generalized likelihood ratio estimator of ∇θ E[mean batch loss] for a :class:`NoisyMLP`.
+    """Generalized likelihood ratio estimator of ∇θ E[mean batch loss] for a :class:`NoisySequential`
+    (a :class:`NoisyMLP`, a noisy CNN, ...): the parameters of every noisy layer.
 
     Requires: the noise density f differentiable (Normal, Laplace, Logistic, ...).
     No requirement on the activations or the loss: only loss *values* are used.
@@ -123,10 +134,10 @@ class GLR:
                 f"baseline={self.baseline}, antithetic={self.antithetic})")
 
     # ------------------------------------------------------------------ public API
-    def backward(self, model: NoisyMLP, x: Tensor, y: Tensor) -> GradStats:
+    def backward(self, model: NoisySequential, x: Tensor, y: Tensor) -> GradStats:
         """Add the GLR estimate of ∇θ (1/B) Σᵢ E[L(xᵢ, yᵢ)] to every parameter's ``.grad``."""
         grads, stats = self.estimate(model, x, y)
-        for p, g in zip(model.parameters(), grads):
+        for p, g in zip((p for group in glr_parameters(model) for p in group), grads):
             if p.grad is None:
                 p.grad = g
             else:
@@ -134,14 +145,16 @@ class GLR:
         return stats
 
     @torch.no_grad()
-    def estimate(self, model: NoisyMLP, x: Tensor, y: Tensor) -> tuple[list[Tensor], GradStats]:
-        """The estimate as a list aligned with ``model.parameters()``, without touching ``.grad``."""
-        check_batch(model, x, y)
+    def estimate(self, model: NoisySequential, x: Tensor, y: Tensor) -> tuple[list[Tensor], GradStats]:
+        """The estimate as a list aligned with the noisy layers' parameters (for a model whose
+        parameters are all in noisy layers, ``model.parameters()``), without touching ``.grad``."""
+        x = check_batch(model, x, y)
+        glr_parameters(model)
         acc, chunks = self._accumulate(model, x, y, self._local_replications())
         loss_sum = acc.loss_per_input.sum()
         if self.baseline:
             self._combine_loss_sums(acc, x)
-        grads = self._finalize(acc, x)
+        grads = self._finalize(acc, model, x)
         totals = torch.stack([loss_sum, acc.nonfinite.to(loss_sum.dtype)])
         self._all_reduce(grads + [totals])
         count = self.replications * self._global_batch(x)
@@ -152,24 +165,23 @@ class GLR:
             if nonfinite or not all(torch.isfinite(g).all() for g in grads):
                 raise NonFiniteLossError(
                     f"loss {loss_name(self.loss)!r} gave {nonfinite} non-finite values among "
-                    f"{count} (replication, input) pairs during GLR estimation (activation "
-                    f"{activation_name(model.activation)}); parameters and their .grad are untouched")
+                    f"{count} (replication, input) pairs during GLR estimation (activations "
+                    f"{model.activations()}); parameters and their .grad are untouched")
         return grads, GradStats(loss=totals[0] / count, replications=self.replications, chunks=chunks)
 
     # ------------------------------------------------------------------ the estimator
-    def _accumulate(self, model: NoisyMLP, x: Tensor, y: Tensor, replications: int):
+    def _accumulate(self, model: NoisySequential, x: Tensor, y: Tensor, replications: int):
         K, B = self.replications, x.shape[0]
-        layers, widths = list(model.layers), model.widths
+        layers, shapes, widths = model.noisy_layers, model.unit_shapes, model.widths
         m = 2 if self.antithetic else 1
-        chunk = self._chunk_size(B, sum(widths), x.element_size(), replications, m)
+        chunk = self._chunk_size(model, B, x.element_size(), replications, m)
         y_rep = y.repeat(chunk)
         zeros = lambda *s: torch.zeros(*s, dtype=x.dtype, device=x.device)  # noqa: E731
         acc = _Accumulator(
-            weight=[torch.zeros_like(l.weight) for l in layers],
-            bias=[torch.zeros_like(l.bias) for l in layers],
+            grads=[[torch.zeros_like(p) for p in layer.parameters()] for layer in layers],
             loss_per_input=zeros(B),
-            score_per_input=[zeros(B, w) for w in widths] if self.baseline else [],
-            score_input_per_input=[None] + [zeros(B, l.out_features, l.in_features) for l in layers[1:]]
+            score_per_input=[zeros(B, *u) for u in shapes] if self.baseline else [],
+            grads_per_input=[None] + [[zeros(B, *p.shape) for p in layer.parameters()] for layer in layers[1:]]
             if self.baseline else [],
             nonfinite=torch.zeros((), dtype=torch.long, device=x.device))
         sizes = [min(chunk, replications - s) for s in range(0, replications, chunk)]
@@ -179,8 +191,6 @@ class GLR:
             losses = self.loss(out.reshape(k * B, -1), y_rep[:k * B]).reshape(k, B)
             acc.nonfinite += (~torch.isfinite(losses)).sum()
             acc.loss_per_input += losses.sum(0)
-            if self.baseline:
-                self._accumulate_baseline_terms(acc, scores, inputs, widths, score_scale)
             # a: the part of the weight w known within this chunk (module docstring)
             if not self.baseline:
                 a = losses
@@ -193,46 +203,42 @@ class GLR:
             if score_scale != 1.0:
                 a = a * score_scale
             offset = 0
-            for t, layer in enumerate(layers):
-                s = scores[..., offset:offset + layer.out_features]
-                offset += layer.out_features
-                if t == 0:  # x⁽⁰⁾ is the same for all replications: Σₖ a s first, (B, out)
-                    ws_sum = torch.einsum("kb,kbo->bo", a, s)
-                    acc.weight[0].addmm_(ws_sum.T, x)
-                    acc.bias[0] += ws_sum.sum(0)
+            for t, (layer, unit) in enumerate(zip(layers, shapes)):
+                s = scores[..., offset:offset + widths[t]].reshape(k, B, *unit)
+                offset += widths[t]
+                if self.baseline:
+                    acc.score_per_input[t].add_(s.sum(0), alpha=score_scale)
+                    if t > 0:
+                        for g_acc, g in zip(acc.grads_per_input[t], layer.glr_grads_per_input(inputs[t], s)):
+                            g_acc.add_(g, alpha=score_scale)
+                aw = a.reshape(k, B, *[1] * len(unit))
+                if t == 0:  # the first noisy layer's input is the same for all replications: Σₖ a s first
+                    g = layer.glr_grads(inputs[0], torch.einsum("kb,kb...->b...", a, s))
                 else:
-                    ws = (s * a.unsqueeze(-1)).reshape(-1, layer.out_features)
-                    acc.weight[t].addmm_(ws.T, inputs[t].reshape(-1, layer.in_features))
-                    acc.bias[t] += ws.sum(0)
+                    g = layer.glr_grads(inputs[t].reshape(k * B, *inputs[t].shape[2:]),
+                                        (s * aw).reshape(k * B, *unit))
+                for g_acc, gi in zip(acc.grads[t], g):
+                    g_acc.add_(gi)
         return acc, len(sizes)
 
-    @staticmethod
-    def _accumulate_baseline_terms(acc: _Accumulator, scores: Tensor, inputs: list[Tensor], widths, scale):
-        offset = 0
-        for t, w in enumerate(widths):
-            s = scores[..., offset:offset + w]
-            offset += w
-            acc.score_per_input[t].add_(s.sum(0), alpha=scale)
-            if t > 0:
-                acc.score_input_per_input[t].add_(torch.einsum("kbo,kbi->boi", s, inputs[t]), alpha=scale)
-
-    def _finalize(self, acc: _Accumulator, x: Tensor) -> list[Tensor]:
-        """Σ w s xᵀ per layer as [W⁽⁰⁾, b⁽⁰⁾, W⁽¹⁾, ...], subtracting the Sᵢ/(K − m) part."""
+    def _finalize(self, acc: _Accumulator, model: NoisySequential, x: Tensor) -> list[Tensor]:
+        """Σ w · (layer gradient under s) per parameter, subtracting the Sᵢ/(K − m) part."""
         grads = []
         c = 1.0 / (self.replications - (2 if self.antithetic else 1)) if self.baseline else 0.0
-        for t, (gw, gb) in enumerate(zip(acc.weight, acc.bias)):
+        S = acc.loss_per_input
+        for t, layer in enumerate(model.noisy_layers):
+            gs = acc.grads[t]
             if self.baseline:
-                S = acc.loss_per_input
-                s_weighted = S.unsqueeze(1) * acc.score_per_input[t]           # (B, out)
-                gb = gb - c * s_weighted.sum(0)
                 if t == 0:
-                    gw = gw - c * (s_weighted.T @ x)
+                    sw = S.reshape(-1, *[1] * (acc.score_per_input[0].dim() - 1)) * acc.score_per_input[0]
+                    correction = layer.glr_grads(model.bind(x), sw)
                 else:
-                    gw = gw - c * torch.einsum("b,boi->oi", S, acc.score_input_per_input[t])
-            grads += [gw, gb]
+                    correction = [torch.einsum("b,b...->...", S, g) for g in acc.grads_per_input[t]]
+                gs = [g - c * corr for g, corr in zip(gs, correction)]
+            grads += gs
         return grads
 
-    def _noise_and_scores(self, model: NoisyMLP, sizes: list[int], B: int, x: Tensor):
+    def _noise_and_scores(self, model: NoisySequential, sizes: list[int], B: int, x: Tensor):
         """Yield (noise r, s̃, c) per chunk, with the score s(r) = c · s̃.
 
         For Normal noise s(r) = r/σ², so s̃ is r itself and c = 1/σ² (no extra pass).
@@ -249,10 +255,16 @@ class GLR:
                 self._score_buffer = torch.empty_like(noise)
             yield noise, score(model.noise, noise, out=self._score_buffer[:noise.shape[0]]), 1.0
 
-    def _chunk_size(self, B: int, width: int, itemsize: int, replications: int, m: int) -> int:
+    def _chunk_size(self, model: NoisySequential, B: int, itemsize: int, replications: int, m: int) -> int:
         """Replications per chunk: fits the memory budget, a multiple of m, and draws a
         multiple of 16 random numbers so that the random stream does not depend on it."""
-        per_replication = max(B, 1) * (6 * width + 8) * itemsize   # noise, scores, v, φ(v) per layer, loss temps
+        width = sum(model.widths)
+        extra = 0  # per-input gradients of convolutions under the baseline unfold their inputs
+        if self.baseline:
+            for layer, unit in zip(model.noisy_layers[1:], model.unit_shapes[1:]):
+                if isinstance(layer, torch.nn.Conv2d):
+                    extra += layer.weight[0].numel() * math.prod(unit[1:])
+        per_replication = max(B, 1) * (6 * width + extra + 8) * itemsize   # noise, scores, v, φ(v), loss temps
         budget = self.memory_budget_mb
         if self.prefetch:  # double-buffered noise: two chunks in flight, each cache-sized
             budget = min(budget / 2, PREFETCH_CHUNK_MB)
@@ -282,7 +294,7 @@ class GLR:
 
 
 class Backprop:
-    """Back-propagation through the same NoisyMLP, for the baselines (same interface as GLR).
+    """Back-propagation through the same network, for the baselines (same interface as GLR).
 
     ``noise=False``: the noise-free network (the seed's BP baseline). ``noise=True``: the
     pathwise gradient through K noisy replications — unbiased for smooth φ and L, and the
@@ -303,9 +315,9 @@ class Backprop:
     def __repr__(self) -> str:
         return f"Backprop(loss={loss_name(self.loss)}, noise={self.noise}, replications={self.replications})"
 
-    def backward(self, model: NoisyMLP, x: Tensor, y: Tensor) -> GradStats:
-        check_batch(model, x, y)
-        if activation_name(model.activation) == "threshold":
+    def backward(self, model: NoisySequential, x: Tensor, y: Tensor) -> GradStats:
+        x = check_batch(model, x, y)
+        if "threshold" in model.activations():
             raise ValueError("back-propagation through the 'threshold' activation gives zero gradients; use GLR")
         if self.noise:
             r = model.sample_noise(self.replications, x.shape[0], generator=self.generator)

@@ -41,7 +41,7 @@ from torch.distributions import Normal
 from .activations import activation_name, is_smooth
 from .attacks import fgsm, pgd
 from .checkpoint import atomic_write_csv, atomic_write_text
-from .model import NoisyMLP, predict, predict_proba
+from .model import NoisyMLP, NoisySequential, predict, predict_proba
 from .noise import score
 
 
@@ -85,18 +85,19 @@ def smoothed_derivative(phi, z: Tensor, sigma: float) -> Tensor:
     return out / math.sqrt(math.pi)
 
 
-def surrogates_for(model: NoisyMLP) -> list[str]:
+def surrogates_for(model: NoisySequential) -> list[str]:
     """The backward passes an attacker tries through φ (the forward is always exact).
 
     ``exact``: autograd (smooth φ only). ``gauss``: the derivative of the Gaussian-smoothed
     activation at the unit's pre-activation without its own noise, d/dz E[φ(z + r)] (exact in
     expectation for one threshold layer). ``sigmoid:s``: the derivative of sigmoid(s·v) at the
-    noisy pre-activation v (threshold only). ``ste``: straight-through, derivative 1.
+    noisy pre-activation v (threshold units). ``ste``: straight-through, derivative 1.
     ``lr``: no derivative of φ at all: the likelihood-ratio estimate of ∇ₓ E[softmax].
     """
-    if is_smooth(model.activation):
+    acts = {a for a in model.activations() if a is not None}
+    if all(is_smooth(a) for a in acts):
         return ["exact", "lr"]
-    if activation_name(model.activation) == "threshold":
+    if "threshold" in acts:
         return ["gauss", "sigmoid:1", "sigmoid:4", "ste", "lr"]
     return ["gauss", "ste", "lr"]
 
@@ -116,28 +117,33 @@ class _Surrogate(torch.autograd.Function):
         return grad * ctx.derivative(v, z), None, None, None
 
 
-def _derivative(model: NoisyMLP, surrogate: str):
+def _derivative(model: NoisySequential, surrogate: str):
+    """surrogate → (φ → (v, z) → the backward derivative used in place of φ'(v))."""
     if surrogate == "gauss":
         if not isinstance(model.noise, Normal):
             raise ValueError("the Gaussian-smoothed surrogate assumes Gaussian noise")
         sigma = float(model.noise.stddev)
-        return lambda v, z: smoothed_derivative(model.activation, z, sigma)
+        return lambda phi: (lambda v, z: smoothed_derivative(phi, z, sigma))
     if surrogate == "ste":
-        return lambda v, z: torch.ones_like(v)
+        return lambda phi: (lambda v, z: torch.ones_like(v))
     if surrogate.startswith("sigmoid:"):
         slope = float(surrogate.split(":", 1)[1])
-        return lambda v, z: slope * torch.sigmoid(slope * v) * (1 - torch.sigmoid(slope * v))
+        return lambda phi: (lambda v, z: slope * torch.sigmoid(slope * v) * (1 - torch.sigmoid(slope * v)))
     raise ValueError(f"unknown surrogate {surrogate!r}; valid: exact, gauss, sigmoid:<slope>, ste, lr")
 
 
-def attack_forward(model: NoisyMLP, x: Tensor, noise: Tensor | None = None, surrogate: str | None = None) -> Tensor:
+def attack_forward(model: NoisySequential, x: Tensor, noise: Tensor | None = None, surrogate: str | None = None) -> Tensor:
     """The network's forward for attacks: exact values, the ``surrogate``'s gradient through φ
     (default: ``exact`` for smooth φ, ``gauss`` otherwise)."""
-    surrogate = surrogate or ("exact" if is_smooth(model.activation) else "gauss")
+    surrogate = surrogate or default_surrogate(model)
     if surrogate == "exact":
         return model(x, noise=noise)
     d = _derivative(model, surrogate)
-    return model(x, noise=noise, hidden_activation=lambda v, z: _Surrogate.apply(v, z, model.activation, d))
+    return model(x, noise=noise, surrogate=lambda v, z, phi: _Surrogate.apply(v, z, phi, d(phi)))
+
+
+def default_surrogate(model: NoisySequential) -> str:
+    return "exact" if all(is_smooth(a) for a in model.activations() if a is not None) else "gauss"
 
 
 class _LRLogProb(torch.autograd.Function):
@@ -166,7 +172,7 @@ class LAPClassifier(nn.Module):
     outputs are (N, classes), so cross-entropy and DLR losses apply unchanged.
     """
 
-    def __init__(self, model: NoisyMLP, samples: int = 32, surrogate: str | None = None, predictor: str = "lap",
+    def __init__(self, model: NoisySequential, samples: int = 32, surrogate: str | None = None, predictor: str = "lap",
                  generator: torch.Generator | None = None):
         super().__init__()
         if predictor not in ("lap", "ot"):
@@ -176,10 +182,10 @@ class LAPClassifier(nn.Module):
         if samples < 2 and predictor == "lap":
             raise ValueError(f"samples must be ≥ 2 for the lap predictor, got {samples}")
         self.model, self.samples, self.predictor, self.generator = model, samples, predictor, generator
-        self.surrogate = surrogate or ("exact" if is_smooth(model.activation) else "gauss")
+        self.surrogate = surrogate or default_surrogate(model)
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(len(x), -1)
+        flat = x.reshape(len(x), -1)  # images or flat: the model reshapes to its input shape
         if self.predictor == "ot":
             return torch.log_softmax(attack_forward(self.model, flat, None, self.surrogate), -1)
         if self.surrogate == "lr":
@@ -199,7 +205,7 @@ def _margin_of_probs(p: Tensor, y: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------- gradient oracles
 @torch.no_grad()
-def lr_input_jacobian(model: NoisyMLP, x: Tensor, fn, samples: int, gen: torch.Generator | None = None):
+def lr_input_jacobian(model: NoisySequential, x: Tensor, fn, samples: int, gen: torch.Generator | None = None):
     """Likelihood-ratio estimate of ∇ₓ E[fn(noisy output)] — GLR applied to the input.
 
     The first layer's pre-activation v = W⁽⁰⁾x + b + r has density f(v − W⁽⁰⁾x − b), so
@@ -211,7 +217,14 @@ def lr_input_jacobian(model: NoisyMLP, x: Tensor, fn, samples: int, gen: torch.G
     g = fn(model(x, noise=r))
     centred = g - (g.sum(0, keepdim=True) - g) / (samples - 1)
     s0 = score(model.noise, r[..., :model.widths[0]])
-    jac = torch.einsum("snm,snw->nmw", centred, s0) / samples @ model.layers[0].weight
+    cot = torch.einsum("snm,snw->nmw", centred, s0) / samples       # E[(g − b) s(r⁽⁰⁾)], (N, M, units)
+    if isinstance(model, NoisyMLP):
+        return cot @ model.layers[0].weight, g.mean(0)
+    with torch.enable_grad():  # the first layer's transpose (a convolution's: a transposed convolution)
+        xr = x.detach().reshape(len(x), -1).requires_grad_(True)
+        z0 = model.first_preactivation(xr).reshape(len(x), -1)
+        jac = torch.stack([torch.autograd.grad(z0, xr, cot[:, j], retain_graph=j < cot.shape[1] - 1)[0]
+                           for j in range(cot.shape[1])], 1)
     return jac, g.mean(0)
 
 
@@ -228,7 +241,7 @@ def spsa_gradient(prob_fn, samples: int, delta: float, gen: torch.Generator):
 
 
 # ------------------------------------------------------------------------- protocol
-def _correct(model: NoisyMLP, x_adv: Tensor, y: Tensor, noisy: bool, k: int, seed: int) -> dict[str, Tensor]:
+def _correct(model: NoisySequential, x_adv: Tensor, y: Tensor, noisy: bool, k: int, seed: int) -> dict[str, Tensor]:
     out = {"ot": predict(model, x_adv, "ot") == y}
     if noisy:
         gen = torch.Generator(device=x_adv.device).manual_seed(10_000 + seed)  # the defender's own noise
@@ -249,7 +262,7 @@ def apgd(classifier: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, re
     return atk(x.reshape(len(x), 1, 1, -1), y).reshape(x.shape).detach()
 
 
-def attack_plan(model: NoisyMLP, noisy: bool, st: AttackSettings) -> list[str]:
+def attack_plan(model: NoisySequential, noisy: bool, st: AttackSettings) -> list[str]:
     """The attacks run on a model (besides transfer-fgsm): names ``apgd-<loss>[<surrogate>]``."""
     if not noisy:
         return ["fgsm"] + [f"apgd-{loss}[exact]" for loss in st.losses] + ["spsa", "random"]
@@ -257,7 +270,7 @@ def attack_plan(model: NoisyMLP, noisy: bool, st: AttackSettings) -> list[str]:
     return names + ["apgd-ce[ot]", "spsa", "random"]
 
 
-def attack_model(model: NoisyMLP, noisy: bool, x: Tensor, y: Tensor, eps: float, st: AttackSettings,
+def attack_model(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: float, st: AttackSettings,
                  source: NoisyMLP | None = None, attacks: list[str] | None = None,
                  progress=None) -> dict[str, dict[str, Tensor]]:
     """Per-example correctness {attack: {"ot": bool (N,), "lap": bool (N,)}} at budget ε, and the

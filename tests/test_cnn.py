@@ -1,0 +1,117 @@
+"""GLR beyond the MLP: noisy convolutional networks (NoisySequential) are estimated exactly right."""
+
+import math
+
+import pytest
+import torch
+
+import glrnet
+from stats import assert_means_equal, flat_grads, means_equal
+from test_estimator import expected_loss_fd, glr_samples, pathwise_samples
+
+
+def tiny_cnn(activation="sigmoid", seed=0, batch=3, scale=1.0):
+    """2 noisy convolutions (one strided, one padded), pooling, flatten, a noisy linear output."""
+    torch.manual_seed(seed)
+    net = glrnet.NoisySequential(
+        glrnet.NoisyConv2d(1, 2, 3, activation=activation), torch.nn.MaxPool2d(2),
+        glrnet.NoisyConv2d(2, 2, 2, stride=1, padding=1, activation=activation), torch.nn.AvgPool2d(2),
+        torch.nn.Flatten(), glrnet.NoisyLinear(2 * 2 * 2, 3), noise=torch.distributions.Normal(0.0, 2.0))
+    x = torch.rand(batch, 1, 8, 8)
+    y = torch.randint(0, 3, (batch,))
+    net(x)  # binds the input shape
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(scale)
+    return net, x, y
+
+
+def test_issue_api_example_runs():
+    net = glrnet.NoisySequential(
+        glrnet.NoisyConv2d(1, 6, 5, activation="threshold"), torch.nn.MaxPool2d(2),
+        glrnet.NoisyConv2d(6, 16, 5, activation="threshold"), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        glrnet.NoisyLinear(256, 10), noise=torch.distributions.Normal(0.0, 2.0))
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    stats = glrnet.GLR(loss="zero_one", replications=100, baseline=True).backward(net, x, y)
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in net.parameters())
+    assert 0 <= stats.loss <= 1
+    pred = glrnet.predict(net, x, mode="lap", replications=1000)
+    assert pred.shape == (4,) and torch.equal(glrnet.predict(net, x.reshape(4, -1)), glrnet.predict(net, x))
+    assert isinstance(net.layers[0], torch.nn.Conv2d) and isinstance(net.layers[-1], torch.nn.Linear)
+    assert net.widths == [6 * 24 * 24, 16 * 8 * 8, 10]
+
+
+def test_glr_equals_pathwise_for_a_sigmoid_cnn_every_parameter(float64):
+    net, x, y = tiny_cnn()
+    glr = glr_samples(net, x, y, n=200, replications=2000)
+    path = pathwise_samples(net, x, y, n=200, replications=2000)
+    print(assert_means_equal(glr, path))
+    assert not means_equal(0.85 * glr, path)[0]  # the test has power
+
+
+@pytest.mark.parametrize("variant", [dict(baseline=True), dict(antithetic=True),
+                                     dict(baseline=True, antithetic=True)], ids=["baseline", "antithetic", "both"])
+def test_variance_reduced_cnn_estimators_are_unbiased(float64, variant):
+    net, x, y = tiny_cnn(seed=1)
+    assert_means_equal(glr_samples(net, x, y, n=150, replications=1000, **variant),
+                       pathwise_samples(net, x, y, n=150, replications=1000))
+
+
+def test_glr_equals_finite_differences_for_a_threshold_cnn_with_zero_one_loss(float64):
+    net, x, y = tiny_cnn("threshold", seed=3, scale=3.0)
+    n, k = 100, 2000
+    glr = glr_samples(net, x, y, n=n, replications=k, loss="zero_one", baseline=True)
+    params = list(net.parameters())
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    fd_cols, glr_cols = [], []
+    for pi, p in enumerate(params):  # first and last entry of every weight and bias
+        for flat in (0, p.numel() - 1):
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), p.shape))
+            diffs = expected_loss_fd(net, x, y, "zero_one", p.data, index, 0.05, n * k, seed=10 + pi)
+            fd_cols.append(diffs.reshape(n, k).mean(1))
+            glr_cols.append(glr[:, offsets[pi] + flat])
+    fd, sel = torch.stack(fd_cols, 1), torch.stack(glr_cols, 1)
+    print(assert_means_equal(sel, fd))
+    assert (sel.mean(0).abs() / (sel.std(0) / math.sqrt(n))).max() > 5  # not trivially zero
+
+
+@pytest.mark.parametrize("variant", [{}, dict(baseline=True), dict(baseline=True, antithetic=True)],
+                         ids=["plain", "baseline", "both"])
+def test_cnn_chunking_does_not_change_the_estimate(variant):
+    net, x, y = tiny_cnn(seed=2)
+    a = glrnet.GLR(replications=64, memory_budget_mb=1e-3, prefetch=False,
+                   generator=torch.Generator().manual_seed(0), **variant).estimate(net, x, y)
+    b = glrnet.GLR(replications=64, memory_budget_mb=512, prefetch=False,
+                   generator=torch.Generator().manual_seed(0), **variant).estimate(net, x, y)
+    assert a[1].chunks > 1 and b[1].chunks == 1
+    torch.testing.assert_close(flat_grads(a[0]), flat_grads(b[0]), rtol=1e-4, atol=1e-6)
+
+
+def test_parameter_outside_a_noisy_layer_is_refused_by_name():
+    net = glrnet.NoisySequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), glrnet.NoisyLinear(2 * 6 * 6, 3))
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"'layers.0.weight'.*not in a noisy layer"):
+        glrnet.GLR(replications=4).backward(net, x, y)
+    for p in net.layers[0].parameters():
+        p.requires_grad_(False)
+    glrnet.GLR(replications=4).backward(net, x, y)  # frozen: fine
+    with pytest.raises(ValueError, match="at least one noisy layer"):
+        glrnet.NoisySequential(torch.nn.Flatten())
+    with pytest.raises(ValueError, match=r"inputs must have shape \(batch, 1, 8, 8\)"):
+        glrnet.predict(net, torch.rand(2, 1, 9, 9))
+
+
+def test_cnn_save_load_round_trip_and_lap(tmp_path):
+    from glrnet.checkpoint import load_model, save_model
+    net, x, _ = tiny_cnn("threshold")
+    save_model(tmp_path / "m.safetensors", net, {"config": {}})
+    back, _ = load_model(tmp_path / "m.safetensors")
+    assert isinstance(back, glrnet.NoisySequential) and back.activations() == net.activations()
+    noise = net.sample_noise(5, len(x), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(back(x, noise=noise), net(x, noise=noise))
+    p1 = glrnet.predict_proba(net, x, "lap", 64, generator=torch.Generator().manual_seed(1))
+    p2 = glrnet.predict_proba(back, x, "lap", 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(p1, p2)
