@@ -8,14 +8,19 @@ import torch.distributed as dist
 from glrnet import distributed
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_cnn import tiny_cnn  # noqa: E402
 from test_estimator import small_problem  # noqa: E402
 from stats import flat_grads  # noqa: E402
 
 
-def main(out: str, parallel: str, variant: str, n: int, k: int) -> None:
+def problem(arch: str):
+    return small_problem([5, 4, 3], batch=6) if arch == "mlp" else tiny_cnn(seed=4, batch=4)
+
+
+def main(out: str, parallel: str, variant: str, n: int, k: int, arch: str = "mlp") -> None:
     torch.set_default_dtype(torch.float64)
     distributed.init_from_env("cpu")
-    model, x, y = small_problem([5, 4, 3], batch=6)
+    model, x, y = problem(arch)
     kw = {"plain": {}, "baseline": {"baseline": True}, "both": {"baseline": True, "antithetic": True}}[variant]
     est = distributed.DistributedGLR(parallel=parallel, replications=k,
                                      generator=distributed.rank_generator(0), **kw)
@@ -34,4 +39,4 @@ def main(out: str, parallel: str, variant: str, n: int, k: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), *sys.argv[6:])

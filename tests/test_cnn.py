@@ -115,3 +115,30 @@ def test_cnn_save_load_round_trip_and_lap(tmp_path):
     p1 = glrnet.predict_proba(net, x, "lap", 64, generator=torch.Generator().manual_seed(1))
     p2 = glrnet.predict_proba(back, x, "lap", 64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(p1, p2)
+
+
+def test_cnn_through_the_cli_train_resume_evaluate_and_a_spec(tmp_path, capsys):
+    """--arch builds a noisy CNN; checkpoints resume exactly; evaluate and a spec file use it too."""
+    import json
+
+    from glrnet.cli import main
+    from glrnet.experiments import load_spec
+    from safetensors.torch import load_file
+    from test_data import make_idx_folder
+    data = make_idx_folder(tmp_path / "idx", n_train=120, n_test=40, size=12)
+    base = ["train", "--dataset", "mnist", "--data-dir", str(data), "--arch", "conv:3:3,maxpool:2,conv:4:3:1:1",
+            "--hidden", "none", "--activation", "threshold", "--loss", "zero_one", "--replications", "16",
+            "--baseline", "--quiet", "--lap-replications", "8", "--batch-size", "20"]
+    assert main([*base, "--epochs", "2", "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    assert main([*base, "--epochs", "2", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["evaluate", "--run", str(tmp_path / "a"), "--lap-replications", "8", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy_lap"] is not None
+    assert main(["train", "--arch", "conv:3", "--out", str(tmp_path / "c"), "--epochs", "1"]) == 2
+    assert "cannot read 'conv:3'" in capsys.readouterr().err
+    spec = tmp_path / "s.toml"
+    spec.write_text('[experiment]\ndataset = "mnist"\n[[sources]]\nname = "s"\nmethod = "bp"\n'
+                    '[[models]]\nname = "cnn"\narch = "lenet"\nhidden = []\n')
+    assert load_spec(spec).models[0].config.arch == "lenet"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from stats import assert_means_equal
-from test_estimator import glr_samples, pathwise_samples, small_problem
+from test_estimator import glr_samples, pathwise_samples
 
 HERE = Path(__file__).parent
 
@@ -32,16 +32,19 @@ def torchrun(args, nproc=2, timeout=600):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel,variant", [("replications", "plain"), ("replications", "baseline"),
-                                              ("data", "baseline"), ("replications", "both")])
-def test_distributed_estimator_unbiased_and_equal_to_single_process(tmp_path, float64, parallel, variant):
+@pytest.mark.parametrize("parallel,variant,arch", [("replications", "plain", "mlp"), ("replications", "baseline", "mlp"),
+                                                   ("data", "baseline", "mlp"), ("replications", "both", "mlp"),
+                                                   ("replications", "baseline", "cnn"), ("data", "baseline", "cnn")])
+def test_distributed_estimator_unbiased_and_equal_to_single_process(tmp_path, float64, parallel, variant, arch):
     """2 ranks, K replications in all: same mean as the single-process K-replication estimator and as
-    the pathwise gradient; the spread matches the single-process one (same K ⇒ same variance)."""
+    the pathwise gradient; the spread matches the single-process one (same K ⇒ same variance).
+    For an MLP and for a noisy CNN."""
+    from dist_worker import problem
     n, k = 150, 400
     out = tmp_path / "samples.pt"
-    torchrun([str(HERE / "dist_worker.py"), str(out), parallel, variant, str(n), str(k)])
+    torchrun([str(HERE / "dist_worker.py"), str(out), parallel, variant, str(n), str(k), arch])
     dist_samples = torch.load(out)["samples"]
-    model, x, y = small_problem([5, 4, 3], batch=6)
+    model, x, y = problem(arch)
     kw = {"plain": {}, "baseline": {"baseline": True}, "both": {"baseline": True, "antithetic": True}}[variant]
     single = glr_samples(model, x, y, n=n, replications=k, **kw)
     print(assert_means_equal(dist_samples, single))

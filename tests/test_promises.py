@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import glrnet
 from glrnet.cli import build_parser, main
 from glrnet.train import TrainConfig, train
 

@@ -29,6 +29,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _hidden(text: str) -> list[int]:
+    if text.strip().lower() in ("none", "0", ""):
+        return []
     try:
         widths = [int(w) for w in text.split(",") if w.strip()]
     except ValueError:
@@ -64,7 +66,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     add_data_options(p)
     d = DEFAULTS
     g = p.add_argument_group("model")
-    g.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden widths, e.g. 20 or 100,100")
+    g.add_argument("--arch", default=d.arch, help="mlp; lenet (conv 6@5×5, max-pool 2, conv 16@5×5, max-pool 2); "
+                   "or comma-separated conv:C:K[:stride[:padding]], maxpool:K, avgpool:K. Convolutional "
+                   "stacks are followed by the --hidden layers and the output layer")
+    g.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden widths, e.g. 20 or 100,100 "
+                   "(none: no hidden fully connected layer)")
     g.add_argument("--activation", type=_activation, default=d.activation,
                    help=f"hidden activation: {', '.join(ACTIVATIONS)}, or sigmoid:<slope>")
     g.add_argument("--output-activation", type=_activation, default=None,

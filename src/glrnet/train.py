@@ -30,7 +30,7 @@ from .checkpoint import atomic_write_csv, atomic_write_text, load_checkpoint, sa
 from .data import SPLITS, Dataset, load_dataset
 from .estimators import GLR, Backprop
 from .losses import get_loss
-from .model import NoisyMLP, predict_proba
+from .model import NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, predict_proba
 from .noise import KINDS, make_noise
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
@@ -67,6 +67,7 @@ class TrainConfig:
     subset: int | None = None
     split: str = "standard"
     val_fraction: float = 0.1
+    arch: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [20])
     activation: str = "sigmoid"
     output_activation: str | None = None
@@ -98,6 +99,8 @@ class TrainConfig:
         if self.data_dir is not None:
             self.data_dir = str(Path(self.data_dir).expanduser().resolve())
         resolve_device(self.device)
+        if self.arch != "mlp":
+            parse_arch(self.arch)
         get_activation(self.activation)
         if self.output_activation is not None:
             get_activation(self.output_activation)
@@ -144,9 +147,52 @@ class TrainConfig:
         return cls.from_dict({**{k: v for k, v in legacy.items() if k not in d}, **d})
 
 
-def build_model(cfg: TrainConfig, in_features: int, num_classes: int) -> NoisyMLP:
-    return NoisyMLP([in_features, *cfg.hidden, num_classes], activation=cfg.activation,
-                    noise=make_noise(cfg.noise, cfg.noise_std), output_activation=cfg.output_activation)
+ARCHS = {"lenet": "conv:6:5,maxpool:2,conv:16:5,maxpool:2"}   # LeNet-style; + --hidden and the output layer
+
+
+def parse_arch(arch: str) -> list[tuple[str, list[int]]]:
+    """The convolutional part of ``arch`` as [(kind, numbers)], or a ``ValueError`` naming the bad token."""
+    out = []
+    for token in ARCHS.get(arch, arch).split(","):
+        kind, *args = token.strip().split(":")
+        try:
+            nums = [int(a) for a in args]
+        except ValueError:
+            nums = []
+        if not ((kind == "conv" and 2 <= len(nums) <= 4) or (kind in ("maxpool", "avgpool") and len(nums) == 1)) \
+                or min(nums, default=0) < 0:
+            raise ValueError(f"--arch: cannot read {token!r}; use mlp, {', '.join(ARCHS)}, or comma-separated "
+                             "conv:C:K[:stride[:padding]], maxpool:K, avgpool:K")
+        out.append((kind, nums))
+    return out
+
+
+def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -> NoisySequential:
+    """``arch="mlp"``: NoisyMLP [pixels, *hidden, classes]. Otherwise a convolutional stack —
+    ``lenet`` or comma-separated ``conv:C:K[:stride[:padding]]``, ``maxpool:K``, ``avgpool:K`` —
+    then flatten, noisy linear layers of widths ``hidden``, and the output layer. Every noisy
+    layer but the output has φ = ``activation``."""
+    noise = make_noise(cfg.noise, cfg.noise_std)
+    pixels = math.prod(image_shape)
+    if cfg.arch == "mlp":
+        return NoisyMLP([pixels, *cfg.hidden, num_classes], activation=cfg.activation, noise=noise,
+                        output_activation=cfg.output_activation)
+    mods, channels = [], 1
+    shape = (1, *image_shape)
+    for kind, nums in parse_arch(cfg.arch):
+        if kind == "conv":
+            mods.append(NoisyConv2d(channels, *nums[:2], *nums[2:], activation=cfg.activation))
+            channels = nums[0]
+        else:
+            mods.append((torch.nn.MaxPool2d if kind == "maxpool" else torch.nn.AvgPool2d)(nums[0]))
+    mods.append(torch.nn.Flatten())
+    with torch.no_grad():
+        flat = torch.nn.Sequential(*mods)(torch.zeros(1, *shape)).shape[1]
+    for width in cfg.hidden:
+        mods.append(NoisyLinear(flat, width, activation=cfg.activation))
+        flat = width
+    mods.append(NoisyLinear(flat, num_classes, activation=cfg.output_activation))
+    return NoisySequential(*mods, noise=noise, input_shape=shape)
 
 
 def build_producer(cfg: TrainConfig, generator: torch.Generator):
@@ -162,7 +208,7 @@ def build_producer(cfg: TrainConfig, generator: torch.Generator):
     return GLR(**kwargs)
 
 
-def build_optimizer(cfg: TrainConfig, model: NoisyMLP):
+def build_optimizer(cfg: TrainConfig, model: NoisySequential):
     kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer in ("sgd", "rmsprop"):
         kw["momentum"] = cfg.momentum
@@ -177,7 +223,7 @@ def build_optimizer(cfg: TrainConfig, model: NoisyMLP):
 
 
 @torch.no_grad()
-def evaluate(model: NoisyMLP, x, y, loss, noisy: bool, replications: int = 100,
+def evaluate(model: NoisySequential, x, y, loss, noisy: bool, replications: int = 100,
              generator: torch.Generator | None = None, lap_replications: int = 0) -> dict:
     """Loss (expected under the noise if ``noisy``, else noise-free), OT accuracy, optional LAP accuracy."""
     loss_fn = get_loss(loss)
@@ -236,7 +282,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
                             split=cfg.split)
     data = data.to(device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.in_features, data.num_classes).to(device)
+    model = build_model(cfg, data.image_shape, data.num_classes).to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1)
     if cfg.method == "glr" and world > 1:
         gen = dist_utils.rank_generator(cfg.seed * 7919 + 1, device)
