@@ -108,6 +108,8 @@ class DistributedGLR(GLR):
     batch when ``parallel="replications"``); every rank ends with the same ``.grad``.
     """
 
+    _single_process = False  # Sᵢ needs every rank's losses: the baseline goes through per-input sums
+
     def __init__(self, parallel: str = "replications", **kwargs):
         super().__init__(**kwargs)
         self.parallel = parallel

@@ -69,6 +69,7 @@ class _Accumulator:
     score_per_input: list[Tensor]     # Σₖ sₖᵢ, (B, *units)                [baseline only]
     grads_per_input: list             # Σₖ layer gradient of (sₖᵢ, hₖᵢ), (B, *param) [baseline; None for the first]
     nonfinite: Tensor                 # count of non-finite losses
+    direct: bool = False              # baseline weights formed directly (all K in one chunk, one process)
 
 
 def glr_parameters(model: NoisySequential) -> list[list[torch.nn.Parameter]]:
@@ -177,14 +178,18 @@ class GLR:
         chunk = self._chunk_size(model, B, x.element_size(), replications, m)
         y_rep = y.repeat(chunk)
         zeros = lambda *s: torch.zeros(*s, dtype=x.dtype, device=x.device)  # noqa: E731
+        sizes = [min(chunk, replications - s) for s in range(0, replications, chunk)]
+        # all K replications in one chunk of one process: Sᵢ is known after the forward pass, so the
+        # baseline weights are formed directly and no per-input sums are needed (same estimate)
+        direct = self.baseline and len(sizes) == 1 and self._single_process
+        per_input = self.baseline and not direct
         acc = _Accumulator(
             grads=[[torch.zeros_like(p) for p in layer.parameters()] for layer in layers],
             loss_per_input=zeros(B),
-            score_per_input=[zeros(B, *u) for u in shapes] if self.baseline else [],
+            score_per_input=[zeros(B, *u) for u in shapes] if per_input else [],
             grads_per_input=[None] + [[zeros(B, *p.shape) for p in layer.parameters()] for layer in layers[1:]]
-            if self.baseline else [],
-            nonfinite=torch.zeros((), dtype=torch.long, device=x.device))
-        sizes = [min(chunk, replications - s) for s in range(0, replications, chunk)]
+            if per_input else [],
+            nonfinite=torch.zeros((), dtype=torch.long, device=x.device), direct=direct)
         for noise, scores, score_scale in self._noise_and_scores(model, sizes, B, x):
             k = noise.shape[0]
             out, inputs = model(x, noise=noise, return_inputs=True)
@@ -194,6 +199,13 @@ class GLR:
             # a: the part of the weight w known within this chunk (module docstring)
             if not self.baseline:
                 a = losses
+            elif acc.direct:
+                S = losses.sum(0)
+                others = S - losses
+                if self.antithetic:
+                    half = k // 2
+                    others = others - torch.cat([losses[half:], losses[:half]])
+                a = losses - others / (K - (2 if self.antithetic else 1))
             elif self.antithetic:
                 half = k // 2
                 pair = losses[:half] + losses[half:]
@@ -206,7 +218,7 @@ class GLR:
             for t, (layer, unit) in enumerate(zip(layers, shapes)):
                 s = scores[..., offset:offset + widths[t]].reshape(k, B, *unit)
                 offset += widths[t]
-                if self.baseline:
+                if self.baseline and not acc.direct:
                     acc.score_per_input[t].add_(s.sum(0), alpha=score_scale)
                     if t > 0:
                         for g_acc, g in zip(acc.grads_per_input[t], layer.glr_grads_per_input(inputs[t], s)):
@@ -228,7 +240,7 @@ class GLR:
         S = acc.loss_per_input
         for t, layer in enumerate(model.noisy_layers):
             gs = acc.grads[t]
-            if self.baseline:
+            if self.baseline and not acc.direct:
                 if t == 0:
                     sw = S.reshape(-1, *[1] * (acc.score_per_input[0].dim() - 1)) * acc.score_per_input[0]
                     correction = layer.glr_grads(model.bind(x), sw)
@@ -280,6 +292,8 @@ class GLR:
         return self.generator
 
     # ------------------------------------------------------------------ distribution hooks
+    _single_process = True  # DistributedGLR: False (Sᵢ needs every rank's losses)
+
     def _local_replications(self) -> int:
         return self.replications
 

@@ -1,0 +1,104 @@
+"""GLR step of a noisy CNN against its floor and against a back-propagation step, side by side.
+
+    python benchmarks/bench_cnn.py [--device cpu|cuda] [--repeats 7] [--K 100] [--B 32] [--out FILE]
+
+The network is the issue's LeNet-style CNN on 28×28 inputs: NoisyConv2d(1, 6, 5) → max-pool 2 →
+NoisyConv2d(6, 16, 5) → max-pool 2 → flatten → NoisyLinear(256, 10), σ = 2, cross-entropy.
+For sigmoid and threshold units it measures (medians, all in one process, interleaved):
+
+* ``glr``      — ``glrnet.GLR(replications=K).estimate`` (plain, and with the baseline);
+* ``floor``    — what any GLR implementation must do: draw the K·B·Σwidths noise values and run
+                 the K·B noisy forward passes (no gradient work at all);
+* ``bp``       — one back-propagation step (noise-free forward + backward) of the same CNN
+                 on the same B images, the cost GLR replaces.
+
+Prints glr/floor (overhead over the unavoidable work) and glr/bp, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import glrnet
+
+
+def lenet(activation: str) -> glrnet.NoisySequential:
+    return glrnet.NoisySequential(
+        glrnet.NoisyConv2d(1, 6, 5, activation=activation), torch.nn.MaxPool2d(2),
+        glrnet.NoisyConv2d(6, 16, 5, activation=activation), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        glrnet.NoisyLinear(256, 10), noise=torch.distributions.Normal(0.0, 2.0), input_shape=(1, 28, 28))
+
+
+def median_time(fn, repeats: int, device: str) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--K", type=int, default=100)
+    ap.add_argument("--B", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev, K, B = args.device, args.K, args.B
+    results = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "device": dev, "K": K, "B": B, "rows": []}
+    for act in ("sigmoid", "threshold"):
+        torch.manual_seed(0)
+        net = lenet(act).to(dev)
+        x = torch.rand(B, 1, 28, 28, device=dev)
+        y = torch.randint(0, 10, (B,), device=dev)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        plain = glrnet.GLR(replications=K, generator=gen)
+        base = glrnet.GLR(replications=K, baseline=True, generator=gen)
+        chunk = max(1, min(K, plain._chunk_size(net, B, 4, K, 1)))
+        buf = torch.empty(chunk, B, sum(net.widths), device=dev)
+
+        @torch.no_grad()
+        def floor():
+            for k0 in range(0, K, chunk):
+                r = buf[:min(chunk, K - k0)].normal_(0.0, 2.0, generator=gen)
+                net(x, noise=r)
+
+        def bp():
+            net.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+
+        row = {"activation": act}
+        for name, fn in (("floor", floor), ("glr", lambda: plain.estimate(net, x, y)),
+                         ("glr_baseline", lambda: base.estimate(net, x, y)), ("bp", bp)):
+            row[name + "_ms"] = 1000 * median_time(fn, args.repeats, dev)
+        row["glr_over_floor"] = row["glr_ms"] / row["floor_ms"]
+        row["glr_baseline_over_floor"] = row["glr_baseline_ms"] / row["floor_ms"]
+        row["glr_over_bp"] = row["glr_ms"] / row["bp_ms"]
+        row["sample_replications_per_s"] = K * B / (row["glr_ms"] / 1000)
+        results["rows"].append(row)
+        print(f"{act:9s} K={K} B={B}: floor {row['floor_ms']:.1f} ms | GLR {row['glr_ms']:.1f} ms "
+              f"({row['glr_over_floor']:.2f}× floor) | GLR+baseline {row['glr_baseline_ms']:.1f} ms "
+              f"({row['glr_baseline_over_floor']:.2f}× floor) | BP step {row['bp_ms']:.2f} ms "
+              f"(GLR = {row['glr_over_bp']:.0f}× BP) | {row['sample_replications_per_s']:.3g} sample-rep/s",
+              flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
