@@ -42,6 +42,14 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
     assert acc > 0.3  # threshold units + 0-1 loss after 3 epochs: far above chance (0.1)
 
 
+@pytest.mark.parametrize("doc", [d for d in DOCS if d.name != "README.md" and "```python" in d.read_text()],
+                         ids=lambda p: p.name)
+def test_docs_python_blocks_run_as_written(doc, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S):
+        exec(compile(block, doc.name, "exec"), {"__name__": "__docs__"})
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")

@@ -100,6 +100,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="hold out this stratified fraction of training for validation curves (0: the curves use "
                         "the test set, and say so)")
     g.add_argument("--lap-replications", type=int, default=d.lap_replications, help="K for the LAP predictor")
+    g.add_argument("--eval-replications", type=int, default=d.eval_replications,
+                   help="noisy passes per image for the per-epoch loss curves")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (same seed, same run)")
     g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
 
@@ -176,7 +178,7 @@ def cmd_datasets(args) -> int:
 def cmd_reproduce(args) -> int:
     from .experiments import reproduce
     reproduce(args.spec, args.out, dataset=args.dataset, data_dir=args.data_dir, quick=args.quick,
-              device=args.device, quiet=args.quiet, robustness=not args.no_robustness)
+              device=args.device, quiet=args.quiet, robustness=not args.no_robustness, export=args.export)
     return 0
 
 
@@ -229,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-robustness", action="store_true", help="skip the adaptive-attack evaluation")
     r.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     r.add_argument("--out", required=True, help="output folder (models already trained there are reused)")
+    r.add_argument("--export", default=None, help="also copy the reports (tables, CSV, figures, spec; no weights) "
+                   "to this folder, e.g. docs/results/mnist")
     r.add_argument("--quiet", action="store_true", help="less output")
     r.set_defaults(func=cmd_reproduce)
 

@@ -51,3 +51,23 @@ def noise_scale_table(per_model: dict[str, list[dict]]) -> str:
             lines.append(f"| {name} | {r['layer']} | {r['shape']} | {r['spectral_norm']:.1f} | {r['preact_rms']:.2f} | "
                          f"{r['noise_std']:g} | {r['rms_over_std']:.2f} | {r['frac_within_std']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+GRADIENT_FIELDS = ["layer", "parameter", "mean_norm", "single_estimate_std", "noise_to_signal"]
+
+
+def gradient_noise(model: NoisySequential, x: Tensor, y: Tensor, estimator, estimates: int = 20) -> list[dict]:
+    """How noisy is one gradient estimate, per noisy layer and parameter? From ``estimates``
+    independent estimates on the same batch: ‖mean‖, √(Σ var) (the spread of one estimate)
+    and their ratio. A ratio ≫ 1 means a step is mostly noise for that layer: raise K, use
+    the baseline, or lower that layer's learning rate."""
+    samples = [estimator.estimate(model, x, y)[0] for _ in range(estimates)]
+    rows, i = [], 0
+    for t, layer in enumerate(model.noisy_layers):
+        for name, _ in layer.named_parameters():
+            g = torch.stack([s[i] for s in samples]).double()
+            mean, std = g.mean(0).norm().item(), g.var(0).sum().sqrt().item()
+            rows.append({"layer": t, "parameter": name, "mean_norm": mean, "single_estimate_std": std,
+                         "noise_to_signal": std / max(mean, 1e-300)})
+            i += 1
+    return rows

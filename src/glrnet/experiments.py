@@ -281,15 +281,40 @@ def run_study(spec: Spec, out: Path, data, device, quiet, source: NoisyMLP, head
 
 
 # ---------------------------------------------------------------------------------------- runner
+REPORT_SUFFIXES = (".md", ".csv", ".png", ".json", ".toml")
+
+
+def export_results(out: str | Path, dest: str | Path) -> list[Path]:
+    """Copy what a run reports (tables, CSV, figures, summary, the spec; each model's metrics,
+    history and curves) from ``out`` to ``dest`` — no weights, no adversarial images."""
+    import shutil
+    out, dest = Path(out), Path(dest)
+    copied = []
+    for f in sorted(out.rglob("*")):
+        rel = f.relative_to(out)
+        if not f.is_file() or f.suffix not in REPORT_SUFFIXES or rel.parts[0] == "adversarial" \
+                or f.name.startswith("checkpoint"):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
+        copied.append(target)
+    return copied
+
+
 def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = None, data_dir: str | None = None,
-              quick: bool = False, device: str = "cpu", quiet: bool = False, robustness: bool = True) -> dict:
-    """Run a spec end to end into ``out`` (see the module docstring). Returns the summary dict."""
+              quick: bool = False, device: str = "cpu", quiet: bool = False, robustness: bool = True,
+              export: str | Path | None = None) -> dict:
+    """Run a spec end to end into ``out`` (see the module docstring); with ``export`` copy the
+    reports to that folder (e.g. ``docs/results/mnist``). Returns the summary dict."""
     from .train import resolve_device
     t_start = time.perf_counter()
     resolve_device(device)
+    spec_file = Path(spec) if spec is not None else spec_path("quick" if quick else "paper")
     spec = load_spec(spec, quick=quick, dataset=dataset, data_dir=data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "spec.toml", spec_file.read_text())
     data = load_dataset(spec.dataset, spec.data_dir, spec.image_size, spec.val_fraction, subset=spec.subset,
                         split=spec.split)
     if not quiet:
@@ -357,6 +382,8 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
                "models": {k: {kk: v[kk] for kk in ("test_accuracy_ot", "test_accuracy_lap", "train_seconds")}
                           for k, v in metrics.items()}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    if export is not None:
+        export_results(out, export)
     if not quiet:
         for t in tables:
             print(Path(t).read_text())
