@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and measure their adversarial robustness.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train one model", formatter_class=_Formatter,
-                       description="Train one NoisyMLP by GLR or back-propagation; writes metrics.json, "
+                       description="Train one noisy network (an MLP, or a CNN with --arch) by GLR or back-propagation; writes metrics.json, "
                                    "model.safetensors, history.csv, curves.png and a checkpoint per epoch.")
     add_train_options(t)
     t.add_argument("--out", default="runs/train", help="output folder")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .attacks import fgsm, load_adversarial, save_adversarial
 from .checkpoint import atomic_write_csv, atomic_write_text, load_model
 from .data import load_dataset
-from .model import NoisyMLP, predict
+from .model import NoisySequential, predict
 from .train import TrainConfig, train
 
 try:
@@ -140,14 +140,14 @@ def train_all(spec: Spec, out: Path, device: str, quiet: bool, data) -> dict[str
     return metrics
 
 
-def accuracy(model: NoisyMLP, x, y, mode="ot", replications=1000, seed=0) -> float:
+def accuracy(model: NoisySequential, x, y, mode="ot", replications=1000, seed=0) -> float:
     """OT or LAP accuracy; LAP from a generator seeded by ``seed`` (antithetic pairs when K is even)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     pred = predict(model, x, mode, replications, generator=gen, antithetic=replications % 2 == 0)
     return (pred == y).double().mean().item()
 
 
-def calibrate_eps(source: NoisyMLP, target_model: NoisyMLP, x, y, target_acc: float,
+def calibrate_eps(source: NoisySequential, target_model: NoisySequential, x, y, target_acc: float,
                   lo: float = 0.0, hi: float = 0.5, iters: int = 14) -> float:
     """Smallest ε (to ~1e-4) at which ``target_model``'s OT accuracy on FGSM(source, ε) ≤ target."""
     if accuracy(target_model, fgsm(source, x, y, hi), y) > target_acc:
@@ -161,7 +161,7 @@ def calibrate_eps(source: NoisyMLP, target_model: NoisyMLP, x, y, target_acc: fl
     return round(hi, 4)
 
 
-def adversarial_sets(spec: Spec, out: Path, sources: dict[str, NoisyMLP], x, y, idx, eps_list) -> dict:
+def adversarial_sets(spec: Spec, out: Path, sources: dict[str, NoisySequential], x, y, idx, eps_list) -> dict:
     """FGSM sets per (source, ε), generated once and saved; reused when their metadata matches."""
     sets = {}
     for name, src in sources.items():
@@ -183,7 +183,7 @@ def adversarial_sets(spec: Spec, out: Path, sources: dict[str, NoisyMLP], x, y, 
 RESULT_FIELDS = ["model", "activation", "loss", "method", "source", "eps", "acc_orig", "acc_ot", "acc_lap"]
 
 
-def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisyMLP]], sources, sets, x, y, eps_list,
+def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisySequential]], sources, sets, x, y, eps_list,
                  quiet: bool) -> list[dict]:
     rows = []
     bar = tqdm(total=len(models) * len(sources) * len(eps_list), desc="evaluate", unit="set", disable=quiet,
@@ -210,29 +210,38 @@ def _fmt(v) -> str:
 
 
 def write_tables(spec: Spec, out: Path, rows: list[dict], headline: float, source_metrics: dict) -> list[str]:
-    """table1.md / table2.md: the seed's layout, the seed's figures beside ours, at the headline ε."""
+    """table1.md / table2.md: the seed's layout, the seed's figures beside ours at the headline ε,
+    and ours at ε = 0.1, 0.2, 0.3 (OT / LAP) where they were evaluated."""
     paths = []
+    extra = [e for e in (0.1, 0.2, 0.3) if e != headline and any(r["eps"] == e for r in rows)]
     for si, src in enumerate(spec.sources):
         lines = [f"# Table {si + 1}: FGSM examples transferred from `{src.name}` ({src.label})", "",
-                 f"Dataset: {spec.dataset} (image size {spec.image_size or 'native'}). Headline ε = {headline:.4f}: "
-                 f"where the BP baseline `{spec.calibrate_model}` under the first source falls to the seed's "
-                 f"{spec.headline_target:.2f} (the seed does not state its ε). Source clean test accuracy: "
-                 f"{source_metrics[src.name]['test_accuracy_ot']:.4f}. LAP: K = {spec.lap_replications}.", "",
-                 "| model | seed Acc_Orig | seed Acc_OT | seed Acc_LAP | ours Acc_Orig | ours Acc_OT | ours Acc_LAP |",
-                 "|---|---|---|---|---|---|---|"]
+                 f"Dataset: {spec.dataset} ({spec.split} split, image size {spec.image_size or 'native'}). "
+                 f"Headline ε = {headline:.4f}: where the BP baseline `{spec.calibrate_model}` under the first source "
+                 f"falls to the seed's {spec.headline_target:.2f} (the seed does not state its ε). Source clean test "
+                 f"accuracy: {source_metrics[src.name]['test_accuracy_ot']:.4f}. LAP: K = {spec.lap_replications}. "
+                 "\"–\": no figure (the seed gives none, or the model has no noisy predictor).", "",
+                 "| model | seed Acc_Orig | seed Acc_OT | seed Acc_LAP | ours Acc_Orig | ours Acc_OT | ours Acc_LAP | "
+                 + " | ".join(f"ours ε={e:g} OT / LAP" for e in extra) + (" |" if extra else ""),
+                 "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
         for ms in spec.models:
             r = next(r for r in rows if r["model"] == ms.name and r["source"] == src.name and r["eps"] == headline)
             seed = ms.seed_figures or {}
-            ot, lap = (seed[k][si] if k in seed else None for k in ("ot", "lap"))
+            ot, lap = (seed[k][si] if k in seed and si < len(seed[k]) else None for k in ("ot", "lap"))
+            cells = []
+            for e in extra:
+                re_ = next(q for q in rows if q["model"] == ms.name and q["source"] == src.name and q["eps"] == e)
+                cells.append(f"{_fmt(re_['acc_ot'])} / {_fmt(re_['acc_lap'])}")
             lines.append(f"| {ms.label} | {_fmt(seed.get('orig'))} | {_fmt(ot)} | {_fmt(lap)} | "
-                         f"{_fmt(r['acc_orig'])} | {_fmt(r['acc_ot'])} | {_fmt(r['acc_lap'])} |")
+                         f"{_fmt(r['acc_orig'])} | {_fmt(r['acc_ot'])} | {_fmt(r['acc_lap'])} | "
+                         + " | ".join(cells) + (" |" if cells else ""))
         path = out / f"table{si + 1}.md"
         atomic_write_text(path, "\n".join(lines) + "\n")
         paths.append(str(path))
     return paths
 
 
-def run_study(spec: Spec, out: Path, data, device, quiet, source: NoisyMLP, headline: float, x, y) -> list[dict]:
+def run_study(spec: Spec, out: Path, data, device, quiet, source: NoisySequential, headline: float, x, y) -> list[dict]:
     """Test and adversarial accuracy against K, with and without variance reduction."""
     st = spec.study
     if not st:

@@ -271,7 +271,7 @@ def attack_plan(model: NoisySequential, noisy: bool, st: AttackSettings) -> list
 
 
 def attack_model(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: float, st: AttackSettings,
-                 source: NoisyMLP | None = None, attacks: list[str] | None = None,
+                 source: NoisySequential | None = None, attacks: list[str] | None = None,
                  progress=None) -> dict[str, dict[str, Tensor]]:
     """Per-example correctness {attack: {"ot": bool (N,), "lap": bool (N,)}} at budget ε, and the
     per-example worst case over all of them (``"worst-case"``)."""
@@ -331,8 +331,8 @@ def attack_model(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps:
 ROBUST_FIELDS = ["model", "attack", "eps", "acc_ot", "acc_lap", "images"]
 
 
-def evaluate_robustness(models: dict[str, tuple[NoisyMLP, bool]], x: Tensor, y: Tensor, eps_list: list[float],
-                        st: AttackSettings, source: NoisyMLP | None = None, quiet: bool = False) -> list[dict]:
+def evaluate_robustness(models: dict[str, tuple[NoisySequential, bool]], x: Tensor, y: Tensor, eps_list: list[float],
+                        st: AttackSettings, source: NoisySequential | None = None, quiet: bool = False) -> list[dict]:
     from tqdm.auto import tqdm
     rows = []
     bar = tqdm(total=len(models) * len(eps_list), desc="attacks", unit="model·ε", disable=quiet, leave=False,
@@ -362,8 +362,8 @@ def evaluate_robustness(models: dict[str, tuple[NoisyMLP, bool]], x: Tensor, y: 
 CONVERGENCE_TOLERANCE = 0.01   # doubling steps, restarts and samples may move no worst case by more
 
 
-def sanity_checks(models: dict[str, tuple[NoisyMLP, bool]], rows: list[dict], x, y, headline: float,
-                  st: AttackSettings, source: NoisyMLP | None = None, check_eps: list[float] | None = None,
+def sanity_checks(models: dict[str, tuple[NoisySequential, bool]], rows: list[dict], x, y, headline: float,
+                  st: AttackSettings, source: NoisySequential | None = None, check_eps: list[float] | None = None,
                   quiet: bool = False) -> list[dict]:
     """The protocol's self-checks (each a measured pass / fail with its numbers).
 
