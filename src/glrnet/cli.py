@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed")
     b.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--quiet", action="store_true", help="no progress output")
     b.set_defaults(func=cmd_robustness)
     return p
 

@@ -513,8 +513,8 @@ def robustness_command(args) -> None:
         source = load_model(src / "model.safetensors" if src.is_dir() else src, args.device)[0]
     headline = args.headline if args.headline is not None else eps[len(eps) // 2]
     eps = sorted(set(eps) | {headline})
-    rows = evaluate_robustness(models, x, y, eps, st, source=source)
-    checks = sanity_checks(models, rows, x, y, headline, st, source)
+    rows = evaluate_robustness(models, x, y, eps, st, source=source, quiet=args.quiet)
+    checks = sanity_checks(models, rows, x, y, headline, st, source, quiet=args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_reports(out, rows, checks, headline, st, len(x))
