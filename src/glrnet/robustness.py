@@ -517,5 +517,5 @@ def robustness_command(args) -> None:
     checks = sanity_checks(models, rows, x, y, headline, st, source, quiet=args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_reports(out, rows, checks, headline, st, len(x))
+    write_reports(out, rows, checks, headline, st, len(x), title=f"{data.name}, {', '.join(models)}")
     print((out / "robustness.md").read_text())
