@@ -4,7 +4,7 @@
 
 The network is the issue's LeNet-style CNN on 28×28 inputs: NoisyConv2d(1, 6, 5) → max-pool 2 →
 NoisyConv2d(6, 16, 5) → max-pool 2 → flatten → NoisyLinear(256, 10), σ = 2, cross-entropy.
-For sigmoid and threshold units it measures (medians, all in one process, interleaved):
+For sigmoid and threshold units it measures (medians, all in one process, measured round-robin):
 
 * ``glr``      — ``glrnet.GLR(replications=K).estimate`` (plain, and with the baseline);
 * ``floor``    — what any GLR implementation must do: draw the K·B·Σwidths noise values and run
@@ -35,18 +35,22 @@ def lenet(activation: str) -> glrnet.NoisySequential:
         glrnet.NoisyLinear(256, 10), noise=torch.distributions.Normal(0.0, 2.0), input_shape=(1, 28, 28))
 
 
-def median_time(fn, repeats: int, device: str) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+def median_times(fns: dict, repeats: int, device: str) -> dict:
+    """Median seconds of each function, measured round-robin (one call of each per round), so
+    that a machine whose speed drifts, or that other jobs share, affects all of them alike."""
+    for fn in fns.values():
         fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -82,9 +86,10 @@ def main() -> None:
             torch.nn.functional.cross_entropy(net(x), y).backward()
 
         row = {"activation": act}
-        for name, fn in (("floor", floor), ("glr", lambda: plain.estimate(net, x, y)),
-                         ("glr_baseline", lambda: base.estimate(net, x, y)), ("bp", bp)):
-            row[name + "_ms"] = 1000 * median_time(fn, args.repeats, dev)
+        fns = {"floor": floor, "glr": lambda: plain.estimate(net, x, y),
+               "glr_baseline": lambda: base.estimate(net, x, y), "bp": bp}
+        for name, sec in median_times(fns, args.repeats, dev).items():
+            row[name + "_ms"] = 1000 * sec
         row["glr_over_floor"] = row["glr_ms"] / row["floor_ms"]
         row["glr_baseline_over_floor"] = row["glr_baseline_ms"] / row["floor_ms"]
         row["glr_over_bp"] = row["glr_ms"] / row["bp_ms"]

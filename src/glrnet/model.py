@@ -19,7 +19,6 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
@@ -91,10 +90,13 @@ class NoisyConv2d(NoisyLayer, nn.Conv2d):
     def glr_grads_per_input(self, h, g):
         if self.groups != 1:
             raise ValueError("the leave-one-out baseline supports NoisyConv2d with groups=1 only")
+        # the B inputs as B groups of one grouped convolution over the K replications: its weight
+        # gradient is the per-input weight gradient, summed over replications
         K, B = h.shape[:2]
-        patches = F.unfold(h.reshape(K * B, *h.shape[2:]), self.kernel_size, self.dilation, self.padding, self.stride)
-        gw = torch.einsum("kbol,kbcl->boc", g.reshape(K, B, self.out_channels, -1),
-                          patches.reshape(K, B, patches.shape[1], -1))
+        gw = torch.nn.grad.conv2d_weight(h.reshape(K, B * self.in_channels, *h.shape[3:]),
+                                         (B * self.out_channels, self.in_channels, *self.kernel_size),
+                                         g.reshape(K, B * self.out_channels, *g.shape[3:]),
+                                         self.stride, self.padding, self.dilation, groups=B)
         return [gw.reshape(B, *self.weight.shape)] + ([g.sum(0).sum((-2, -1))] if self.bias is not None else [])
 
     def config(self) -> dict:
