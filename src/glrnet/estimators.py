@@ -17,7 +17,9 @@ of the B inputs of a batch, the estimate of ∇θ (1/B) Σᵢ E[L(xᵢ, yᵢ)] i
 
     Ĝ⁽ˡ⁾ = 1/(K·B) Σₖ Σᵢ wₖᵢ · s(r⁽ˡ⁾ₖᵢ) x⁽ˡ⁾ₖᵢᵀ,
 
-one matrix product per layer over the flattened (k, i) axis, where w = L for the
+one matrix product per layer over the flattened (k, i) axis — for any noisy layer (a
+convolution too), that layer's own parameter gradient under the cotangent w ⊙ s(r),
+summed over (k, i); see :class:`glrnet.model.NoisyLayer` — where w = L for the
 plain estimator, and with a control variate (baseline) that does not depend on
 replication k's own noise, so the estimate stays exactly unbiased:
 
