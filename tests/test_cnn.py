@@ -142,3 +142,20 @@ def test_cnn_through_the_cli_train_resume_evaluate_and_a_spec(tmp_path, capsys):
     spec.write_text('[experiment]\ndataset = "mnist"\n[[sources]]\nname = "s"\nmethod = "bp"\n'
                     '[[models]]\nname = "cnn"\narch = "lenet"\nhidden = []\n')
     assert load_spec(spec).models[0].config.arch == "lenet"
+
+
+def test_likelihood_ratio_input_gradient_of_a_cnn_is_unbiased(float64):
+    """GLR applied to the input through a convolution equals the pathwise input gradient in mean."""
+    from glrnet.robustness import lr_input_jacobian
+    net, x, _ = tiny_cnn(seed=5, batch=2)
+    c = torch.randn(3, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    lr = torch.stack([lr_input_jacobian(net, x, lambda out: (out @ c)[..., None], 2000, gen)[0][:, 0].reshape(-1)
+                      for _ in range(60)])
+    path = []
+    for _ in range(60):
+        xr = x.reshape(2, -1).clone().requires_grad_(True)
+        out = net(xr, noise=net.sample_noise(2000, 2, generator=gen))
+        (g,) = torch.autograd.grad((out @ c).mean(0).sum(), xr)
+        path.append(g.reshape(-1))
+    print(assert_means_equal(lr, torch.stack(path)))

@@ -119,22 +119,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def dataset_for_run(args, cfg: dict):
-    """The dataset a saved run was trained on, unless the command line overrides it."""
-    from pathlib import Path
-
-    from .data import load_dataset
-    dataset = args.dataset or cfg.get("dataset", "digits")
-    data_dir = args.data_dir
-    if data_dir is None and not args.dataset and cfg.get("data_dir"):
-        data_dir = cfg["data_dir"]
-        if not Path(data_dir).is_dir():
-            raise DataError(f"the run was trained on data folder {data_dir}, which is not there now; pass "
-                            "--dataset and --data-dir to say where the data is")
-    return load_dataset(dataset, data_dir, args.image_size or cfg.get("image_size"), subset=args.subset,
-                        split=args.split or cfg.get("split", "standard"))
-
-
 def cmd_evaluate(args) -> int:
     from pathlib import Path
 
@@ -148,7 +132,8 @@ def cmd_evaluate(args) -> int:
     path = path / "model.safetensors" if path.is_dir() else path
     model, extra = load_model(path, device)
     cfg = extra.get("config", {})
-    data = dataset_for_run(args, cfg)
+    from .data import load_run_dataset
+    data = load_run_dataset(cfg, args.dataset, args.data_dir, args.image_size, args.subset, args.split)
     if data.in_features != model.in_features:
         raise ValueError(f"{data.name} images have {data.in_features} pixels, the model expects {model.in_features} "
                          "(set --image-size)")

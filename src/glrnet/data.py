@@ -149,6 +149,20 @@ def load_dataset(name: str = "digits", data_dir: str | os.PathLike | None = None
     return ds
 
 
+def load_run_dataset(cfg: dict, dataset: str | None = None, data_dir: str | None = None,
+                     image_size: int | None = None, subset: int | None = None, split: str | None = None) -> Dataset:
+    """The dataset a saved run (its training config ``cfg``) was trained on; arguments given override it.
+    A data folder recorded in ``cfg`` that is gone now is a :class:`DataError` saying so."""
+    name = dataset or cfg.get("dataset", "digits")
+    if data_dir is None and not dataset and cfg.get("data_dir"):
+        data_dir = cfg["data_dir"]
+        if not Path(data_dir).is_dir():
+            raise DataError(f"the run was trained on data folder {data_dir}, which is not there now; pass "
+                            "--dataset and --data-dir to say where the data is")
+    return load_dataset(name, data_dir, image_size or cfg.get("image_size"), subset=subset,
+                        split=split or cfg.get("split", "standard"))
+
+
 def resize(images: Tensor, size: int) -> Tensor:
     """(N, H, W) → (N, size, size) by area averaging (exact 2×2 mean pooling for 28 → 14)."""
     if size < 1:

@@ -323,10 +323,6 @@ class NoisyMLP(NoisySequential):
                          noise=noise, input_shape=(sizes[0],))
         self.sizes, self.activation, self.output_activation = sizes, act, out
 
-    @property
-    def widths(self) -> list[int]:
-        return self.sizes[1:]
-
     def config(self) -> dict:
         from .noise import describe
         return {"sizes": self.sizes, "activation": activation_name(self.activation),

@@ -41,7 +41,7 @@ from torch.distributions import Normal
 from .activations import activation_name, is_smooth
 from .attacks import fgsm, pgd
 from .checkpoint import atomic_write_csv, atomic_write_text
-from .model import NoisyMLP, NoisySequential, predict, predict_proba
+from .model import NoisySequential, predict, predict_proba
 from .noise import score
 
 
@@ -218,13 +218,11 @@ def lr_input_jacobian(model: NoisySequential, x: Tensor, fn, samples: int, gen: 
     centred = g - (g.sum(0, keepdim=True) - g) / (samples - 1)
     s0 = score(model.noise, r[..., :model.widths[0]])
     cot = torch.einsum("snm,snw->nmw", centred, s0) / samples       # E[(g − b) s(r⁽⁰⁾)], (N, M, units)
-    if isinstance(model, NoisyMLP):
-        return cot @ model.layers[0].weight, g.mean(0)
-    with torch.enable_grad():  # the first layer's transpose (a convolution's: a transposed convolution)
+    with torch.enable_grad():  # W⁽⁰⁾ᵀ cot: the first layer's transpose (a convolution's: transposed), by one batched vjp
         xr = x.detach().reshape(len(x), -1).requires_grad_(True)
         z0 = model.first_preactivation(xr).reshape(len(x), -1)
-        jac = torch.stack([torch.autograd.grad(z0, xr, cot[:, j], retain_graph=j < cot.shape[1] - 1)[0]
-                           for j in range(cot.shape[1])], 1)
+        (jac,) = torch.autograd.grad(z0, xr, cot.transpose(0, 1), is_grads_batched=True)
+    jac = jac.transpose(0, 1)
     return jac, g.mean(0)
 
 
@@ -498,8 +496,8 @@ def robustness_command(args) -> None:
         cfg = extra.get("config", {})
         noisy = TrainConfig.from_saved(cfg).noisy
         models[path.name if path.is_dir() else path.stem] = (model, noisy)
-    from .cli import dataset_for_run
-    data = dataset_for_run(args, cfg)
+    from .data import load_run_dataset
+    data = load_run_dataset(cfg, args.dataset, args.data_dir, args.image_size, args.subset, args.split)
     x, y = data.x_test[:args.images].to(args.device), data.y_test[:args.images].to(args.device)
     try:
         eps = [float(e) for e in args.eps.split(",")]
