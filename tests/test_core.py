@@ -53,6 +53,9 @@ def test_activations_are_finite_at_their_singular_points():
     for name, f in ACTIVATIONS.items():
         assert torch.isfinite(f(x)).all(), name
     assert get_activation("threshold")(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [0, 0, 1]
+    v = torch.randn(6, 5, dtype=torch.float64, requires_grad=True).t()          # non-contiguous, in a graph
+    h = get_activation("threshold")(v)
+    assert h.dtype == torch.float64 and torch.equal(h, (v > 0).double()) and not h.requires_grad
     assert get_activation("arctan_inv")(torch.tensor(0.0)).item() == pytest.approx(math.pi / 2)
     assert get_activation("sigmoid:4")(torch.tensor(0.5)).item() == pytest.approx(1 / (1 + math.exp(-2)))
     x = torch.tensor([0.5, -2.0])

@@ -141,8 +141,14 @@ def test_study_and_robustness_reports(run):
     worst = [r for r in rob if r["attack"] == "worst-case"]
     for r in worst:  # the worst case is at most every single attack
         single = [float(s["acc_ot"]) for s in rob if s["model"] == r["model"] and s["eps"] == r["eps"]
-                  and s["attack"] not in ("worst-case", "none")]
+                  and s["attack"] != "none" and not s["attack"].startswith("worst-case")]
         assert float(r["acc_ot"]) <= min(single) + 1e-9
+    for r in rob:  # each escalation level (doubling on the survivors) only adds broken images
+        if r["attack"].startswith("worst-case ") and r["attack"].endswith("×"):
+            key = "acc_lap" if r["acc_lap"] not in ("", "nan") else "acc_ot"
+            base = next(w for w in worst if w["model"] == r["model"] and w["eps"] == r["eps"])
+            assert float(r[key]) <= float(base[key]) + 1e-9
+    assert any(r["attack"] == "worst-case 2×" for r in rob)
     assert "Sanity checks" in (out / "robustness.md").read_text()
 
 

@@ -167,3 +167,26 @@ def test_pgd_respects_the_budget_and_the_pixel_range():
     for attack in (lambda: pgd(model, x, y, 0.1, steps=5), lambda: fgsm(model, x, y, 0.1)):
         xa = attack()
         assert (xa - x).abs().max() <= 0.1 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+
+
+def test_escalation_attacks_only_survivors_and_never_revives_a_broken_image(digits_models, monkeypatch):
+    *_, x, y, thr = digits_models
+    import glrnet.robustness as rb
+    st = AttackSettings(steps=2, eot_samples=2, lr_samples=16, spsa_samples=4, spsa_steps=1, random_draws=1,
+                        lap_replications=50, losses=("ce",), max_doublings=3)
+    alive = attack_model(thr, True, x, y, 0.1, st)["worst-case"]["lap"]
+    seen = []
+    real = rb.attack_model
+    monkeypatch.setattr(rb, "attack_model", lambda m, n, xs, *a, **k: seen.append(len(xs)) or real(m, n, xs, *a, **k))
+    levels = rb.escalate(thr, True, x, y, 0.1, st, alive, tolerance=-1.0)     # never converged: every level runs
+    assert [m for m, _ in levels] == [2, 4, 8]
+    path = [alive.double().mean().item()] + [a for _, a in levels]
+    assert all(b <= a for a, b in zip(path, path[1:])), path                 # a union only shrinks
+    assert seen[0] == int(alive.sum()) and all(b <= a for a, b in zip(seen, seen[1:])), seen
+    assert path[-1] < path[0]                                                # 8× the effort breaks more of them
+    assert len(rb.escalate(thr, True, x, y, 0.1, st, alive, tolerance=1.0)) == 1   # stops at the first level
+
+
+def test_attack_settings_name_a_bad_value():
+    with pytest.raises(ValueError, match="max_doublings must be ≥ 1, got 0"):
+        AttackSettings(max_doublings=0)

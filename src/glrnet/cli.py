@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--run", required=True, nargs="+", help="run folder(s) to attack")
     add_data_options(b, required_dataset=True)
     b.add_argument("--eps", default="0.05,0.1,0.15,0.2,0.25,0.3", help="comma-separated L∞ budgets")
-    b.add_argument("--headline", type=float, default=None, help="ε of the transfer and 2× checks "
+    b.add_argument("--headline", type=float, default=None, help="ε of the transfer and convergence checks "
                    "(default: the middle of --eps)")
     b.add_argument("--source", default=None, help="a run folder of a network to transfer FGSM from")
     b.add_argument("--images", type=int, default=500, help="test images attacked")
@@ -236,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=100, help="APGD steps per restart")
     b.add_argument("--restarts", type=int, default=1, help="APGD restarts")
     b.add_argument("--lap-replications", type=int, default=1000, help="K of the defended LAP predictor")
+    b.add_argument("--lr-samples", type=int, default=512, help="samples of the likelihood-ratio input gradient")
+    b.add_argument("--spsa-samples", type=int, default=64, help="SPSA perturbations per step")
+    b.add_argument("--spsa-steps", type=int, default=40, help="SPSA steps")
+    b.add_argument("--max-doublings", type=int, default=3, help="convergence check: at most this many doublings "
+                   "of steps, restarts and samples on the surviving images")
     b.add_argument("--seed", type=int, default=0, help="seed")
     b.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     b.add_argument("--out", required=True, help="output folder")

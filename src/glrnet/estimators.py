@@ -218,7 +218,8 @@ class GLR:
                 a = a * score_scale
             offset = 0
             for t, (layer, unit) in enumerate(zip(layers, shapes)):
-                s = scores[..., offset:offset + widths[t]].reshape(k, B, *unit)
+                s_flat = scores[..., offset:offset + widths[t]]           # (k, B, units), a view
+                s = s_flat.reshape(k, B, *unit)
                 offset += widths[t]
                 if self.baseline and not acc.direct:
                     acc.score_per_input[t].add_(s.sum(0), alpha=score_scale)
@@ -227,7 +228,9 @@ class GLR:
                             g_acc.add_(g, alpha=score_scale)
                 aw = a.reshape(k, B, *[1] * len(unit))
                 if t == 0:  # the first noisy layer's input is the same for all replications: Σₖ a s first
-                    g = layer.glr_grads(inputs[0], torch.einsum("kb,kb...->b...", a, s))
+                    # (one batched (1 × k)·(k × units) product per input, reading s in place)
+                    sa = torch.bmm(a.t().unsqueeze(1), s_flat.transpose(0, 1)).reshape(B, *unit)
+                    g = layer.glr_grads(inputs[0], sa)
                 else:
                     g = layer.glr_grads(inputs[t].reshape(k * B, *inputs[t].shape[2:]),
                                         (s * aw).reshape(k * B, *unit))
