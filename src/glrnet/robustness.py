@@ -402,15 +402,16 @@ def escalate(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: flo
     return levels
 
 
-def sanity_checks(models: dict[str, tuple[NoisySequential, bool]], rows: list[dict], x, y, headline: float,
-                  st: AttackSettings, source: NoisySequential | None = None, check_eps: list[float] | None = None,
-                  quiet: bool = False, survivors: dict | None = None) -> list[dict]:
+def sanity_checks(models: dict[str, tuple[NoisySequential, bool]], rows: list[dict], survivors: dict, x, y,
+                  headline: float, st: AttackSettings, source: NoisySequential | None = None,
+                  check_eps: list[float] | None = None, quiet: bool = False) -> list[dict]:
     """The protocol's self-checks (each a measured pass / fail with its numbers).
 
     The convergence check (``escalate``) doubles steps, restarts and samples on the images
     that survived every attack, at ``check_eps`` (default: the headline ε), until a doubling
     moves the worst case by at most ``CONVERGENCE_TOLERANCE``; it passes when the last one
-    did. Its levels are appended to ``rows`` as attacks ``worst-case 2×``, ``4×``, …
+    did. ``survivors`` are the per-image worst-case masks that ``evaluate_robustness`` filled.
+    Its levels are appended to ``rows`` as attacks ``worst-case 2×``, ``4×``, …
     """
     def acc(model, attack, eps, key):
         r = next((r for r in rows if r["model"] == model and r["attack"] == attack and r["eps"] == eps), None)
@@ -438,11 +439,7 @@ def sanity_checks(models: dict[str, tuple[NoisySequential, bool]], rows: list[di
         for eps in check_eps or [headline]:
             t0 = time.perf_counter()
             base = acc(name, "worst-case", eps, key)
-            if survivors is None or (name, eps) not in survivors:   # the caller kept no masks: attack all again
-                alive = attack_model(model, noisy, x, y, eps, st, source)["worst-case"][key[4:]]
-            else:
-                alive = survivors[name, eps]
-            levels = escalate(model, noisy, x, y, eps, st, alive, source, progress=not quiet)
+            levels = escalate(model, noisy, x, y, eps, st, survivors[name, eps], source, progress=not quiet)
             path = [base] + [a for _, a in levels]
             moved = path[-2] - path[-1]
             checks.append({"model": name, "check": f"doubling steps, restarts and samples (on the surviving images) "
@@ -556,8 +553,8 @@ def attack_and_report(out: Path, models: dict[str, tuple[NoisySequential, bool]]
         survivors = {}
         one = {name: entry}
         model_rows = evaluate_robustness(one, x, y, eps, st, source=source, quiet=quiet, survivors=survivors)
-        checks += sanity_checks(one, model_rows, x, y, headline, st, source,
-                                [headline] if check_eps is None else check_eps, quiet, survivors)
+        checks += sanity_checks(one, model_rows, survivors, x, y, headline, st, source,
+                                [headline] if check_eps is None else check_eps, quiet)
         rows += model_rows
         write_reports(out, rows, checks, headline, st, len(x), title=title)
     return rows, checks
