@@ -1,18 +1,21 @@
 """GLR step of a noisy CNN against its floor and against a back-propagation step, side by side.
 
-    python benchmarks/bench_cnn.py [--device cpu|cuda] [--repeats 7] [--K 100] [--B 32] [--out FILE]
+    python benchmarks/bench_cnn.py [--device cpu|cuda] [--repeats 7] [--K 100] [--B 32] [--out FILE] [--src DIR]
 
 The network is the issue's LeNet-style CNN on 28×28 inputs: NoisyConv2d(1, 6, 5) → max-pool 2 →
 NoisyConv2d(6, 16, 5) → max-pool 2 → flatten → NoisyLinear(256, 10), σ = 2, cross-entropy.
 For sigmoid and threshold units it measures (medians, all in one process, measured round-robin):
 
-* ``glr``      — ``glrnet.GLR(replications=K).estimate`` (plain, and with the baseline);
+* ``glr``      — ``glrnet.GLR(replications=K, baseline=False).estimate`` (plain, and with the
+                 baseline; each also with ``prefetch=True``: noise drawn on a helper thread);
 * ``floor``    — what any GLR implementation must do: draw the K·B·Σwidths noise values and run
                  the K·B noisy forward passes (no gradient work at all);
 * ``bp``       — one back-propagation step (noise-free forward + backward) of the same CNN
                  on the same B images, the cost GLR replaces.
 
-Prints glr/floor (overhead over the unavoidable work) and glr/bp, and writes JSON.
+Prints glr/floor (overhead over the unavoidable work) and glr/bp, and writes JSON. ``--src DIR``
+imports glrnet from another source tree (e.g. a worktree of the previous commit), so two commits
+can be compared by their ratios to the same floor.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import platform
 import statistics
 import time
 
+import sys
+
 import torch
 
-import glrnet
 
-
-def lenet(activation: str) -> glrnet.NoisySequential:
+def lenet(activation: str):
+    import glrnet
     return glrnet.NoisySequential(
         glrnet.NoisyConv2d(1, 6, 5, activation=activation), torch.nn.MaxPool2d(2),
         glrnet.NoisyConv2d(6, 16, 5, activation=activation), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
@@ -60,9 +64,13 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=100)
     ap.add_argument("--B", type=int, default=32)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--src", default=None, help="import glrnet from this source folder")
     args = ap.parse_args()
+    if args.src:
+        sys.path.insert(0, args.src)
+    import glrnet
     dev, K, B = args.device, args.K, args.B
-    results = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    results = {"src": glrnet.__file__, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "device": dev, "K": K, "B": B, "rows": []}
     for act in ("sigmoid", "threshold"):
         torch.manual_seed(0)
@@ -70,10 +78,13 @@ def main() -> None:
         x = torch.rand(B, 1, 28, 28, device=dev)
         y = torch.randint(0, 10, (B,), device=dev)
         gen = torch.Generator(device=dev).manual_seed(0)
-        plain = glrnet.GLR(replications=K, generator=gen)
-        base = glrnet.GLR(replications=K, baseline=True, generator=gen)
-        chunk = max(1, min(K, plain._chunk_size(net, B, 4, K, 1)))
-        buf = torch.empty(chunk, B, sum(net.widths), device=dev)
+        plain = glrnet.GLR(replications=K, baseline=False, generator=gen, prefetch=False)
+        base = glrnet.GLR(replications=K, baseline=True, generator=gen, prefetch=False)
+        plain_pf = glrnet.GLR(replications=K, baseline=False, generator=gen, prefetch=True)
+        base_pf = glrnet.GLR(replications=K, baseline=True, generator=gen, prefetch=True)
+        width = sum(net.widths)
+        chunk = max(1, min(K, int(16 * 2**20) // (B * 6 * width * 4)))   # a 16 MB working set per chunk
+        buf = torch.empty(chunk, B, width, device=dev)
 
         @torch.no_grad()
         def floor():
@@ -87,17 +98,21 @@ def main() -> None:
 
         row = {"activation": act}
         fns = {"floor": floor, "glr": lambda: plain.estimate(net, x, y),
-               "glr_baseline": lambda: base.estimate(net, x, y), "bp": bp}
+               "glr_baseline": lambda: base.estimate(net, x, y), "glr_prefetch": lambda: plain_pf.estimate(net, x, y),
+               "glr_baseline_prefetch": lambda: base_pf.estimate(net, x, y), "bp": bp}
         for name, sec in median_times(fns, args.repeats, dev).items():
             row[name + "_ms"] = 1000 * sec
         row["glr_over_floor"] = row["glr_ms"] / row["floor_ms"]
         row["glr_baseline_over_floor"] = row["glr_baseline_ms"] / row["floor_ms"]
+        row["glr_prefetch_over_floor"] = row["glr_prefetch_ms"] / row["floor_ms"]
+        row["glr_baseline_prefetch_over_floor"] = row["glr_baseline_prefetch_ms"] / row["floor_ms"]
         row["glr_over_bp"] = row["glr_ms"] / row["bp_ms"]
         row["sample_replications_per_s"] = K * B / (row["glr_ms"] / 1000)
         results["rows"].append(row)
         print(f"{act:9s} K={K} B={B}: floor {row['floor_ms']:.1f} ms | GLR {row['glr_ms']:.1f} ms "
               f"({row['glr_over_floor']:.2f}× floor) | GLR+baseline {row['glr_baseline_ms']:.1f} ms "
-              f"({row['glr_baseline_over_floor']:.2f}× floor) | BP step {row['bp_ms']:.2f} ms "
+              f"({row['glr_baseline_over_floor']:.2f}× floor) | prefetch: {row['glr_prefetch_over_floor']:.2f}× / "
+              f"{row['glr_baseline_prefetch_over_floor']:.2f}× | BP step {row['bp_ms']:.2f} ms "
               f"(GLR = {row['glr_over_bp']:.0f}× BP) | {row['sample_replications_per_s']:.3g} sample-rep/s",
               flush=True)
     if args.out:

@@ -1,13 +1,17 @@
 """GLR step throughput: glrnet vs the seed's naive style vs the machine's floor, side by side.
 
     python benchmarks/bench_glr.py [--device cpu|cuda] [--repeats 15] [--out benchmarks/results.json]
+                                   [--compare-src DIR]
 
 For each configuration (the seed's 196-20-10, K = 10000, batch 25; and 784-256-256-10,
 K = 1000, batch 64; σ = 2, cross-entropy; sigmoid and threshold) it measures, each in a
 fresh subprocess (so peak memory is per measurement), the median time of one gradient
 estimate for:
 
-* ``ours``   — ``glrnet.GLR.estimate``;
+* ``ours``   — ``glrnet.GLR(baseline=False).estimate`` (the plain estimator, like the others);
+* ``ours-prefetch`` — the same with ``prefetch=True`` (noise drawn on a helper thread, torch's
+               threads lowered by one for the call): what prefetching buys;
+* ``ours-antithetic`` — ``sampler="antithetic"`` (half the random numbers);
 * ``naive``  — the seed's style: each input replicated K times, every per-sample outer
                product s·xᵀ materialised and averaged (a Python loop over the batch keeps
                it inside memory);
@@ -16,12 +20,15 @@ estimate for:
 
 Prints ours/naive (speed-up) and ours/floor (overhead) and writes JSON. Also: LAP
 prediction throughput at K = 10000 and a back-propagation epoch (6000 images, batch 25).
+``--compare-src DIR`` also measures ``ours`` and ``ours-prefetch`` of the glrnet in DIR (e.g. a
+worktree of the previous commit, ``git worktree add /tmp/prev HEAD~1``) in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -88,11 +95,14 @@ def one(impl: str, config: str, activation: str, device: str, repeats: int) -> d
     K, B, widths = c["K"], c["B"], c["sizes"][1:]
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     warmup = 2
-    if impl == "ours":
-        est = glrnet.GLR(replications=K)
+    if impl in ("ours", "ours-prefetch"):
+        est = glrnet.GLR(replications=K, baseline=False, prefetch=impl == "ours-prefetch")
         fn = lambda: est.estimate(model, x, y)  # noqa: E731
     elif impl == "ours-antithetic":
-        est = glrnet.GLR(replications=K, antithetic=True)
+        try:
+            est = glrnet.GLR(replications=K, baseline=False, sampler="antithetic")
+        except TypeError:   # glrnet before samplers
+            est = glrnet.GLR(replications=K, baseline=False, antithetic=True)
         fn = lambda: est.estimate(model, x, y)  # noqa: E731
     elif impl == "naive":
         fn = lambda: naive_estimate(model, x, y, K)  # noqa: E731
@@ -152,6 +162,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--out", default="benchmarks/results.json")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names")
+    p.add_argument("--compare-src", default=None, help="also measure the glrnet in this source folder")
     p.add_argument("--one", nargs=3, metavar=("IMPL", "CONFIG", "ACTIVATION"), help=argparse.SUPPRESS)
     p.add_argument("--extras", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -162,15 +173,21 @@ def main() -> None:
         print(json.dumps(lap_and_bp(args.device, args.repeats)))
         return
 
-    def sub(*extra):
+    def sub(*extra, src=str(Path(__file__).resolve().parents[1] / "src")):
         cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats), *extra]
-        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        env = {**os.environ, "PYTHONPATH": src}
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env
+                                         ).stdout.strip().splitlines()[-1])
 
     rows = []
     for config in args.configs.split(","):
         for act in ("sigmoid", "threshold"):
-            r = {i: sub("--one", i, config, act) for i in ("ours", "ours-antithetic", "naive", "floor")}
+            r = {i: sub("--one", i, config, act) for i in ("ours", "ours-prefetch", "ours-antithetic", "naive", "floor")}
+            if args.compare_src:
+                for i in ("ours", "ours-prefetch"):
+                    r["previous-" + i] = sub("--one", i, config, act, src=args.compare_src)
             rows.append({"config": config, "activation": act, **{f"{i}_s": r[i]["median_s"] for i in r},
+                         **{f"{i}_over_floor": r[i]["median_s"] / r["floor"]["median_s"] for i in r if i != "floor"},
                          **{f"{i}_peak_rss_mb": r[i]["peak_rss_mb"] for i in r},
                          "ours_sample_replications_per_s": r["ours"]["sample_replications_per_s"],
                          "speedup_vs_naive": r["naive"]["median_s"] / r["ours"]["median_s"],
@@ -179,7 +196,10 @@ def main() -> None:
             row = rows[-1]
             print(f"{config:34s} {act:9s} ours {row['ours_s'] * 1e3:8.1f} ms  naive {row['naive_s'] * 1e3:9.1f} ms  "
                   f"floor {row['floor_s'] * 1e3:7.1f} ms  |  ours/naive speed-up {row['speedup_vs_naive']:6.1f}×  "
-                  f"ours/floor {row['ours_over_floor']:.2f}  antithetic/floor {row['antithetic_over_floor']:.2f}  "
+                  f"ours/floor {row['ours_over_floor']:.2f}  prefetch/floor {row['ours-prefetch_over_floor']:.2f}  "
+                  f"antithetic/floor {row['antithetic_over_floor']:.2f}  "
+                  + (f"previous ours/floor {row['previous-ours_over_floor']:.2f}, prefetch "
+                     f"{row['previous-ours-prefetch_over_floor']:.2f}  " if args.compare_src else "") +
                   f"|  {row['ours_sample_replications_per_s']:.3g} sample-rep/s  peak RSS {row['ours_peak_rss_mb']:.0f} MB "
                   f"(naive {row['naive_peak_rss_mb']:.0f} MB)", flush=True)
     extras = sub("--extras")

@@ -21,7 +21,7 @@ def main(out: str, parallel: str, variant: str, n: int, k: int, arch: str = "mlp
     torch.set_default_dtype(torch.float64)
     distributed.init_from_env("cpu")
     model, x, y = problem(arch)
-    kw = {"plain": {}, "baseline": {"baseline": True}, "both": {"baseline": True, "antithetic": True}}[variant]
+    kw = {"plain": {"baseline": False}, "baseline": {"baseline": True}, "both": {"baseline": True, "sampler": "antithetic"}}[variant]
     est = distributed.DistributedGLR(parallel=parallel, replications=k,
                                      generator=distributed.rank_generator(0), **kw)
     xs, ys = distributed.shard_batch(x, y, type("C", (), {"parallel": parallel}))

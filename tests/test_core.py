@@ -139,9 +139,9 @@ def test_bad_batches_rejected(setup, change, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(replications=1, baseline=True), "baseline needs replications ≥ 2"),
-    (dict(replications=2, baseline=True, antithetic=True), "≥ 4"),
-    (dict(replications=5, antithetic=True), "even number"),
+    (dict(replications=1, baseline=True), "baseline needs ≥ 2 groups"),
+    (dict(replications=2, baseline=True, sampler="antithetic"), "≥ 2 groups"),
+    (dict(replications=5, sampler="antithetic"), "not a multiple"),
     (dict(replications=0), "positive integer"),
     (dict(loss="hinge"), "unknown loss 'hinge'; valid: cross_entropy, zero_one"),
     (dict(memory_budget_mb=0), "memory_budget_mb"),

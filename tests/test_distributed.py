@@ -45,7 +45,7 @@ def test_distributed_estimator_unbiased_and_equal_to_single_process(tmp_path, fl
     torchrun([str(HERE / "dist_worker.py"), str(out), parallel, variant, str(n), str(k), arch])
     dist_samples = torch.load(out)["samples"]
     model, x, y = problem(arch)
-    kw = {"plain": {}, "baseline": {"baseline": True}, "both": {"baseline": True, "antithetic": True}}[variant]
+    kw = {"plain": {"baseline": False}, "baseline": {"baseline": True}, "both": {"baseline": True, "sampler": "antithetic"}}[variant]
     single = glr_samples(model, x, y, n=n, replications=k, **kw)
     print(assert_means_equal(dist_samples, single))
     assert_means_equal(dist_samples, pathwise_samples(model, x, y, n=n, replications=2000))

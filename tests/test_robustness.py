@@ -81,7 +81,7 @@ def one_hidden_threshold(seed=0):
 def analytic_grad(model, x, c):
     """∇ₓ E[c · output] = W₀ᵀ diag(φ(z/σ)/σ) W₁ᵀ c for E[out] = W₁ Φ(z/σ) + b₁, z = W₀x + b₀."""
     sigma = model.noise.stddev.item()
-    z = model.layers[0](x)
+    z = model.layers[0].affine(x)
     dens = torch.exp(-0.5 * (z / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
     return (dens * (c @ model.layers[1].weight)) @ model.layers[0].weight
 

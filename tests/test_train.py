@@ -110,7 +110,7 @@ def test_cli_help_documents_every_option_with_default(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     for opt in ["--dataset", "--data-dir", "--image-size", "--hidden", "--activation", "--output-activation",
-                "--loss", "--noise", "--noise-std", "--replications", "--baseline", "--antithetic", "--method",
+                "--loss", "--noise", "--noise-std", "--replications", "--baseline", "--sampler", "--injection", "--method",
                 "--optimizer", "--lr", "--epochs", "--batch-size", "--seed", "--device", "--out", "--resume"]:
         assert opt in text, opt
     assert "(default: 1000)" in text

@@ -11,7 +11,9 @@ from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .data import DATASETS, SPLITS, DataError, describe_datasets
 from .losses import LOSSES
+from .estimators import INJECTIONS
 from .noise import KINDS
+from .samplers import SAMPLERS
 from .train import METHODS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -38,6 +40,16 @@ def _hidden(text: str) -> list[int]:
     if not widths or min(widths) < 1:
         raise argparse.ArgumentTypeError(f"--hidden needs positive widths, got {text!r}")
     return widths
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers like 0,1,2, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds needs distinct integers, got {text!r}")
+    return seeds
 
 
 def _activation(text: str) -> str:
@@ -81,8 +93,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("estimator")
     g.add_argument("--method", choices=METHODS, default=d.method, help="glr, or bp (back-propagation)")
     g.add_argument("--replications", type=int, default=d.replications, help="K noisy replications per input")
-    g.add_argument("--baseline", action="store_true", help="leave-one-out baseline (control variate)")
-    g.add_argument("--antithetic", action="store_true", help="antithetic noise pairs r, −r")
+    g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=d.baseline,
+                   help="leave-one-out baseline (control variate); --no-baseline: the seed's plain estimator")
+    g.add_argument("--sampler", choices=list(SAMPLERS), default=d.sampler,
+                   help="noise sampler: iid, antithetic (pairs r, −r), qmc (randomized Sobol nets)")
+    g.add_argument("--injection", choices=list(INJECTIONS), default=d.injection,
+                   help="all: every noisy layer noisy in every replication; layerwise: each replication noisy "
+                        "in one layer (K split evenly over the layers)")
     g.add_argument("--bp-noise", action="store_true", help="with --method bp: back-propagate through noisy "
                    "replications (smooth activations only)")
     g.add_argument("--memory-budget-mb", type=float, default=d.memory_budget_mb, help="working-set bound (MB)")
@@ -163,7 +180,8 @@ def cmd_datasets(args) -> int:
 def cmd_reproduce(args) -> int:
     from .experiments import reproduce
     reproduce(args.spec, args.out, dataset=args.dataset, data_dir=args.data_dir, quick=args.quick,
-              device=args.device, quiet=args.quiet, robustness=not args.no_robustness, export=args.export)
+              device=args.device, quiet=args.quiet, robustness=not args.no_robustness, export=args.export,
+              seeds=args.seeds)
     return 0
 
 
@@ -209,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run an experiment spec end to end: train every model (finished runs are "
                                    "reused, interrupted ones resumed), calibrate ε, transfer FGSM, write tables, "
                                    "CSV and figures, then the adaptive-attack protocol.")
-    r.add_argument("--spec", default=None, help="experiment spec (TOML); default: the packaged paper.toml")
+    r.add_argument("--spec", default=None, help="experiment spec: a TOML file, or the name of a packaged one "
+                   "(paper, paper-seeds, fashion, fashion-seeds, mnist-10k, quick); default: paper")
+    r.add_argument("--seeds", type=_seeds, default=None, help="train and evaluate every model once per seed, "
+                   "e.g. 0,1,2 (tables show mean and min–max); default: the spec's seeds, else each model's own")
     r.add_argument("--dataset", choices=DATASETS, default=None, help="override the spec's dataset")
     r.add_argument("--data-dir", default=None, help="IDX folder for mnist / fashion-mnist")
     r.add_argument("--quick", action="store_true", help="the whole pipeline on digits (about 30 s on 2 CPU cores without the attacks)")

@@ -13,32 +13,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .model import NoisyLayer, NoisySequential
+from torch import nn
+
+from .layers import Injection, noisy_layers
+from .model import bind
 
 NOISE_FIELDS = ["layer", "shape", "spectral_norm", "preact_rms", "noise_std", "rms_over_std", "frac_within_std"]
 
 
 @torch.no_grad()
-def noise_scale(model: NoisySequential, x: Tensor) -> list[dict]:
-    """One row per noisy layer: spectral norm of its weight (a convolution's reshaped to
-    (out, in·kh·kw)), RMS of its noise-free pre-activation on ``x``, σ, RMS/σ, and the
+def noise_scale(model: nn.Module, x: Tensor) -> list[dict]:
+    """One row per noisy layer (execution order): spectral norm of its weight (a convolution's
+    reshaped to (out, in·kh·kw)), RMS of its noise-free pre-activation on ``x``, σ, RMS/σ, and the
     fraction of (unit, input) pairs with |z| < σ."""
-    std = float(model.noise.stddev)
-    rows, h, t = [], model.bind(x), 0
-    for m in model.layers:
-        h = m(h)
-        if not isinstance(m, NoisyLayer):
-            continue
+    x = bind(model, x)
+    layers = noisy_layers(model)
+    with Injection(layers, 1, x.shape[0], record=True) as inj:
+        model(x)
+    rows = []
+    for t, i in enumerate(inj.order):
+        m, z = layers[i], inj.preactivations[i]
+        std = float(m.noise.stddev)
         w = m.weight.double().reshape(m.weight.shape[0], -1)
-        rms = h.double().pow(2).mean().sqrt().item()
+        rms = z.double().pow(2).mean().sqrt().item()
         rows.append({"layer": t, "shape": f"{w.shape[1]}→{w.shape[0]}" if isinstance(m, torch.nn.Linear)
                      else f"conv {tuple(m.weight.shape)}",
                      "spectral_norm": torch.linalg.matrix_norm(w, ord=2).item(), "preact_rms": rms,
                      "noise_std": std, "rms_over_std": rms / std,
-                     "frac_within_std": (h.abs() < std).double().mean().item()})
-        if m.activation is not None:
-            h = m.activation(h)
-        t += 1
+                     "frac_within_std": (z.abs() < std).double().mean().item()})
     return rows
 
 
@@ -56,17 +58,20 @@ def noise_scale_table(per_model: dict[str, list[dict]]) -> str:
 GRADIENT_FIELDS = ["layer", "parameter", "mean_norm", "single_estimate_std", "noise_to_signal"]
 
 
-def gradient_noise(model: NoisySequential, x: Tensor, y: Tensor, estimator, estimates: int = 20) -> list[dict]:
-    """How noisy is one gradient estimate, per noisy layer and parameter? From ``estimates``
-    independent estimates on the same batch: ‖mean‖, √(Σ var) (the spread of one estimate)
-    and their ratio. A ratio ≫ 1 means a step is mostly noise for that layer: raise K, use
-    the baseline, or lower that layer's learning rate."""
-    samples = [estimator.estimate(model, x, y)[0] for _ in range(estimates)]
+def gradient_noise(model: nn.Module, x: Tensor, y: Tensor, estimator) -> list[dict]:
+    """How noisy is one gradient estimate, per noisy layer and parameter? From one call of
+    ``estimator.estimate(..., return_variance=True)``: the norm of the expected gradient
+    (√(‖ĝ‖² − Σ var), unbiased for its square), √(Σ var) (the spread of the estimate) and their ratio. A ratio ≫ 1 means a step is mostly noise for that layer: raise K,
+    use the baseline, or lower that layer's learning rate."""
+    grads, stats = estimator.estimate(model, x, y, return_variance=True)
     rows, i = [], 0
-    for t, layer in enumerate(model.noisy_layers):
-        for name, _ in layer.named_parameters():
-            g = torch.stack([s[i] for s in samples]).double()
-            mean, std = g.mean(0).norm().item(), g.var(0).sum().sqrt().item()
+    for t, layer in enumerate(noisy_layers(model)):
+        for name, p in layer.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            var = stats.variance[i].double().sum().item()
+            # ‖E ĝ‖² = E‖ĝ‖² − Σ var: the signal's norm without the noise's share of ‖ĝ‖
+            mean, std = max(grads[i].double().pow(2).sum().item() - var, 0.0) ** 0.5, var ** 0.5
             rows.append({"layer": t, "parameter": name, "mean_norm": mean, "single_estimate_std": std,
                          "noise_to_signal": std / max(mean, 1e-300)})
             i += 1

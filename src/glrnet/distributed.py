@@ -108,16 +108,14 @@ class DistributedGLR(GLR):
     batch when ``parallel="replications"``); every rank ends with the same ``.grad``.
     """
 
-    _single_process = False  # Sᵢ needs every rank's losses: the baseline goes through per-input sums
-
     def __init__(self, parallel: str = "replications", **kwargs):
-        super().__init__(**kwargs)
         self.parallel = parallel
         _, self.d_count, _, self.r_count = grid_position(parallel)
-        m = 2 if self.antithetic else 1
-        if self.replications % (self.r_count * m):
-            raise ValueError(f"replications ({self.replications}) must divide evenly over {self.r_count} "
-                             f"replication ranks{' in antithetic pairs' if m == 2 else ''}")
+        replications = kwargs.get("replications", 1000)
+        if replications % self.r_count:
+            raise ValueError(f"replications ({replications}) must divide evenly over {self.r_count} "
+                             "replication ranks")
+        super().__init__(**kwargs)
 
     def estimate(self, model, x: Tensor, y: Tensor):
         # the whole batch's size and this shard's offset in it: one all-gather per call
@@ -128,8 +126,8 @@ class DistributedGLR(GLR):
         self._offset, self._total = sum(per_group[: rank() // self.r_count]), sum(per_group)
         return super().estimate(model, x, y)
 
-    def _local_replications(self) -> int:
-        return self.replications // self.r_count
+    def _ranks(self) -> int:
+        return self.r_count
 
     def _global_batch(self, x: Tensor) -> int:
         return self._total
@@ -142,12 +140,12 @@ class DistributedGLR(GLR):
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def _combine_loss_sums(self, acc, x: Tensor) -> None:
+    def _combine_loss_sums(self, S: Tensor, x: Tensor) -> Tensor:
         """Sᵢ over every replication rank: scatter into a whole-batch vector, one all-reduce."""
         full = torch.zeros(self._total, dtype=x.dtype, device=x.device)
-        full[self._offset:self._offset + x.shape[0]] = acc.loss_per_input
+        full[self._offset:self._offset + x.shape[0]] = S
         dist.all_reduce(full)
-        acc.loss_per_input = full[self._offset:self._offset + x.shape[0]]
+        return full[self._offset:self._offset + x.shape[0]]
 
 
 class DataParallelBackprop:

@@ -6,33 +6,28 @@ Both write ``param.grad`` (adding to it, as autograd does) and leave the step to
     est = glrnet.GLR(loss="zero_one", replications=1000)
     opt.zero_grad(); stats = est.backward(model, x, y); opt.step()
 
-The GLR estimator (Xiao, Peng, Hong & Ke) of ∇θ E[L] for a network whose neuron a of
-layer l has pre-activation v = (W x + b)ₐ + rₐ, r ~ f i.i.d., with score
-s(r) = −d log f(r)/dr:
+The generalized likelihood ratio (Xiao, Peng, Hong & Ke). A noisy layer l maps its input h
+to v = layer(h) + r, r ~ f i.i.d. per unit, with score s(r) = −d log f(r)/dr. Then
 
-    ∂E[L]/∂W⁽ˡ⁾ₐ,ᵦ = E[ L · s(r⁽ˡ⁾ₐ) · x⁽ˡ⁾ᵦ ],      ∂E[L]/∂b⁽ˡ⁾ₐ = E[ L · s(r⁽ˡ⁾ₐ) ].
+    ∇θₗ E[L] = E[ L · J_θₗ(layer(h))ᵀ s(r) ],
 
-It needs neither φ nor L to be differentiable (only f). With K replications of each
-of the B inputs of a batch, the estimate of ∇θ (1/B) Σᵢ E[L(xᵢ, yᵢ)] is
+the layer's own parameter gradient under the cotangent L · s(r) (for a linear layer
+∂/∂Wₐᵦ = E[L · s(rₐ) · hᵦ]). Neither φ nor L is differentiated: only f. With K
+replications of each of the B inputs, and loss weights w = L − b from a control variate,
 
-    Ĝ⁽ˡ⁾ = 1/(K·B) Σₖ Σᵢ wₖᵢ · s(r⁽ˡ⁾ₖᵢ) x⁽ˡ⁾ₖᵢᵀ,
+    Ĝₗ = 1/(K·B) Σₖ Σᵢ J_θₗ(layer(hₖᵢ))ᵀ (wₖᵢ · s(rₖᵢ)),
 
-one matrix product per layer over the flattened (k, i) axis — for any noisy layer (a
-convolution too), that layer's own parameter gradient under the cotangent w ⊙ s(r),
-summed over (k, i); see :class:`glrnet.model.NoisyLayer` — where w = L for the
-plain estimator, and with a control variate (baseline) that does not depend on
-replication k's own noise, so the estimate stays exactly unbiased:
+which is exactly the autograd gradient of Σₗ ⟨stop_grad(w ⊙ s(rₗ)), layerₗ(stop_grad(hₗ))⟩ / (K·B):
+:func:`reference_estimate`, a few lines. :class:`GLR` computes the same numbers fast — in
+chunks of replications under a memory budget, the first noisy layer's input shared by all
+replications, closed-form layer gradients, the Normal score reusing the noise buffer — and
+is tested equal to the reference on the same noise. The parts it composes:
 
-    leave-one-out    wₖᵢ = Lₖᵢ − (Sᵢ − Lₖᵢ)/(K − 1),            Sᵢ = Σⱼ Lⱼᵢ
-    antithetic pairs  r and −r (all layers at once) for k and its partner k';
-                      each replication is still marginally ~ f, so w = L is unbiased
-    both              leave-pair-out: wₖᵢ = Lₖᵢ − (Sᵢ − Lₖᵢ − Lₖ'ᵢ)/(K − 2)
-
-Sᵢ is known only after all chunks of replications (and, distributed, all ranks)
-are done. We therefore split w into a part known within the chunk and one that is
-not: wₖᵢ = aₖᵢ − Sᵢ/(K − m), with aₖᵢ = Lₖᵢ K/(K−1) (m = 1) or Lₖᵢ + Pₖᵢ/(K−2)
-(m = 2, P the pair sum), and accumulate Σ a s xᵀ plus, per input, Σₖ s xᵀ. The
-result is the same for any chunking (exactly, for the same random stream).
+* a sampler (samplers.py): i.i.d., antithetic pairs, randomized QMC;
+* a control variate (control_variates.py): none, leave-one-out (leave-group-out);
+* an injection: ``"all"`` (every noisy layer noisy in every replication: the seed's
+  estimator, unbiased for ∇E[L]) or ``"layerwise"`` (each replication noisy in one layer only:
+  K/n replications per layer, unbiased for layer l's parameters for ∇E[L with noise in l only]).
 """
 
 from __future__ import annotations
@@ -41,11 +36,17 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .activations import activation_name
+from .control_variates import ControlVariate, get_control_variate
+from .layers import Injection, Layout, NoisyLayer, Probe, noisy_forward, noisy_layers, probe
 from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
-from .model import NoisySequential, check_batch
-from .noise import PREFETCH_CHUNK_MB, NoiseStream, linear_score_scale, score
+from .model import check_batch
+from .noise import PREFETCH_CHUNK_MB, Buffers, NoiseStream, linear_score_scale, score
+from .samplers import Sampler, get_sampler
+
+INJECTIONS = ("all", "layerwise")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -59,86 +60,143 @@ class GradStats:
     loss: Tensor                      # mean loss over the K·B (replication, input) pairs
     replications: int = 1
     chunks: int = 1
+    variance: list[Tensor] | None = None   # per parameter: variance of the estimate (return_variance)
     extra: dict = field(default_factory=dict)
 
 
-@dataclass
-class _Accumulator:
-    """Per-noisy-layer running sums of one GLR estimate (see the module docstring)."""
-
-    grads: list[list[Tensor]]         # Σ a · (layer gradient under cotangent s), per parameter of each layer
-    loss_per_input: Tensor            # Sᵢ = Σₖ Lₖᵢ, (B,)
-    score_per_input: list[Tensor]     # Σₖ sₖᵢ, (B, *units)                [baseline only]
-    grads_per_input: list             # Σₖ layer gradient of (sₖᵢ, hₖᵢ), (B, *param) [baseline; None for the first]
-    nonfinite: Tensor                 # count of non-finite losses
-    direct: bool = False              # baseline weights formed directly (all K in one chunk, one process)
+def trainable(layer: nn.Module) -> list[nn.Parameter]:
+    """A noisy layer's parameters that train (``requires_grad``), in ``parameters()`` order."""
+    return [p for p in layer.parameters(recurse=False) if p.requires_grad]
 
 
-def glr_parameters(model: NoisySequential) -> list[list[torch.nn.Parameter]]:
-    """Each noisy layer's parameters; a ``ValueError`` naming any parameter GLR cannot estimate
-    (one outside a noisy layer: GLR estimates a parameter through the noise it feeds)."""
-    owned = {id(p) for layer in model.noisy_layers for p in layer.parameters()}
+def glr_parameters(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Each noisy layer's trainable parameters (module order); a ``ValueError`` naming any trainable
+    parameter outside a noisy layer (GLR estimates a parameter through the noise it feeds)."""
+    layers = noisy_layers(model)
+    owned = {id(p) for layer in layers for p in layer.parameters(recurse=False)}
     for name, p in model.named_parameters():
         if id(p) not in owned and p.requires_grad:
             raise ValueError(f"parameter {name!r} {tuple(p.shape)} is not in a noisy layer, so GLR cannot estimate "
                              "its gradient: make its module a NoisyLinear / NoisyConv2d, or freeze it "
                              "(requires_grad=False)")
-    return [list(layer.parameters()) for layer in model.noisy_layers]
+    return [trainable(layer) for layer in layers]
+
+
+# ---------------------------------------------------------------------------- the definition
+def reference_estimate(model: nn.Module, x: Tensor, y: Tensor, loss, noise: dict[int, Tensor], groups: Tensor,
+                       group_size: int, control_variate: ControlVariate) -> dict[int, list[Tensor]]:
+    """The GLR estimate by its definition, for readers and tests (slow: no chunking, no sharing).
+
+    ``noise[i]`` (K, B, *units): the noise of noisy layer i (index into ``noisy_layers(model)``);
+    layers without an entry are noise-free. ``groups`` (K,): the sampler's dependence groups.
+    Returns, per layer with noise, the gradients of its trainable parameters.
+    """
+    layers = noisy_layers(model)
+    K, B = next(iter(noise.values())).shape[:2]
+    with torch.no_grad(), Injection(layers, K, B, noise, record=True) as inj:
+        out = model(x.repeat(K, *[1] * (x.dim() - 1)))                   # K·B full noisy passes
+    w = control_variate.weights(loss(out, y.repeat(K)).reshape(K, B), groups, group_size)
+    with torch.enable_grad():
+        surrogate = 0.0
+        for i, r in noise.items():
+            cotangent = w.reshape(K, B, *[1] * (r.dim() - 2)) * score(layers[i].noise, r)   # w ⊙ s(r)
+            z = layers[i].affine(inj.inputs[i].detach())                  # layer(stop_grad(h))
+            surrogate = surrogate + (cotangent.reshape(z.shape) * z).sum()
+        params = {i: trainable(layers[i]) for i in noise}
+        grads = iter(torch.autograd.grad(surrogate / (K * B), [p for ps in params.values() for p in ps]))
+    return {i: [next(grads) for _ in ps] for i, ps in params.items()}
+
+
+# ---------------------------------------------------------------------------- the fast path
+@dataclass
+class _Sums:
+    """Running sums of one sub-estimate (one set of noisy layers, one batch of replications)."""
+
+    grads: dict[int, list[Tensor]]          # Σ a · (layer gradient under s)
+    loss_per_input: Tensor                  # Sᵢ = Σₖ Lₖᵢ, (B,)
+    c: float = 0.0                          # w = a − c·Sᵢ
+    score_per_input: dict = field(default_factory=dict)   # layer → Σₖ sₖᵢ (B, *units) [chunked baseline]
+    grads_per_input: dict = field(default_factory=dict)   # layer → Σₖ per-input gradients [chunked baseline]
+    shared_inputs: dict = field(default_factory=dict)     # layer → its input (B, *in), if shared
+    nonfinite: Tensor | None = None
 
 
 class GLR:
-    """Generalized likelihood ratio estimator of ∇θ E[mean batch loss] for a :class:`NoisySequential`
-    (a :class:`NoisyMLP`, a noisy CNN, ...): the parameters of every noisy layer.
+    """Generalized likelihood ratio estimator of ∇θ E[mean batch loss] for any ``nn.Module`` whose
+    trainable parameters live in noisy layers (:class:`~glrnet.NoisyLinear`,
+    :class:`~glrnet.NoisyConv2d`) at any depth. Frozen parameters are skipped.
 
-    Requires: the noise density f differentiable (Normal, Laplace, Logistic, ...).
+    Requires: each layer's noise density f differentiable (Normal, Laplace, Logistic, ...).
     No requirement on the activations or the loss: only loss *values* are used.
 
     Args:
         loss: registered name (``cross_entropy``, ``zero_one``) or callable
             ``(outputs (N, C), targets (N,)) → (N,)``.
-        replications: K, noisy replications of every input.
-        baseline: leave-one-out control variate (K ≥ 2; leave-pair-out with antithetic).
-        antithetic: replications in pairs r, −r (K even); halves the random numbers drawn.
+        replications: K, noisy replications of every input (the budget of noisy forward passes
+            per input; with ``injection="layerwise"`` split evenly over the n noisy layers, K/n each).
+        baseline: the leave-one-out control variate (leave-group-out for antithetic / QMC
+            groups); ``False``: the seed's plain estimator; or a name / ControlVariate.
+        sampler: ``"iid"``, ``"antithetic"`` (pairs r, −r), ``"qmc"`` (randomized Sobol nets),
+            or a :class:`~glrnet.samplers.Sampler`.
+        injection: ``"all"`` (every noisy layer noisy in every replication) or ``"layerwise"``
+            (each replication noisy in one layer only: layer l's estimate comes from its own K/n
+            replications, with its own baseline, and is unbiased for ∇ of E[L with noise in layer
+            l only]; the layers before l run once per input, so its passes are cheaper).
         memory_budget_mb: bound on the working set; replications are processed in chunks.
         generator: ``torch.Generator`` for the noise (on the model's device). Default: one
             seeded from the global RNG at first use, so ``torch.manual_seed`` governs it.
         check_finite: raise :class:`NonFiniteLossError` if a loss is NaN/inf (one host
             synchronisation per call; turn off for CUDA-graph style training).
         prefetch: on a CPU, draw the next chunk's noise on a helper thread while the current
-            chunk is processed (random numbers are the serial bottleneck; see benchmarks/).
-            The first such call dedicates one core to it: torch's intra-op threads are
-            lowered by one for the process (:func:`glrnet.noise.reserve_core_for_noise`).
+            chunk is processed (torch's intra-op threads lowered by one for the call, then
+            restored). Off by default; benchmarks/bench_glr.py measures what it buys.
+        variance_batches: R, the independent sub-estimates ``estimate(..., return_variance=True)``
+            splits the replications into.
     """
 
-    def __init__(self, loss: LossLike = "cross_entropy", replications: int = 1000, baseline: bool = False,
-                 antithetic: bool = False, memory_budget_mb: float = 256.0,
-                 generator: torch.Generator | None = None, check_finite: bool = True, prefetch: bool = True):
+    def __init__(self, loss: LossLike = "cross_entropy", replications: int = 1000,
+                 baseline: bool | str | ControlVariate = True, sampler: str | Sampler = "iid",
+                 injection: str = "all", memory_budget_mb: float = 256.0,
+                 generator: torch.Generator | None = None, check_finite: bool = True, prefetch: bool = False,
+                 variance_batches: int = 10):
         self.loss = get_loss(loss)
-        if not isinstance(replications, int) or replications < 1:
+        if not isinstance(replications, int) or isinstance(replications, bool) or replications < 1:
             raise ValueError(f"replications must be a positive integer, got {replications!r}")
-        if antithetic and replications % 2:
-            raise ValueError(f"antithetic pairs need an even number of replications, got {replications}")
-        if baseline and replications < (4 if antithetic else 2):
-            raise ValueError(f"a baseline needs replications ≥ {4 if antithetic else 2} "
-                             f"({'two pairs' if antithetic else 'two'}), got {replications}")
+        if injection not in INJECTIONS:
+            raise ValueError(f"unknown injection {injection!r}; valid: {', '.join(INJECTIONS)}")
         if not memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
-        self.replications = replications
-        self.baseline, self.antithetic = bool(baseline), bool(antithetic)
+        if not isinstance(variance_batches, int) or variance_batches < 2:
+            raise ValueError(f"variance_batches must be an integer ≥ 2, got {variance_batches!r}")
+        self.replications, self.injection = replications, injection
+        self.sampler, self.control_variate = get_sampler(sampler), get_control_variate(baseline)
+        if injection == "all":
+            self._check_split(self._local_replications(), "replications")
         self.memory_budget_mb = float(memory_budget_mb)
-        self.generator = generator
-        self.check_finite = check_finite
-        self.prefetch = prefetch
-        self._stream = NoiseStream(prefetch)
-        self._score_buffer: Tensor | None = None
+        self.generator, self.check_finite, self.prefetch = generator, check_finite, prefetch
+        self.variance_batches = variance_batches
+        self._buffers = Buffers()
+
+    @property
+    def baseline(self) -> bool:
+        return self.control_variate.name != "none"
 
     def __repr__(self) -> str:
         return (f"GLR(loss={loss_name(self.loss)}, replications={self.replications}, "
-                f"baseline={self.baseline}, antithetic={self.antithetic})")
+                f"baseline={self.control_variate}, sampler={self.sampler}, injection={self.injection})")
+
+    def _check_split(self, k: int, what: str) -> None:
+        """``k`` replications must form whole sampler groups, enough for the control variate."""
+        self.sampler.check(k)
+        groups = k // self.sampler.group_size
+        if groups < self.control_variate.min_groups:
+            raise ValueError(f"the {self.control_variate} baseline needs ≥ {self.control_variate.min_groups} "
+                             f"groups of {self.sampler.group_size} replication(s) ({self.sampler} sampler); "
+                             f"{what} = {k} gives {groups}")
 
     # ------------------------------------------------------------------ public API
-    def backward(self, model: NoisySequential, x: Tensor, y: Tensor) -> GradStats:
-        """Add the GLR estimate of ∇θ (1/B) Σᵢ E[L(xᵢ, yᵢ)] to every parameter's ``.grad``."""
+    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> GradStats:
+        """Add the GLR estimate of ∇θ (1/B) Σᵢ E[L(xᵢ, yᵢ)] to every trainable parameter's ``.grad``."""
         grads, stats = self.estimate(model, x, y)
         for p, g in zip((p for group in glr_parameters(model) for p in group), grads):
             if p.grad is None:
@@ -148,147 +206,161 @@ class GLR:
         return stats
 
     @torch.no_grad()
-    def estimate(self, model: NoisySequential, x: Tensor, y: Tensor) -> tuple[list[Tensor], GradStats]:
-        """The estimate as a list aligned with the noisy layers' parameters (for a model whose
-        parameters are all in noisy layers, ``model.parameters()``), without touching ``.grad``."""
-        x = check_batch(model, x, y)
+    def estimate(self, model: nn.Module, x: Tensor, y: Tensor, return_variance: bool = False
+                 ) -> tuple[list[Tensor], GradStats]:
+        """The estimate as a list aligned with ``glr_parameters(model)`` flattened (for a model whose
+        trainable parameters are all in noisy layers, the trainable ``model.parameters()``), without
+        touching ``.grad``. ``return_variance``: the replications are split into R =
+        ``variance_batches`` independent sub-estimates (each with its own baseline); the estimate is
+        their mean and ``stats.variance`` its per-element variance, their sample variance / R."""
         glr_parameters(model)
-        acc, chunks = self._accumulate(model, x, y, self._local_replications())
-        loss_sum = acc.loss_per_input.sum()
-        if self.baseline:
-            self._combine_loss_sums(acc, x)
-        grads = self._finalize(acc, model, x)
-        totals = torch.stack([loss_sum, acc.nonfinite.to(loss_sum.dtype)])
-        self._all_reduce(grads + [totals])
-        count = self.replications * self._global_batch(x)
-        for g in grads:
-            g.div_(count)
+        x = check_batch(model, x)
+        pr = probe(model, x)
+        check_batch(model, x, y, classes=pr.classes)
+        sets = [pr.order] if self.injection == "all" else [[i] for i in pr.order]
+        local = self._local_replications()
+        if local % len(sets):
+            raise ValueError(f"layerwise injection spends replications = {self.replications} evenly over "
+                             f"{len(sets)} noisy layers: make it a multiple of {len(sets) * self._ranks()}")
+        per_set = local // len(sets)
+        batches = self.variance_batches if return_variance else 1
+        if per_set % batches:
+            raise ValueError(f"return_variance splits {per_set} replications per estimate into "
+                             f"variance_batches = {batches}: make replications a multiple of it")
+        per_batch = per_set // batches
+        self._check_split(per_batch, "replications per layer set and variance batch" if batches > 1 or
+                          len(sets) > 1 else "replications")
+        subs, loss_sum, nonfinite, chunks = [], 0.0, 0, 0
+        for active in sets:
+            layout = Layout(pr, active)
+            for _ in range(batches):
+                sums, n = self._accumulate(model, x, y, layout, per_batch)
+                subs.append((active, self._finalize(sums, pr)))
+                loss_sum = loss_sum + sums.loss_per_input.sum()
+                nonfinite = nonfinite + sums.nonfinite
+                chunks += n
+        flat = [g for _, sub in subs for i in sorted(sub) for g in sub[i]]
+        totals = torch.stack([torch.as_tensor(loss_sum, dtype=x.dtype, device=x.device),
+                              torch.as_tensor(nonfinite, device=x.device).to(x.dtype)])
+        self._all_reduce(flat + [totals])
+        count = self._ranks() * per_batch * self._global_batch(x)   # (replication, input) pairs per sub-estimate
+        per_layer: dict[int, list[list[Tensor]]] = {}
+        for active, sub in subs:
+            for i in sub:
+                per_layer.setdefault(i, []).append([g / count for g in sub[i]])
+        grads, variance = [], []
+        for i in range(len(pr.layers)):       # module order: aligned with glr_parameters(model)
+            for j in range(len(per_layer[i][0])):
+                stack = torch.stack([b[j] for b in per_layer[i]])
+                grads.append(stack.mean(0))
+                if return_variance:
+                    variance.append(stack.var(0) / stack.shape[0])
+        n_pairs = count * len(subs)
         if self.check_finite:
-            nonfinite = int(totals[1])
-            if nonfinite or not all(torch.isfinite(g).all() for g in grads):
+            bad = int(totals[1])
+            if bad or not all(torch.isfinite(g).all() for g in grads):
                 raise NonFiniteLossError(
-                    f"loss {loss_name(self.loss)!r} gave {nonfinite} non-finite values among "
-                    f"{count} (replication, input) pairs during GLR estimation (activations "
-                    f"{model.activations()}); parameters and their .grad are untouched")
-        return grads, GradStats(loss=totals[0] / count, replications=self.replications, chunks=chunks)
+                    f"loss {loss_name(self.loss)!r} gave {bad} non-finite values among {n_pairs} "
+                    f"(replication, input) pairs during GLR estimation; parameters and their .grad are untouched")
+        return grads, GradStats(loss=totals[0] / n_pairs, replications=self.replications, chunks=chunks,
+                                variance=variance if return_variance else None)
 
-    # ------------------------------------------------------------------ the estimator
-    def _accumulate(self, model: NoisySequential, x: Tensor, y: Tensor, replications: int):
-        K, B = self.replications, x.shape[0]
-        layers, shapes, widths = model.noisy_layers, model.unit_shapes, model.widths
-        m = 2 if self.antithetic else 1
-        chunk = self._chunk_size(model, B, x.element_size(), replications, m)
-        y_rep = y.repeat(chunk)
-        zeros = lambda *s: torch.zeros(*s, dtype=x.dtype, device=x.device)  # noqa: E731
-        sizes = [min(chunk, replications - s) for s in range(0, replications, chunk)]
-        # all K replications in one chunk of one process: Sᵢ is known after the forward pass, so the
-        # baseline weights are formed directly and no per-input sums are needed (same estimate)
-        direct = self.baseline and len(sizes) == 1 and self._single_process
-        per_input = self.baseline and not direct
-        acc = _Accumulator(
-            grads=[[torch.zeros_like(p) for p in layer.parameters()] for layer in layers],
-            loss_per_input=zeros(B),
-            score_per_input=[zeros(B, *u) for u in shapes] if per_input else [],
-            grads_per_input=[None] + [[zeros(B, *p.shape) for p in layer.parameters()] for layer in layers[1:]]
-            if per_input else [],
-            nonfinite=torch.zeros((), dtype=torch.long, device=x.device), direct=direct)
-        for noise, scores, score_scale in self._noise_and_scores(model, sizes, B, x):
+    # ------------------------------------------------------------------ one sub-estimate
+    def _accumulate(self, model: nn.Module, x: Tensor, y: Tensor, layout: Layout, replications: int):
+        """Σ over ``replications`` local replications, noisy in ``layout.active`` (see _Sums)."""
+        pr, B, m = layout.probe, x.shape[0], self.sampler.group_size
+        K = replications * self._ranks()            # the sub-estimate's replications over all ranks
+        sizes = self._chunk_sizes(layout, B, x.element_size(), replications, m)
+        direct = len(sizes) == 1 and self._ranks() == 1   # all K at hand: w formed directly
+        if not direct and not hasattr(self.control_variate, "split"):
+            raise ValueError(f"control variate {self.control_variate} needs all replications in one chunk")
+        y_rep = y.repeat(sizes[0])
+        sums = _Sums(grads={i: [torch.zeros_like(p) for p in trainable(pr.layers[i])] for i in layout.active},
+                     loss_per_input=torch.zeros(B, dtype=x.dtype, device=x.device),
+                     nonfinite=torch.zeros((), dtype=torch.long, device=x.device))
+        gen = self._generator(x.device)
+        draw = lambda k, slot: layout.fill_(self.sampler, self._buffers.get(k, B, layout.width, x, slot), gen)  # noqa: E731
+        linear = None if layout.shared is None else linear_score_scale(layout.shared)
+        for noise in NoiseStream(self.prefetch).chunks(draw, sizes, x.device):
             k = noise.shape[0]
-            out, inputs = model(x, noise=noise, return_inputs=True)
+            inj = Injection(pr.layers, k, B, layout.views(noise), record=True)
+            out = noisy_forward(model, x, inj, layout.first)
             losses = self.loss(out.reshape(k * B, -1), y_rep[:k * B]).reshape(k, B)
-            acc.nonfinite += (~torch.isfinite(losses)).sum()
-            acc.loss_per_input += losses.sum(0)
-            # a: the part of the weight w known within this chunk (module docstring)
-            if not self.baseline:
-                a = losses
-            elif acc.direct:
-                S = losses.sum(0)
-                others = S - losses
-                if self.antithetic:
-                    half = k // 2
-                    others = others - torch.cat([losses[half:], losses[:half]])
-                a = losses - others / (K - (2 if self.antithetic else 1))
-            elif self.antithetic:
-                half = k // 2
-                pair = losses[:half] + losses[half:]
-                a = losses + torch.cat([pair, pair]) / (K - 2)
+            sums.nonfinite += (~torch.isfinite(losses)).sum()
+            sums.loss_per_input += losses.sum(0)
+            groups = self.sampler.group_ids(k, x.device)
+            if direct:
+                a, c = self.control_variate.weights(losses, groups, m), 0.0
             else:
-                a = losses * (K / (K - 1))
-            if score_scale != 1.0:
-                a = a * score_scale
-            offset = 0
-            for t, (layer, unit) in enumerate(zip(layers, shapes)):
-                s_flat = scores[..., offset:offset + widths[t]]           # (k, B, units), a view
-                s = s_flat.reshape(k, B, *unit)
-                offset += widths[t]
-                if self.baseline and not acc.direct:
-                    acc.score_per_input[t].add_(s.sum(0), alpha=score_scale)
-                    if t > 0:
-                        for g_acc, g in zip(acc.grads_per_input[t], layer.glr_grads_per_input(inputs[t], s)):
-                            g_acc.add_(g, alpha=score_scale)
-                aw = a.reshape(k, B, *[1] * len(unit))
-                if t == 0:  # the first noisy layer's input is the same for all replications: Σₖ a s first
-                    # (one batched (1 × k)·(k × units) product per input, reading s in place)
-                    sa = torch.bmm(a.t().unsqueeze(1), s_flat.transpose(0, 1)).reshape(B, *unit)
-                    g = layer.glr_grads(inputs[0], sa)
+                a, c = self.control_variate.split(losses, groups, m, K)
+            sums.c = c
+            score_scale = 1.0
+            if linear is not None:      # Normal noise: s(r) = r/σ², so the noise buffer is the score
+                a, score_scale = a * linear, linear
+            for i, r in layout.views(noise).items():
+                layer, unit, h = pr.layers[i], pr.shapes[i], inj.inputs[i]
+                s = (r if linear is not None else score(layer.noise, r)).reshape(k, B, *unit)
+                keep = _trainable_mask(layer)
+                shared = h.shape[0] == B
+                if c:
+                    if i not in sums.score_per_input:
+                        sums.score_per_input[i] = torch.zeros(B, *unit, dtype=x.dtype, device=x.device)
+                    sums.score_per_input[i].add_(s.sum(0), alpha=score_scale)
+                    if shared:
+                        sums.shared_inputs[i] = h
+                    else:
+                        g_in = layer.glr_grads_per_input(h.reshape(k, B, *h.shape[1:]), s)
+                        acc = sums.grads_per_input.setdefault(i, [torch.zeros_like(g) for g in g_in])
+                        for t, g in zip(acc, g_in):
+                            t.add_(g, alpha=score_scale)
+                if shared:   # the input is the same for all replications: Σₖ a s first (one bmm per input)
+                    if linear is not None:   # reads the noise slice in place
+                        sa = torch.bmm(a.t().unsqueeze(1), r.transpose(0, 1)).reshape(B, *unit)
+                    else:
+                        sa = torch.einsum("kb,kb...->b...", a, s)
+                    g = layer.glr_grads(h, sa)
                 else:
-                    g = layer.glr_grads(inputs[t].reshape(k * B, *inputs[t].shape[2:]),
-                                        (s * aw).reshape(k * B, *unit))
-                for g_acc, gi in zip(acc.grads[t], g):
-                    g_acc.add_(gi)
-        return acc, len(sizes)
+                    aw = a.reshape(k, B, *[1] * len(unit))
+                    g = layer.glr_grads(h, (s * aw).reshape(k * B, *unit))
+                for acc, gi in zip(sums.grads[i], (g for g, kp in zip(g, keep) if kp)):
+                    acc.add_(gi)
+        if sums.c:
+            sums.loss_per_input = self._combine_loss_sums(sums.loss_per_input, x)
+        return sums, len(sizes)
 
-    def _finalize(self, acc: _Accumulator, model: NoisySequential, x: Tensor) -> list[Tensor]:
-        """Σ w · (layer gradient under s) per parameter, subtracting the Sᵢ/(K − m) part."""
-        grads = []
-        c = 1.0 / (self.replications - (2 if self.antithetic else 1)) if self.baseline else 0.0
-        S = acc.loss_per_input
-        for t, layer in enumerate(model.noisy_layers):
-            gs = acc.grads[t]
-            if self.baseline and not acc.direct:
-                if t == 0:
-                    sw = S.reshape(-1, *[1] * (acc.score_per_input[0].dim() - 1)) * acc.score_per_input[0]
-                    correction = layer.glr_grads(model.bind(x), sw)
-                else:
-                    correction = [torch.einsum("b,b...->...", S, g) for g in acc.grads_per_input[t]]
-                gs = [g - c * corr for g, corr in zip(gs, correction)]
-            grads += gs
-        return grads
+    def _finalize(self, sums: _Sums, pr: Probe) -> dict[int, list[Tensor]]:
+        """Σ w · (layer gradient under s) per layer: subtract the c·Sᵢ part of w (chunked baseline)."""
+        if not sums.c:
+            return sums.grads
+        out, S = {}, sums.loss_per_input
+        for i, gs in sums.grads.items():
+            layer = pr.layers[i]
+            if i in sums.shared_inputs:
+                sw = S.reshape(-1, *[1] * (sums.score_per_input[i].dim() - 1)) * sums.score_per_input[i]
+                correction = layer.glr_grads(sums.shared_inputs[i], sw)
+            else:
+                correction = [torch.einsum("b,b...->...", S, g) for g in sums.grads_per_input[i]]
+            keep = _trainable_mask(layer)
+            correction = [c for c, kp in zip(correction, keep) if kp]
+            out[i] = [g - sums.c * corr for g, corr in zip(gs, correction)]
+        return out
 
-    def _noise_and_scores(self, model: NoisySequential, sizes: list[int], B: int, x: Tensor):
-        """Yield (noise r, s̃, c) per chunk, with the score s(r) = c · s̃.
-
-        For Normal noise s(r) = r/σ², so s̃ is r itself and c = 1/σ² (no extra pass).
-        """
-        width = sum(model.widths)
-        scale = linear_score_scale(model.noise)
-        stream = self._stream.chunks(model.noise, sizes, B, width, x, self._generator(x.device), self.antithetic)
-        for noise in stream:
-            if scale is not None:
-                yield noise, noise, scale
-                continue
-            if self._score_buffer is None or self._score_buffer.shape[0] < noise.shape[0] \
-                    or self._score_buffer.shape[1:] != noise.shape[1:] or self._score_buffer.dtype != noise.dtype:
-                self._score_buffer = torch.empty_like(noise)
-            yield noise, score(model.noise, noise, out=self._score_buffer[:noise.shape[0]]), 1.0
-
-    def _chunk_size(self, model: NoisySequential, B: int, itemsize: int, replications: int, m: int) -> int:
-        """Replications per chunk: fits the memory budget, a multiple of m, and draws a
-        multiple of 16 random numbers so that the random stream does not depend on it."""
-        width = sum(model.widths)
-        extra = 0  # per-input gradients of convolutions under the baseline unfold their inputs
+    def _chunk_sizes(self, layout: Layout, B: int, itemsize: int, replications: int, m: int) -> list[int]:
+        """Replications per chunk so that the working set stays under the memory budget."""
+        extra = 0  # per-input gradients of convolutions under the chunked baseline unfold their inputs
         if self.baseline:
-            for layer, unit in zip(model.noisy_layers[1:], model.unit_shapes[1:]):
+            for i in layout.active:
+                layer = layout.probe.layers[i]
                 if isinstance(layer, torch.nn.Conv2d):
-                    extra += layer.weight[0].numel() * math.prod(unit[1:])
-        per_replication = max(B, 1) * (6 * width + extra + 8) * itemsize   # noise, scores, v, φ(v), loss temps
-        budget = self.memory_budget_mb
-        if self.prefetch:  # double-buffered noise: two chunks in flight, each cache-sized
-            budget = min(budget / 2, PREFETCH_CHUNK_MB)
+                    extra += layer.weight[0].numel() * math.prod(layout.probe.shapes[i][1:])
+        per_replication = max(B, 1) * (6 * layout.width + extra + 8) * itemsize  # noise, scores, v, φ(v), loss
+        budget = min(self.memory_budget_mb / 2, PREFETCH_CHUNK_MB) if self.prefetch else self.memory_budget_mb
         k = int(budget * 2**20) // per_replication
-        align = m * (16 // math.gcd(B * width, 16))
-        k = max(align, k // align * align)
-        return min(k, replications)
+        # whole groups, each generator call a multiple of 16 values (torch's CPU normal_ draws in blocks of
+        # 16, so the same stream gives the same noise however the replications are chunked)
+        align = m * (16 // math.gcd(self.sampler.drawn_per_group * B * layout.width, 16))
+        k = min(max(align, k // align * align), replications)
+        return [min(k, replications - s) for s in range(0, replications, k)]
 
     def _generator(self, device) -> torch.Generator:
         if self.generator is None:
@@ -297,19 +369,26 @@ class GLR:
         return self.generator
 
     # ------------------------------------------------------------------ distribution hooks
-    _single_process = True  # DistributedGLR: False (Sᵢ needs every rank's losses)
+    def _ranks(self) -> int:
+        """Replication ranks sharing each estimate (DistributedGLR: R)."""
+        return 1
 
     def _local_replications(self) -> int:
-        return self.replications
+        return self.replications // self._ranks()
 
     def _global_batch(self, x: Tensor) -> int:
         return x.shape[0]
 
-    def _combine_loss_sums(self, acc: _Accumulator, x: Tensor) -> None:
-        """Make Sᵢ the sum over all K replications (distributed: over every rank's share)."""
+    def _combine_loss_sums(self, S: Tensor, x: Tensor) -> Tensor:
+        """Sᵢ over all K replications (distributed: over every rank's share)."""
+        return S
 
     def _all_reduce(self, tensors: list[Tensor]) -> None:
         """Sum across processes (single process: nothing to do)."""
+
+
+def _trainable_mask(layer: nn.Module) -> list[bool]:
+    return [p.requires_grad for p in layer.parameters(recurse=False)]
 
 
 class Backprop:
@@ -317,7 +396,8 @@ class Backprop:
 
     ``noise=False``: the noise-free network (the seed's BP baseline). ``noise=True``: the
     pathwise gradient through K noisy replications — unbiased for smooth φ and L, and the
-    reference the GLR tests compare against. Requires a differentiable loss.
+    reference the GLR tests compare against. Requires a differentiable loss. Works for any
+    ``nn.Module`` with noisy layers at any depth.
     """
 
     def __init__(self, loss: LossLike = "cross_entropy", noise: bool = False, replications: int = 1,
@@ -334,13 +414,15 @@ class Backprop:
     def __repr__(self) -> str:
         return f"Backprop(loss={loss_name(self.loss)}, noise={self.noise}, replications={self.replications})"
 
-    def backward(self, model: NoisySequential, x: Tensor, y: Tensor) -> GradStats:
+    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> GradStats:
         x = check_batch(model, x, y)
-        if "threshold" in model.activations():
+        if any(m.activation is not None and activation_name(m.activation) == "threshold"
+               for m in noisy_layers(model)):
             raise ValueError("back-propagation through the 'threshold' activation gives zero gradients; use GLR")
         if self.noise:
-            r = model.sample_noise(self.replications, x.shape[0], generator=self.generator)
-            out = model(x, noise=r)
+            from .model import forward_replications, noise_draw
+            layout, r = noise_draw(model, x, self.replications, self.generator)
+            out = forward_replications(model, x, layout, r)
             loss = self.loss(out.reshape(-1, out.shape[-1]), y.repeat(self.replications)).mean()
         else:
             loss = self.loss(model(x), y).mean()

@@ -65,6 +65,16 @@ class Spec:
     study: dict = field(default_factory=dict)
     robustness: dict = field(default_factory=dict)
     notes: str = ""
+    seeds: list[int] | None = None         # train and evaluate every model once per seed (None: its own seed)
+
+    def runs(self) -> list[tuple[ModelSpec, int, str]]:
+        """(model, seed, run name) for every model and seed; the model's own seed keeps its plain name,
+        so a spec that gains seeds reuses the runs it already has."""
+        out = []
+        for m in self.models:
+            for s in self.seeds or [m.config.seed]:
+                out.append((m, s, m.name if s == m.config.seed else f"{m.name}-seed{s}"))
+        return out
 
 
 def spec_path(name: str) -> Path:
@@ -75,8 +85,11 @@ def load_spec(path: str | Path | None = None, quick: bool = False, dataset: str 
               data_dir: str | None = None) -> Spec:
     """Read a spec file (default: the packaged paper.toml, or quick.toml with ``quick``)."""
     path = Path(path) if path is not None else spec_path("quick" if quick else "paper")
+    if not path.is_file() and path.suffix == "" and spec_path(str(path)).is_file():
+        path = spec_path(str(path))       # a packaged spec by name
     if not path.is_file():
-        raise FileNotFoundError(f"spec file {path} not found")
+        packaged = sorted(p.stem for p in spec_path("paper").parent.glob("*.toml"))
+        raise FileNotFoundError(f"spec file {path} not found (packaged specs: {', '.join(packaged)})")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -116,26 +129,36 @@ def load_spec(path: str | Path | None = None, quick: bool = False, dataset: str 
                 headline_target=float(exp.get("headline_target", 0.28)), calibrate_model=calibrate,
                 attack_images=exp.get("attack_images"), lap_replications=int(exp.get("lap_replications", 1000)),
                 sources=sources, models=models, study=raw.get("study", {}), robustness=raw.get("robustness", {}),
-                notes=exp.get("notes", ""), **data)
+                notes=exp.get("notes", ""), seeds=_seeds(exp.get("seeds"), path), **data)
+
+
+def _seeds(value, path) -> list[int] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            and len(set(value)) == len(value)):
+        raise ValueError(f"spec {path}: seeds must be a list of distinct integers, e.g. [0, 1, 2], got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------- steps
 def train_all(spec: Spec, out: Path, device: str, quiet: bool, data) -> dict[str, dict]:
     """Train (or reuse / resume) every source and model; returns their metrics by name."""
     metrics = {}
-    for m in spec.sources + spec.models:
-        cfg = TrainConfig(**{**asdict(m.config), "device": device})
+    jobs = [(m, m.config.seed, m.name) for m in spec.sources] + spec.runs()
+    for m, seed, run in jobs:
+        cfg = TrainConfig(**{**asdict(m.config), "device": device, "seed": seed})
         t0 = time.perf_counter()
         if not quiet:
-            print(f"[train] {m.name}: {cfg.method} {cfg.activation} {cfg.loss} hidden={cfg.hidden} "
-                  f"K={cfg.replications} epochs={cfg.epochs}", flush=True)
-        metrics[m.name] = train(cfg, out / "models" / m.name, resume=True, quiet=True, data=data,
-                                progress=not quiet, desc=m.name)
-        metrics[m.name]["wall_seconds_this_call"] = time.perf_counter() - t0
+            print(f"[train] {run}: {cfg.method} {cfg.activation} {cfg.loss} hidden={cfg.hidden} "
+                  f"K={cfg.replications} epochs={cfg.epochs} seed={seed}", flush=True)
+        metrics[run] = train(cfg, out / "models" / run, resume=True, quiet=True, data=data,
+                             progress=not quiet, desc=run)
+        metrics[run]["wall_seconds_this_call"] = time.perf_counter() - t0
         if not quiet:
-            lap = metrics[m.name]["test_accuracy_lap"]
+            lap = metrics[run]["test_accuracy_lap"]
             lap = f" LAP {lap:.4f}" if lap is not None else ""
-            print(f"        test acc OT {metrics[m.name]['test_accuracy_ot']:.4f}{lap} "
+            print(f"        test acc OT {metrics[run]['test_accuracy_ot']:.4f}{lap} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
     return metrics
 
@@ -180,21 +203,24 @@ def adversarial_sets(spec: Spec, out: Path, sources: dict[str, NoisySequential],
     return sets
 
 
-RESULT_FIELDS = ["model", "activation", "loss", "method", "source", "eps", "acc_orig", "acc_ot", "acc_lap"]
+RESULT_FIELDS = ["model", "seed", "activation", "loss", "method", "source", "eps", "acc_orig", "acc_ot", "acc_lap"]
+SPREAD = ("acc_orig", "acc_ot", "acc_lap")
 
 
-def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisySequential]], sources, sets, x, y, eps_list,
-                 quiet: bool) -> list[dict]:
+def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisySequential, int]], sources, sets, x, y,
+                 eps_list, quiet: bool) -> list[dict]:
+    """One row per (run, source, ε); ``models``: run name → (model spec, model, seed)."""
     rows = []
     bar = tqdm(total=len(models) * len(sources) * len(eps_list), desc="evaluate", unit="set", disable=quiet,
                leave=False, dynamic_ncols=True)
-    for mi, (name, (ms, model)) in enumerate(models.items()):
+    for mi, (run, (ms, model, seed)) in enumerate(models.items()):
+        name = ms.name
         noisy = ms.config.noisy
         acc_orig = accuracy(model, x, y)
         for si, src_name in enumerate(sources):
             for eps in eps_list:
                 xa = sets[src_name, eps]
-                row = {"model": name, "activation": ms.config.activation, "loss": ms.config.loss,
+                row = {"model": name, "seed": seed, "activation": ms.config.activation, "loss": ms.config.loss,
                        "method": ms.config.method, "source": src_name, "eps": eps, "acc_orig": acc_orig,
                        "acc_ot": accuracy(model, xa, y),
                        "acc_lap": accuracy(model, xa, y, "lap", spec.lap_replications, seed=1000 * mi + si)
@@ -209,6 +235,38 @@ def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
+def aggregate_seeds(rows: list[dict], keys=("model", "source", "eps"), fields=SPREAD) -> list[dict]:
+    """Rows of several seeds → one row per ``keys`` with each field's mean, and ``<field>_min`` /
+    ``<field>_max`` / ``<field>_sd`` over the seeds, plus ``seeds`` (how many)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        agg = {**rs[0], "seeds": len(rs)}
+        agg.pop("seed", None)
+        for f in fields:
+            vals = [float(r[f]) for r in rs]
+            if any(math.isnan(v) for v in vals):
+                agg.update({f: math.nan, f"{f}_min": math.nan, f"{f}_max": math.nan, f"{f}_sd": math.nan})
+                continue
+            mean = sum(vals) / len(vals)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            agg.update({f: mean, f"{f}_min": min(vals), f"{f}_max": max(vals), f"{f}_sd": sd})
+        out.append(agg)
+    return out
+
+
+def _fmt_spread(r: dict, f: str) -> str:
+    """"0.94 (0.93–0.95)": the mean and the min–max over seeds (the mean alone for one seed)."""
+    v = r.get(f)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if r.get("seeds", 1) < 2:
+        return f"{v:.2f}"
+    return f"{v:.3f} ({r[f + '_min']:.3f}–{r[f + '_max']:.3f})"
+
+
 def write_tables(spec: Spec, out: Path, rows: list[dict], headline: float, source_metrics: dict) -> list[str]:
     """table1.md / table2.md: the seed's layout, the seed's figures beside ours at the headline ε,
     and ours at ε = 0.1, 0.2, 0.3 (OT / LAP) where they were evaluated."""
@@ -220,7 +278,9 @@ def write_tables(spec: Spec, out: Path, rows: list[dict], headline: float, sourc
                  f"Headline ε = {headline:.4f}: where the BP baseline `{spec.calibrate_model}` under the first source "
                  f"falls to the seed's {spec.headline_target:.2f} (the seed does not state its ε). Source clean test "
                  f"accuracy: {source_metrics[src.name]['test_accuracy_ot']:.4f}. LAP: K = {spec.lap_replications}. "
-                 "\"–\": no figure (the seed gives none, or the model has no noisy predictor).", "",
+                 "\"–\": no figure (the seed gives none, or the model has no noisy predictor)."
+                 + (f" Ours: mean (min–max) over seeds {spec.seeds}." if spec.seeds and len(spec.seeds) > 1 else ""),
+                 "",
                  "| model | seed Acc_Orig | seed Acc_OT | seed Acc_LAP | ours Acc_Orig | ours Acc_OT | ours Acc_LAP | "
                  + " | ".join(f"ours ε={e:g} OT / LAP" for e in extra) + (" |" if extra else ""),
                  "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
@@ -231,9 +291,9 @@ def write_tables(spec: Spec, out: Path, rows: list[dict], headline: float, sourc
             cells = []
             for e in extra:
                 re_ = next(q for q in rows if q["model"] == ms.name and q["source"] == src.name and q["eps"] == e)
-                cells.append(f"{_fmt(re_['acc_ot'])} / {_fmt(re_['acc_lap'])}")
+                cells.append(f"{_fmt_spread(re_, 'acc_ot')} / {_fmt_spread(re_, 'acc_lap')}")
             lines.append(f"| {ms.label} | {_fmt(seed.get('orig'))} | {_fmt(ot)} | {_fmt(lap)} | "
-                         f"{_fmt(r['acc_orig'])} | {_fmt(r['acc_ot'])} | {_fmt(r['acc_lap'])} | "
+                         f"{_fmt_spread(r, 'acc_orig')} | {_fmt_spread(r, 'acc_ot')} | {_fmt_spread(r, 'acc_lap')} | "
                          + " | ".join(cells) + (" |" if cells else ""))
         path = out / f"table{si + 1}.md"
         atomic_write_text(path, "\n".join(lines) + "\n")
@@ -253,15 +313,16 @@ def run_study(spec: Spec, out: Path, data, device, quiet, source: NoisySequentia
         if model_name not in base:
             raise ValueError(f"study model {model_name!r} is not a model of the spec")
         own = base[model_name].config
-        own_variant = {(False, False): "plain", (True, False): "baseline", (False, True): "antithetic",
-                       (True, True): "baseline+antithetic"}[(own.baseline, own.antithetic)]
+        own_variant = {(False, "iid"): "plain", (True, "iid"): "baseline", (False, "antithetic"): "antithetic",
+                       (True, "antithetic"): "baseline+antithetic"}.get((own.baseline, own.sampler),
+                                                                          f"{own.sampler}+baseline={own.baseline}")
         reference = (own.replications, own_variant)  # the spec's own model, reused as it is
         combos = [(k, v) for k in st.get("replications", [10, 100, 1000]) for v in st.get("variants", ["plain", "baseline"])]
         for k, variant in combos + ([reference] if reference not in combos else []):
-            vr = {"plain": {}, "baseline": {"baseline": True}, "antithetic": {"antithetic": True},
-                  "baseline+antithetic": {"baseline": True, "antithetic": True}}[variant]
+            vr = {"plain": {}, "baseline": {"baseline": True}, "antithetic": {"sampler": "antithetic"},
+                  "baseline+antithetic": {"baseline": True, "sampler": "antithetic"}}.get(variant, {})
             cfg = TrainConfig(**{**asdict(own), "replications": k, "device": device,
-                                 "baseline": False, "antithetic": False, **vr})
+                                 **({} if (k, variant) == reference else {"baseline": False, "sampler": "iid"}), **vr})
             run_dir = out / "models" / (model_name if (k, variant) == reference else f"{model_name}-K{k}-{variant}")
             t0 = time.perf_counter()
             m = train(cfg, run_dir, resume=True, quiet=True, data=data)
@@ -313,14 +374,18 @@ def export_results(out: str | Path, dest: str | Path) -> list[Path]:
 
 def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = None, data_dir: str | None = None,
               quick: bool = False, device: str = "cpu", quiet: bool = False, robustness: bool = True,
-              export: str | Path | None = None) -> dict:
+              export: str | Path | None = None, seeds: list[int] | None = None) -> dict:
     """Run a spec end to end into ``out`` (see the module docstring); with ``export`` copy the
     reports to that folder (e.g. ``docs/results/mnist``). Returns the summary dict."""
     from .train import resolve_device
     t_start = time.perf_counter()
     resolve_device(device)
     spec_file = Path(spec) if spec is not None else spec_path("quick" if quick else "paper")
+    if not spec_file.is_file() and spec_path(str(spec_file)).is_file():
+        spec_file = spec_path(str(spec_file))
     spec = load_spec(spec, quick=quick, dataset=dataset, data_dir=data_dir)
+    if seeds is not None:
+        spec.seeds = _seeds(list(seeds), "--seeds")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "spec.toml", spec_file.read_text())
@@ -337,7 +402,10 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
     loaded = {m.name: (m, load_model(out / "models" / m.name / "model.safetensors", device)[0])
               for m in spec.sources + spec.models}
     sources = {m.name: loaded[m.name][1] for m in spec.sources}
-    models = {m.name: loaded[m.name] for m in spec.models}
+    models = {m.name: loaded[m.name] for m in spec.models}     # each model's own seed
+    runs = {run: (m, loaded[run][1] if run in loaded else
+                  load_model(out / "models" / run / "model.safetensors", device)[0], seed)
+            for m, seed, run in spec.runs()}
     n = len(data.x_test) if spec.attack_images is None else min(spec.attack_images, len(data.x_test))
     idx = torch.arange(n, device=device)
     x, y = data.x_test[idx], data.y_test[idx]
@@ -354,11 +422,15 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
         print(f"[attacks] headline ε = {headline:.4f}; {len(sets)} FGSM sets", flush=True)
 
     t0 = time.perf_counter()
-    rows = evaluate_all(spec, {**{s: (loaded[s][0], sources[s]) for s in sources}, **models}, sources, sets, x, y,
-                        eps_list, quiet)
+    rows = evaluate_all(spec, {**{s: (loaded[s][0], sources[s], loaded[s][0].config.seed) for s in sources}, **runs},
+                        sources, sets, x, y, eps_list, quiet)
     timings["evaluate"] = time.perf_counter() - t0
     atomic_write_csv(out / "results.csv", rows, RESULT_FIELDS)
-    tables = write_tables(spec, out, [r for r in rows if r["model"] in models], headline, metrics)
+    agg = aggregate_seeds(rows)
+    if spec.seeds and len(spec.seeds) > 1:
+        atomic_write_csv(out / "results_seeds.csv", agg, ["model", "source", "eps", "seeds"] + [
+            f"{f}{suffix}" for f in SPREAD for suffix in ("", "_sd", "_min", "_max")])
+    tables = write_tables(spec, out, [r for r in agg if r["model"] in models], headline, metrics)
 
     from .diagnostics import NOISE_FIELDS, noise_scale, noise_scale_table
     scales = {name: noise_scale(model, data.x_test[:2000]) for name, (ms, model) in models.items()}
@@ -370,7 +442,7 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
 
     t0 = time.perf_counter()
     from . import plots
-    plots.paper_figures(out, spec, metrics, rows, sets, x, y, headline, data.image_shape)
+    plots.paper_figures(out, spec, metrics, agg, sets, x, y, headline, data.image_shape)
     timings["figures"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -381,11 +453,11 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
     if robustness and spec.robustness:
         from .robustness import run_protocol
         t0 = time.perf_counter()
-        robust = run_protocol(out, spec, models, sources, data, headline, device, quiet)
+        robust = run_protocol(out, spec, models, sources, data, headline, device, quiet, runs=runs)
         timings["robustness"] = time.perf_counter() - t0
 
     timings["total"] = time.perf_counter() - t_start
-    summary = {"spec": spec.name, "dataset": spec.dataset, "headline_eps": headline, "eps": eps_list,
+    summary = {"spec": spec.name, "dataset": spec.dataset, "seeds": spec.seeds, "headline_eps": headline, "eps": eps_list,
                "attack_images": n, "timings_seconds": timings, "tables": tables, "study_rows": len(study),
                "robustness": robust is not None,
                "models": {k: {kk: v[kk] for kk in ("test_accuracy_ot", "test_accuracy_lap", "train_seconds")}

@@ -1,10 +1,11 @@
 """Neuron noise r ~ f and its score s(r) = −d log f(r) / dr.
 
-The GLR estimator needs two things from the noise distribution: samples, drawn
-in place into preallocated buffers from an explicit ``torch.Generator`` (fast and
-reproducible), and the score s. Noise is described by a ``torch.distributions``
-object; closed forms are used for the three families below (each is tested against
-the autograd derivative of ``log_prob``):
+The GLR estimator needs two things from the noise distribution: samples, drawn in place
+into preallocated buffers from an explicit ``torch.Generator`` (fast and reproducible),
+and the score s. Noise is described by a ``torch.distributions`` object. A family is
+*registered* (like ``torch.distributions.kl.register_kl``) with its in-place sampler, its
+score and how to rebuild it from its standard deviation; dispatch follows the class's
+method resolution order, so a subclass of ``Normal`` uses ``Normal``'s closed forms:
 
 ==========================  ====================  ============================
 noise f                     score s(r)            in-place sampler
@@ -14,14 +15,18 @@ Laplace(0, b)               sign(r) / b           inverse CDF of ``uniform_``
 Logistic(0, s) (below)      tanh(r / 2s) / s      logit of ``uniform_``
 ==========================  ====================  ============================
 
-Any other zero-centred distribution on the real line with a differentiable density
-and an ``icdf`` also works (sampled by inverse CDF, score by autograd), more slowly.
+Each closed form is tested against the autograd derivative of ``log_prob``. Any other
+zero-centred distribution on the real line with a differentiable density and an
+``icdf`` also trains (inverse-CDF sampling, autograd score), more slowly; it can be
+saved only once registered with a ``kind`` (:func:`register_noise`).
 """
 
 from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -58,32 +63,94 @@ class Logistic(TransformedDistribution):
         return f"Logistic(loc: {self.loc}, scale: {self.scale})"
 
 
+# ---------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class NoiseFamily:
+    """What glrnet knows about a registered noise family (all functions optional but ``kind``)."""
+
+    kind: str                                             # name in configs and on the command line
+    from_std: Callable[[float], Distribution]             # the zero-centred member of standard deviation std
+    sample_: Callable[[Distribution, Tensor, torch.Generator | None], Tensor] | None = None
+    score: Callable[[Distribution, Tensor, Tensor | None], Tensor] | None = None
+    linear_score: Callable[[Distribution], float] | None = None   # c with s(r) = c·r, if the score is linear
+
+
+_FAMILIES: dict[type, NoiseFamily] = {}
+
+
+def register_noise(cls: type, family: NoiseFamily) -> None:
+    """Register a noise family for ``cls`` and its subclasses (later registrations win)."""
+    if not (isinstance(cls, type) and issubclass(cls, Distribution)):
+        raise TypeError(f"register_noise needs a torch.distributions.Distribution subclass, got {cls!r}")
+    _FAMILIES[cls] = family
+
+
+def family(dist: Distribution) -> NoiseFamily | None:
+    """The registered family of ``dist``: the nearest registered class in its MRO, or None."""
+    for cls in type(dist).__mro__:
+        if cls in _FAMILIES:
+            return _FAMILIES[cls]
+    return None
+
+
+def _scale(dist: Distribution) -> float:
+    return float(dist.scale)
+
+
+register_noise(Normal, NoiseFamily(
+    "gaussian", lambda std: Normal(0.0, float(std)),
+    sample_=lambda d, out, g: out.normal_(0.0, _scale(d), generator=g),
+    score=lambda d, r, out: torch.mul(r, 1.0 / _scale(d) ** 2, out=out),
+    linear_score=lambda d: 1.0 / _scale(d) ** 2))
+
+
+def _laplace_sample_(d, out, g):
+    # torch's Laplace.rsample: −b · sign(u) · log1p(−|u|),  u ~ U(−1, 1)
+    out.uniform_(-1.0 + torch.finfo(out.dtype).eps, 1.0, generator=g)
+    sign = torch.sign(out)
+    return out.abs_().neg_().log1p_().mul_(sign).mul_(-_scale(d))
+
+
+register_noise(Laplace, NoiseFamily(
+    "laplace", lambda std: Laplace(0.0, float(std) / math.sqrt(2)), sample_=_laplace_sample_,
+    score=lambda d, r, out: torch.sign(r, out=out).mul_(1.0 / _scale(d))))
+
+register_noise(Logistic, NoiseFamily(
+    "logistic", lambda std: Logistic(0.0, float(std) * math.sqrt(3) / math.pi),
+    sample_=lambda d, out, g: out.uniform_(torch.finfo(out.dtype).tiny, 1.0, generator=g).logit_().mul_(_scale(d)),
+    score=lambda d, r, out: torch.mul(r, 0.5 / _scale(d), out=out).tanh_().mul_(1.0 / _scale(d))))
+
+
+def kinds() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(f.kind for f in _FAMILIES.values()))
+
+
 KINDS = ("gaussian", "laplace", "logistic")
 
 
 def make_noise(kind: str = "gaussian", std: float = 2.0) -> Distribution:
-    """Zero-centred noise of the given family with standard deviation ``std``.
+    """Zero-centred noise of a registered family with standard deviation ``std``.
 
     ``std`` is the standard deviation for every family (Laplace scale std/√2, logistic
     scale std·√3/π), so that families are compared at equal variance.
     """
     if not std > 0:
         raise ValueError(f"noise standard deviation must be > 0, got {std}")
-    if kind == "gaussian":
-        return Normal(0.0, float(std))
-    if kind == "laplace":
-        return Laplace(0.0, float(std) / math.sqrt(2))
-    if kind == "logistic":
-        return Logistic(0.0, float(std) * math.sqrt(3) / math.pi)
-    raise ValueError(f"unknown noise {kind!r}; valid: {', '.join(KINDS)}")
+    for fam in _FAMILIES.values():
+        if fam.kind == kind:
+            return fam.from_std(std)
+    raise ValueError(f"unknown noise {kind!r}; valid: {', '.join(kinds())}")
 
 
 def describe(dist: Distribution) -> dict:
-    """A JSON-able description that :func:`make_noise` turns back into ``dist``."""
-    for kind, cls in (("gaussian", Normal), ("laplace", Laplace), ("logistic", Logistic)):
-        if type(dist) is cls:
-            return {"kind": kind, "std": float(dist.stddev)}
-    return {"kind": type(dist).__name__, "std": float("nan")}
+    """A JSON-able description that :func:`make_noise` turns back into ``dist``; a ``ValueError``
+    for a distribution no registered family can rebuild (refused at save time, not at load)."""
+    fam = family(dist)
+    desc = None if fam is None else {"kind": fam.kind, "std": float(dist.stddev)}
+    if desc is None or type(fam.from_std(desc["std"])) is not type(dist):
+        raise ValueError(f"noise {type(dist).__name__} cannot be saved: register it with "
+                         "glrnet.noise.register_noise(cls, NoiseFamily(kind, from_std, ...)) first")
+    return desc
 
 
 def validate_noise(dist: Distribution) -> Distribution:
@@ -102,13 +169,10 @@ def validate_noise(dist: Distribution) -> Distribution:
         centre = dist.mean
     if not torch.all(torch.as_tensor(centre) == 0):
         raise ValueError(f"noise must be zero-centred, got location {float(centre):g} for {dist!r}")
-    if not _closed_form(dist) and not _has_icdf(dist):
-        raise ValueError(f"noise {type(dist).__name__} has no closed-form sampler and no icdf")
+    fam = family(dist)
+    if (fam is None or fam.sample_ is None) and not _has_icdf(dist):
+        raise ValueError(f"noise {type(dist).__name__} has no registered sampler and no icdf")
     return dist
-
-
-def _closed_form(dist: Distribution) -> bool:
-    return type(dist) in (Normal, Laplace, Logistic)
 
 
 def _has_icdf(dist: Distribution) -> bool:
@@ -119,41 +183,32 @@ def _has_icdf(dist: Distribution) -> bool:
     return True
 
 
-def _scale(dist: Distribution) -> float:
-    return float(dist.scale)
-
-
 def sample_(dist: Distribution, out: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Fill ``out`` in place with i.i.d. draws of ``dist`` from ``generator``; returns ``out``."""
-    if type(dist) is Normal:
-        return out.normal_(0.0, _scale(dist), generator=generator)
-    tiny = torch.finfo(out.dtype).tiny
-    if type(dist) is Laplace:
-        # torch's Laplace.rsample: −b · sign(u) · log1p(−|u|),  u ~ U(−1, 1)
-        out.uniform_(-1.0 + torch.finfo(out.dtype).eps, 1.0, generator=generator)
-        sign = torch.sign(out)
-        return out.abs_().neg_().log1p_().mul_(sign).mul_(-_scale(dist))
-    if type(dist) is Logistic:
-        return out.uniform_(tiny, 1.0, generator=generator).logit_().mul_(_scale(dist))
-    out.uniform_(tiny, 1.0, generator=generator)
+    fam = family(dist)
+    if fam is not None and fam.sample_ is not None:
+        return fam.sample_(dist, out, generator)
+    out.uniform_(torch.finfo(out.dtype).tiny, 1.0, generator=generator)
     return out.copy_(dist.icdf(out))
 
 
+def icdf_(dist: Distribution, u: Tensor) -> Tensor:
+    """Overwrite uniforms ``u`` in (0, 1) with F⁻¹(u) (quasi-Monte Carlo noise)."""
+    return u.copy_(dist.icdf(u))
+
+
 def score(dist: Distribution, r: Tensor, out: Tensor | None = None) -> Tensor:
-    """s(r) = −d log f(r) / dr, elementwise (closed form where known, autograd otherwise)."""
-    if type(dist) is Normal:
-        return torch.mul(r, 1.0 / _scale(dist) ** 2, out=out)
-    if type(dist) is Laplace:
-        return torch.sign(r, out=out).mul_(1.0 / _scale(dist))
-    if type(dist) is Logistic:
-        s = _scale(dist)
-        return torch.mul(r, 0.5 / s, out=out).tanh_().mul_(1.0 / s)
+    """s(r) = −d log f(r) / dr, elementwise (closed form where registered, autograd otherwise)."""
+    fam = family(dist)
+    if fam is not None and fam.score is not None:
+        return fam.score(dist, r, out)
     return score_autograd(dist, r) if out is None else out.copy_(score_autograd(dist, r))
 
 
 def linear_score_scale(dist: Distribution) -> float | None:
     """c if s(r) = c·r (Normal: 1/σ²), else None; the estimator then reuses r as its score."""
-    return 1.0 / _scale(dist) ** 2 if type(dist) is Normal else None
+    fam = family(dist)
+    return None if fam is None or fam.linear_score is None else fam.linear_score(dist)
 
 
 def score_autograd(dist: Distribution, r: Tensor) -> Tensor:
@@ -164,48 +219,23 @@ def score_autograd(dist: Distribution, r: Tensor) -> Tensor:
     return -grad
 
 
-def fill_noise_(dist: Distribution, out: Tensor, generator: torch.Generator | None = None,
-                antithetic: bool = False) -> Tensor:
-    """Fill ``out`` (k, ...) with noise; ``antithetic``: draws r in the first half of axis 0, −r in the second."""
-    if not antithetic:
-        return sample_(dist, out, generator)
-    if out.shape[0] % 2:
-        raise ValueError(f"antithetic noise needs an even number of replications, got {out.shape[0]}")
-    half = out.shape[0] // 2
-    sample_(dist, out[:half], generator)
-    torch.neg(out[:half], out=out[half:])
-    return out
+def same_noise(a: Distribution, b: Distribution) -> bool:
+    """Whether two noise objects are the same distribution (one draw can serve both)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    return float(a.stddev) == float(b.stddev) and float(a.mean) == float(b.mean)
 
 
 #: chunk size (MB of working set) when noise is prefetched: small enough for the cache, two in flight
 PREFETCH_CHUNK_MB = 16.0
 
-_CORE_RESERVED = False
 _NOISE_THREAD: ThreadPoolExecutor | None = None
 
 
-def reserve_core_for_noise() -> bool:
-    """Dedicate one core to drawing noise: lower torch's intra-op threads by one, once per process.
-
-    Measured on a 2-core machine (benchmarks/): noise drawn on a helper thread while one
-    compute thread works brings a GLR step to within ~1.1× of the random-number floor;
-    oversubscribing (helper + all compute threads), or changing the thread count around
-    every call, is several times slower and slows later small operations too. Returns
-    False (and prefetching is skipped) when torch runs on a single thread.
-    """
-    global _CORE_RESERVED
-    if _CORE_RESERVED:
-        return True
-    threads = torch.get_num_threads()
-    if threads < 2:
-        return False
-    torch.set_num_threads(threads - 1)
-    _CORE_RESERVED = True
-    return True
-
-
 def _noise_thread() -> ThreadPoolExecutor:
-    """The process's one noise-drawing thread (single-threaded itself), shared by every stream."""
+    """The process's one noise-drawing thread (single-threaded itself), created on first prefetch."""
     global _NOISE_THREAD
     if _NOISE_THREAD is None:
         _NOISE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glrnet-noise",
@@ -214,40 +244,52 @@ def _noise_thread() -> ThreadPoolExecutor:
 
 
 class NoiseStream:
-    """Noise for successive chunks of replications, drawn in place into reused buffers.
+    """Successive chunks of noise from ``draw(k, slot)``, optionally drawn one chunk ahead.
 
-    Random numbers are the serial bottleneck on a CPU (one generator, one core), so with
+    Random numbers are the serial bottleneck on a CPU (one generator, one core). With
     ``prefetch`` the next chunk is drawn on a helper thread while the caller works on the
-    current one (see :func:`reserve_core_for_noise`). The generator is consumed in the same
-    order either way, so the values are the same. Antithetic chunks hold draws r in their
-    first half and −r in their second.
+    current one; the generator is consumed in the same order either way, so the values are
+    the same. Prefetching is opt-in and scoped to the iteration: while it runs, torch's
+    intra-op threads are lowered by one (the helper's core) and restored when the stream
+    ends, so no setting outlives the call (benchmarks/bench_glr.py measures what it buys).
     """
 
-    def __init__(self, prefetch: bool = True):
+    def __init__(self, prefetch: bool = False):
         self.prefetch = prefetch
-        self._buffers: dict = {}
 
-    def chunks(self, dist: Distribution, sizes: list[int], rows: int, width: int, like: Tensor,
-               generator: torch.Generator | None, antithetic: bool = False):
-        """Yield noise tensors (k, rows, width) for each k in ``sizes`` (dtype and device of ``like``)."""
-        draw = lambda k, slot: self._draw(dist, k, rows, width, like, generator, antithetic, slot)  # noqa: E731
-        if not self.prefetch or like.device.type != "cpu" or len(sizes) == 1 or not reserve_core_for_noise():
+    def chunks(self, draw: Callable[[int, int], Tensor], sizes: list[int], device: torch.device):
+        threads = torch.get_num_threads()
+        if not self.prefetch or torch.device(device).type != "cpu" or len(sizes) == 1 or threads < 2:
             for k in sizes:
                 yield draw(k, 0)
             return
         pool = _noise_thread()
-        pending = pool.submit(draw, sizes[0], 0)
-        for i in range(len(sizes)):
-            noise = pending.result()
-            if i + 1 < len(sizes):
-                pending = pool.submit(draw, sizes[i + 1], (i + 1) % 2)
-            yield noise
+        torch.set_num_threads(threads - 1)
+        pending = None
+        try:
+            pending = pool.submit(draw, sizes[0], 0)
+            for i in range(len(sizes)):
+                noise = pending.result()
+                if i + 1 < len(sizes):
+                    pending = pool.submit(draw, sizes[i + 1], (i + 1) % 2)
+                yield noise
+        finally:
+            if pending is not None and not pending.done():
+                pending.result()
+            torch.set_num_threads(threads)
 
-    def _draw(self, dist, k, rows, width, like, generator, antithetic, slot) -> Tensor:
+
+class Buffers:
+    """Reused (k, rows, width) buffers, two slots (double buffering for prefetch)."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def get(self, k: int, rows: int, width: int, like: Tensor, slot: int) -> Tensor:
         key = (like.device, like.dtype, rows, width, slot)
         buf = self._buffers.get(key)
         if buf is None or buf.shape[0] < k:
             buf = torch.empty(k, rows, width, dtype=like.dtype, device=like.device)
             self._buffers = {kk: v for kk, v in self._buffers.items() if kk[:4] == key[:4]}
             self._buffers[key] = buf
-        return fill_noise_(dist, buf[:k], generator, antithetic)
+        return buf[:k]

@@ -130,15 +130,24 @@ def figure_transfer(path, rows: list[dict], source: str, models: list[str], titl
         eps = [0.0] + [r["eps"] for r in rs]
         axes[0].plot(eps, [rs[0]["acc_orig"]] + [r["acc_ot"] for r in rs], "-", marker=marker, ms=4, color=color,
                      label=m)
+        spread = rs[0].get("seeds", 1) > 1   # several seeds: the band is their min–max
+        if spread:
+            axes[0].fill_between(eps, [rs[0]["acc_orig_min"]] + [r["acc_ot_min"] for r in rs],
+                                 [rs[0]["acc_orig_max"]] + [r["acc_ot_max"] for r in rs], color=color, alpha=0.15)
         if rs[0]["acc_lap"] == rs[0]["acc_lap"]:  # not NaN: trained with noise
             axes[1].plot(eps[1:], [r["acc_lap"] for r in rs], "-", marker=marker, ms=4, color=color, label=m)
+            if spread:
+                axes[1].fill_between(eps[1:], [r["acc_lap_min"] for r in rs], [r["acc_lap_max"] for r in rs],
+                                     color=color, alpha=0.15)
     for ax, pred in zip(axes, ("OT (noise off)", "LAP (average of K noisy passes)")):
         ax.set_title(pred, fontsize=9)
         ax.set_xlabel("ε (L∞)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy")
-    fig.suptitle(f"{title + ': ' if title else ''}FGSM transferred from {source}", fontsize=10)
+    seeds = max((r.get("seeds", 1) for r in rows), default=1)
+    fig.suptitle(f"{title + ': ' if title else ''}FGSM transferred from {source}"
+                 + (f" (mean over {seeds} seeds; band: min–max)" if seeds > 1 else ""), fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()

@@ -517,8 +517,11 @@ def write_reports(out: Path, rows: list[dict], checks: list[dict], headline: flo
     figure_worst_case(out / "robustness_worst_case.png", rows, models, {m: key_of(m) for m in models}, title)
 
 
-def run_protocol(out: Path, spec, models: dict, sources: dict, data, headline: float, device, quiet: bool) -> dict:
-    """The protocol inside ``glrnet reproduce`` (settings from the spec's [robustness] table)."""
+def run_protocol(out: Path, spec, models: dict, sources: dict, data, headline: float, device, quiet: bool,
+                 runs: dict | None = None) -> dict:
+    """The protocol inside ``glrnet reproduce`` (settings from the spec's [robustness] table). ``runs``
+    (run name → (model spec, model, seed)): every seed's run of the chosen models is attacked, and
+    ``robustness_seeds.md`` gives each figure's mean and min–max over the seeds."""
     rb = dict(spec.robustness)
     names = rb.pop("models", list(models))
     eps = sorted(set(rb.pop("eps", [0.05, 0.1, 0.15, 0.2, 0.25, 0.3])) | {headline})
@@ -534,10 +537,42 @@ def run_protocol(out: Path, spec, models: dict, sources: dict, data, headline: f
     if unknown:
         raise ValueError(f"spec [robustness] models {unknown} are not models of the spec")
     chosen = {n: (models[n][1], models[n][0].config.noisy) for n in names}
+    seed_of = {n: models[n][0].config.seed for n in names}
+    for run, (ms, model, seed) in (runs or {}).items():
+        if ms.name in names and run not in chosen:
+            chosen[run], seed_of[run] = (model, ms.config.noisy), seed
     x, y = data.x_test[:images], data.y_test[:images]
     first = next(iter(sources.values()))
     rows, checks = attack_and_report(out, chosen, x, y, eps, st, first, headline, check_eps, spec.name, quiet)
+    if len(set(seed_of.values())) > 1:
+        base = {run: run if run in names else run.rsplit("-seed", 1)[0] for run in chosen}
+        write_seed_spread(out, rows, checks, base, chosen, headline)
     return {"rows": len(rows), "checks_passed": sum(c["pass"] for c in checks), "checks": len(checks)}
+
+
+def write_seed_spread(out: Path, rows: list[dict], checks: list[dict], base: dict, chosen: dict,
+                      headline: float) -> None:
+    """robustness_seeds.md: per model, the clean and the escalated worst-case accuracy at the headline ε on its
+    defended predictor, mean and min–max over the seeds' runs."""
+    groups: dict = {}
+    for run, name in base.items():
+        key = "acc_lap" if chosen[run][1] else "acc_ot"
+        clean = next((r[key] for r in rows if r["model"] == run and r["attack"] == "none"), math.nan)
+        esc = next((c["escalated"] for c in checks if c["model"] == run and "escalated" in c
+                    and abs(c["eps"] - headline) < 1e-12), None)
+        if esc is None:
+            esc = next((r[key] for r in rows if r["model"] == run and r["attack"] == "worst-case"
+                        and abs(r["eps"] - headline) < 1e-12), math.nan)
+        groups.setdefault(name, []).append((float(clean), float(esc)))
+    lines = [f"# Adaptive worst case over seeds (ε = {headline:.4f}, escalated)", "",
+             "| model | seeds | clean (mean, min–max) | worst case (mean, min–max) |", "|---|---|---|---|"]
+    for name, vals in groups.items():
+        cells = []
+        for j in (0, 1):
+            v = [t[j] for t in vals]
+            cells.append(f"{sum(v) / len(v):.3f} ({min(v):.3f}–{max(v):.3f})")
+        lines.append(f"| {name} | {len(vals)} | {cells[0]} | {cells[1]} |")
+    atomic_write_text(out / "robustness_seeds.md", "\n".join(lines) + "\n")
 
 
 def attack_and_report(out: Path, models: dict[str, tuple[NoisySequential, bool]], x: Tensor, y: Tensor,

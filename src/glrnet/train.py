@@ -30,7 +30,10 @@ from .checkpoint import atomic_write_csv, atomic_write_text, load_checkpoint, sa
 from .data import SPLITS, Dataset, load_dataset
 from .estimators import GLR, Backprop
 from .losses import get_loss
-from .model import NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, predict_proba
+from .estimators import INJECTIONS
+from .model import (NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, forward_replications, noise_draw,
+                    predict_proba)
+from .samplers import SAMPLERS
 from .noise import KINDS, make_noise
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
@@ -76,8 +79,9 @@ class TrainConfig:
     noise_std: float = 2.0
     method: str = "glr"
     replications: int = 1000
-    baseline: bool = False
-    antithetic: bool = False
+    baseline: bool = True
+    sampler: str = "iid"
+    injection: str = "all"
     bp_noise: bool = False
     memory_budget_mb: float = 256.0
     optimizer: str = "adam"
@@ -109,6 +113,9 @@ class TrainConfig:
                   (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"),
                   (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}"),
                   (self.noise in KINDS, f"unknown noise {self.noise!r}; valid: {', '.join(KINDS)}"),
+                  (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}"),
+                  (self.injection in INJECTIONS,
+                   f"unknown injection {self.injection!r}; valid: {', '.join(INJECTIONS)}"),
                   (self.parallel in ("replications", "data"), f"unknown parallel mode {self.parallel!r}; valid: replications, data"),
                   (self.split in SPLITS, f"unknown split {self.split!r}; valid: {', '.join(SPLITS)}"),
                   (0 <= self.val_fraction < 1, f"val fraction must be in [0, 1), got {self.val_fraction}"),
@@ -143,7 +150,10 @@ class TrainConfig:
     def from_saved(cls, d: dict) -> "TrainConfig":
         """A config stored by an older glrnet: options it lacks take the defaults *of that time*
         where they changed (``val_fraction`` was 0 before it became 0.1)."""
-        legacy = {"val_fraction": 0.0}
+        legacy = {"val_fraction": 0.0, "baseline": False}
+        d = dict(d)
+        if "antithetic" in d:   # before samplers: a boolean
+            d.setdefault("sampler", "antithetic" if d.pop("antithetic") else "iid")
         return cls.from_dict({**{k: v for k, v in legacy.items() if k not in d}, **d})
 
 
@@ -201,8 +211,8 @@ def build_producer(cfg: TrainConfig, generator: torch.Generator):
         bp = Backprop(cfg.loss, noise=cfg.bp_noise, replications=cfg.replications if cfg.bp_noise else 1,
                       generator=generator)
         return dist_utils.DataParallelBackprop(bp) if dist_utils.world_size() > 1 else bp
-    kwargs = dict(loss=cfg.loss, replications=cfg.replications, baseline=cfg.baseline,
-                  antithetic=cfg.antithetic, memory_budget_mb=cfg.memory_budget_mb, generator=generator)
+    kwargs = dict(loss=cfg.loss, replications=cfg.replications, baseline=cfg.baseline, sampler=cfg.sampler,
+                  injection=cfg.injection, memory_budget_mb=cfg.memory_budget_mb, generator=generator)
     if dist_utils.world_size() > 1:
         return dist_utils.DistributedGLR(parallel=cfg.parallel, **kwargs)
     return GLR(**kwargs)
@@ -233,7 +243,8 @@ def evaluate(model: NoisySequential, x, y, loss, noisy: bool, replications: int 
         total = 0.0
         for i in range(0, len(x), 500):
             xi, yi = x[i:i + 500], y[i:i + 500]
-            o = model(xi, noise=model.sample_noise(replications, len(xi), generator=generator))
+            layout, r = noise_draw(model, xi, replications, generator)
+            o = forward_replications(model, xi, layout, r)
             total += loss_fn(o.reshape(-1, o.shape[-1]), yi.repeat(replications)).double().sum().item()
         result["loss"] = total / (len(x) * replications)
     else:

@@ -1,0 +1,595 @@
+"""Noisy layers, containers, and how noise reaches them during a noisy forward pass.
+
+A *noisy layer* (:class:`NoisyLinear`, :class:`NoisyConv2d`; subclasses of the torch layers,
+same parameters, same ``state_dict``) maps its input h to z = layer(h), then — inside a
+noisy forward pass — to v = z + r with r ~ f i.i.d. per output unit (``layer.noise``), and
+finally to φ(v) (``activation=None``: identity). Called on its own, outside a noisy pass,
+it is the noise-free layer φ(z): the OT network. Noisy layers may sit at any depth of any
+``nn.Module`` (inside an ``nn.Sequential``, a :class:`Residual` block, a user's module).
+
+A noisy forward pass of k replications of a batch of B inputs is the ordinary ``forward``
+run inside an :class:`Injection` context: each noisy layer it reaches takes its noise
+(k, B, *units) from the context, and the batch grows from B to k·B rows (replication-major)
+at the first noisy layer, so everything before it is computed once per input. Where that
+is not safe (a noisy layer inside a branch, e.g. a residual block, whose skip connection
+would still carry B rows), the input of the outermost such module is repeated k times
+instead (:func:`noisy_forward` decides; the result is the same).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, Normal
+
+from .activations import ActivationLike, activation_name, get_activation
+from .noise import describe, make_noise, same_noise, validate_noise
+
+DEFAULT_NOISE_STD = 2.0
+
+
+def default_noise() -> Distribution:
+    """Normal(0, 2): the seed's neuron noise (σ = 2 as the standard deviation)."""
+    return Normal(0.0, DEFAULT_NOISE_STD)
+
+
+class NoisyLayer:
+    """Mixin of a layer whose output units carry noise ``self.noise`` before ``activation``.
+
+    The GLR estimate of a noisy layer's parameters is that layer's own parameter gradient
+    under the cotangent g = w ⊙ s(r) (loss weight times noise score): :meth:`glr_grads`
+    (summed over samples) and :meth:`glr_grads_per_input` (summed over replications, kept
+    per input; the chunked leave-one-out baseline needs it). Closed forms, inside one layer;
+    the reference estimator gets the same by autograd through :meth:`affine`.
+    """
+
+    activation = None
+    noise: Distribution
+
+    def _setup(self, activation: ActivationLike, noise: Distribution | None) -> None:
+        self.activation = None if activation is None else get_activation(activation)
+        self.noise = validate_noise(default_noise() if noise is None else noise)
+
+    def affine(self, h: Tensor) -> Tensor:
+        """z = layer(h): the torch layer's own forward, without noise or activation."""
+        return super().forward(h)  # the torch base class (nn.Linear / nn.Conv2d) after this mixin
+
+    def act(self, v: Tensor) -> Tensor:
+        return v if self.activation is None else self.activation(v)
+
+    def forward(self, h: Tensor) -> Tensor:
+        z = self.affine(h)
+        injection = _ACTIVE.get()
+        return self.act(z) if injection is None else injection.apply(self, h, z)
+
+    def glr_grads(self, h: Tensor, g: Tensor) -> list[Tensor]:
+        """[∂/∂weight, ∂/∂bias] of Σₙ ⟨gₙ, layer(hₙ)⟩ for inputs h (N, *in), cotangents g (N, *out)."""
+        raise NotImplementedError
+
+    def glr_grads_per_input(self, h: Tensor, g: Tensor) -> list[Tensor]:
+        """The same summed over the replication axis only: h (K, B, *in), g (K, B, *out) → (B, *param)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={_act_name(self.activation)}, noise={self.noise}"
+
+
+class NoisyLinear(NoisyLayer, nn.Linear):
+    """``torch.nn.Linear`` whose outputs carry noise (default Normal(0, 2)), then ``activation``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: ActivationLike = None,
+                 noise: Distribution | None = None, device=None, dtype=None):
+        nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
+        self._setup(activation, noise)
+
+    def glr_grads(self, h, g):
+        g2, h2 = g.reshape(-1, self.out_features), h.reshape(-1, self.in_features)
+        return [g2.T @ h2] + ([g2.sum(0)] if self.bias is not None else [])
+
+    def glr_grads_per_input(self, h, g):
+        return [torch.einsum("kbo,kbi->boi", g, h)] + ([g.sum(0)] if self.bias is not None else [])
+
+    def config(self) -> dict:
+        return {"type": "NoisyLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "activation": _act_name(self.activation)}
+
+
+class NoisyConv2d(NoisyLayer, nn.Conv2d):
+    """``torch.nn.Conv2d`` whose output units (channel × position) carry noise, then ``activation``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, activation: ActivationLike = None,
+                 noise: Distribution | None = None, device=None, dtype=None):
+        if isinstance(padding, str):
+            raise ValueError(f"NoisyConv2d needs numeric padding, got {padding!r}")
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           "zeros", device, dtype)
+        self._setup(activation, noise)
+
+    def glr_grads(self, h, g):
+        gw = torch.nn.grad.conv2d_weight(h, self.weight.shape, g, self.stride, self.padding, self.dilation,
+                                         self.groups)
+        return [gw] + ([g.sum((0, 2, 3))] if self.bias is not None else [])
+
+    def glr_grads_per_input(self, h, g):
+        if self.groups != 1:
+            raise ValueError("the chunked leave-one-out baseline supports NoisyConv2d with groups=1 only")
+        # the B inputs as B groups of one grouped convolution over the K replications: its weight
+        # gradient is the per-input weight gradient, summed over replications
+        K, B = h.shape[:2]
+        gw = torch.nn.grad.conv2d_weight(h.reshape(K, B * self.in_channels, *h.shape[3:]),
+                                         (B * self.out_channels, self.in_channels, *self.kernel_size),
+                                         g.reshape(K, B * self.out_channels, *g.shape[3:]),
+                                         self.stride, self.padding, self.dilation, groups=B)
+        return [gw.reshape(B, *self.weight.shape)] + ([g.sum(0).sum((-2, -1))] if self.bias is not None else [])
+
+    def config(self) -> dict:
+        return {"type": "NoisyConv2d", "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
+                "activation": _act_name(self.activation)}
+
+
+def _act_name(act) -> str | None:
+    return None if act is None else activation_name(act)
+
+
+def noisy_layers(model: nn.Module) -> list[NoisyLayer]:
+    """Every noisy layer of ``model`` at any depth, in module-registration order."""
+    return [m for m in model.modules() if isinstance(m, NoisyLayer)]
+
+
+# ---------------------------------------------------------------------------- injection
+_ACTIVE: ContextVar["Injection | None"] = ContextVar("glrnet_injection", default=None)
+
+
+class Injection:
+    """The noise of one noisy forward pass: k replications of a batch of B inputs.
+
+    ``noise[i]`` (k, B, *units) is added in noisy layer ``layers[i]`` (layers without an entry
+    stay noise-free). With ``record``, the input h each noisy layer saw is kept in
+    ``inputs[i]`` — (B, *in) if it came before the batch grew, else (k·B, *in) — and the
+    execution order and unit shapes in ``order`` / ``shapes``. ``surrogate(v, z, φ)``, if given,
+    replaces φ(v) (the attacks' BPDA gradients; z: the pre-activation without noise).
+    """
+
+    def __init__(self, layers: Sequence[NoisyLayer], k: int, batch: int, noise: dict[int, Tensor] | None = None,
+                 record: bool = False, surrogate: Callable | None = None):
+        self.index = {id(m): i for i, m in enumerate(layers)}
+        self.k, self.batch, self.noise = k, batch, noise or {}
+        self.record, self.surrogate = record, surrogate
+        self.inputs: dict[int, Tensor] = {}
+        self.shapes: dict[int, tuple[int, ...]] = {}
+        self.order: list[int] = []
+        self.preactivations: dict[int, Tensor] = {}
+
+    def __enter__(self):
+        self._token = _ACTIVE.set(self)
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.reset(self._token)
+
+    def apply(self, layer: NoisyLayer, h: Tensor, z: Tensor) -> Tensor:
+        i = self.index.get(id(layer))
+        if i is None:  # a noisy layer of another model
+            return layer.act(z)
+        if i in self.shapes:
+            raise RuntimeError(f"noisy layer {i} ({type(layer).__name__}) ran twice in one forward pass; "
+                               "a noisy layer may be applied once per pass (use two layers)")
+        k, B = self.k, self.batch
+        rows = z.shape[0]
+        if rows not in (B, k * B):
+            raise RuntimeError(f"noisy layer {i} got a batch of {rows} rows; expected {B} inputs or "
+                               f"{k}·{B} replications")
+        unit = tuple(z.shape[1:])
+        self.shapes[i] = unit
+        self.order.append(i)
+        r = self.noise.get(i)
+        if self.record:
+            self.inputs[i] = h
+        if r is None:
+            if self.record:
+                self.preactivations[i] = z
+            v = z
+        else:
+            r = r.reshape(k, B, *unit)
+            if rows == B and k > 1:   # the batch grows here: z is computed once per input
+                v = (z.unsqueeze(0) + r).reshape(k * B, *unit)
+                if self.surrogate is not None:
+                    z = z.unsqueeze(0).expand(k, B, *unit).reshape(k * B, *unit)
+            elif self.surrogate is not None or z.requires_grad:
+                v = z + r.reshape(rows, *unit)
+            else:
+                v = z.add_(r.reshape(rows, *unit))
+        if self.surrogate is not None and layer.activation is not None:
+            return self.surrogate(v, z, layer.activation)
+        return layer.act(v)
+
+
+@dataclass
+class Probe:
+    """What one noise-free pass over one input tells about a model's noisy layers."""
+
+    layers: list[NoisyLayer]          # noisy_layers(model)
+    order: list[int]                  # indices into ``layers``, in execution order
+    shapes: dict[int, tuple[int, ...]]
+    classes: int                      # width of the output
+
+    def width(self, i: int) -> int:
+        return math.prod(self.shapes[i])
+
+
+@torch.no_grad()
+def probe(model: nn.Module, x: Tensor) -> Probe:
+    """Execution order and unit shapes of ``model``'s noisy layers, from a noise-free pass on x[:1]."""
+    layers = noisy_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no noisy layer (NoisyLinear, NoisyConv2d): "
+                         "GLR needs at least one")
+    with Injection(layers, 1, 1) as inj:
+        out = model(x[:1])
+    unused = [i for i in range(len(layers)) if i not in inj.shapes]
+    if unused:
+        raise ValueError(f"noisy layers {unused} of {type(model).__name__} are not used by its forward pass")
+    return Probe(layers, inj.order, inj.shapes, math.prod(out.shape[1:]))
+
+
+def _contains(module: nn.Module, target: nn.Module) -> bool:
+    return any(m is target for m in module.modules())
+
+
+def _expansion_point(model: nn.Module, first: NoisyLayer) -> nn.Module | None:
+    """None if the batch may grow lazily at ``first`` (it lies on a chain of ``nn.Sequential`` s
+    from the root); else the outermost module off that chain that contains it."""
+    m = model
+    while m is not first:
+        if not isinstance(m, nn.Sequential):
+            return m
+        m = next(c for c in m if _contains(c, first))
+    return None
+
+
+@contextmanager
+def _repeat_input(module: nn.Module, k: int, batch: int):
+    """While active, ``module``'s first input of ``batch`` rows is repeated k times (replication-major)."""
+    def hook(mod, args):
+        h = args[0]
+        if h.shape[0] == batch:
+            return (h.repeat(k, *[1] * (h.dim() - 1)), *args[1:])
+        return None
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def noisy_forward(model: nn.Module, x: Tensor, injection: Injection, first: NoisyLayer | None) -> Tensor:
+    """``model(x)`` inside ``injection``: output (k·B, ...) (replication-major). ``first``: the
+    first noisy layer (in execution order) that has noise; the batch grows there."""
+    k, B = injection.k, injection.batch
+    point = None if first is None or k == 1 else _expansion_point(model, first)
+    with injection:
+        if point is None:
+            out = model(x)
+        elif point is model:
+            out = model(x.repeat(k, *[1] * (x.dim() - 1)))
+        else:
+            with _repeat_input(point, k, B):
+                out = model(x)
+    if out.shape[0] == B and k > 1:  # no noise reached the output (every layer quiet)
+        out = out.unsqueeze(0).expand(k, *out.shape).reshape(k * B, *out.shape[1:])
+    return out
+
+
+class Layout:
+    """Where each noisy layer's noise lies in one flat buffer (k, B, W) for the ``active`` layers
+    (indices into ``probe.layers``, in execution order), and how to fill it with a sampler."""
+
+    def __init__(self, pr: Probe, active: Sequence[int] | None = None):
+        self.probe = pr
+        self.active = [i for i in pr.order if active is None or i in set(active)]
+        self.offsets, offset = {}, 0
+        for i in self.active:
+            self.offsets[i] = offset
+            offset += pr.width(i)
+        self.width = offset
+        self.shared = layer_noise([pr.layers[i] for i in self.active])
+
+    @property
+    def first(self) -> NoisyLayer:
+        return self.probe.layers[self.active[0]]
+
+    def fill_(self, sampler, out: Tensor, generator) -> Tensor:
+        """Fill ``out`` (k, B, W): one draw when every active layer has the same noise, else per layer."""
+        if self.shared is not None:
+            return sampler.fill_(self.shared, out, generator)
+        for i in self.active:
+            o = self.offsets[i]
+            part = torch.empty_like(out[..., o:o + self.probe.width(i)])
+            out[..., o:o + self.probe.width(i)] = sampler.fill_(self.probe.layers[i].noise, part, generator)
+        return out
+
+    def views(self, flat: Tensor) -> dict[int, Tensor]:
+        """Per active layer, its (k, B, width) slice of ``flat``."""
+        return {i: flat[..., o:o + self.probe.width(i)] for i, o in self.offsets.items()}
+
+
+def layer_noise(layers: Sequence[NoisyLayer]) -> Distribution | None:
+    """The one noise distribution shared by ``layers``, or None if they differ."""
+    first = layers[0].noise
+    return first if all(same_noise(first, m.noise) for m in layers[1:]) else None
+
+
+# ---------------------------------------------------------------------------- containers
+class Residual(nn.Module):
+    """x ↦ x + body(x) (an ordinary module; its noisy layers train by GLR like any other)."""
+
+    def __init__(self, *body: nn.Module):
+        super().__init__()
+        self.body = nn.Sequential(*body)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+# deterministic modules a saved model may contain: name → (class, the constructor arguments kept)
+_DETERMINISTIC = {"MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation")),
+                  "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding")),
+                  "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
+                  "Identity": (nn.Identity, ()),
+                  "GroupNorm": (nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine")),
+                  "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine"))}
+
+
+def module_config(m: nn.Module) -> dict:
+    """JSON-able description of one module of a saved model (recursive for containers)."""
+    if isinstance(m, NoisyLayer):
+        return m.config()
+    if type(m) is Residual:
+        return {"type": "Residual", "body": [module_config(c) for c in m.body]}
+    if type(m) is nn.Sequential:
+        return {"type": "Sequential", "modules": [module_config(c) for c in m]}
+    name = type(m).__name__
+    if name not in _DETERMINISTIC or type(m) is not _DETERMINISTIC[name][0]:
+        raise ValueError(f"cannot describe module {name} for saving; supported: NoisyLinear, NoisyConv2d, "
+                         f"Residual, Sequential, {', '.join(_DETERMINISTIC)} (save the state_dict yourself)")
+    return {"type": name, **{k: _jsonable(getattr(m, k)) for k in _DETERMINISTIC[name][1]}}
+
+
+def module_from_config(d: dict) -> nn.Module:
+    d = dict(d)
+    kind = d.pop("type")
+    if kind == "NoisyLinear":
+        return NoisyLinear(**d)
+    if kind == "NoisyConv2d":
+        return NoisyConv2d(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    if kind == "Residual":
+        return Residual(*(module_from_config(c) for c in d["body"]))
+    if kind == "Sequential":
+        return nn.Sequential(*(module_from_config(c) for c in d["modules"]))
+    if kind in _DETERMINISTIC:
+        return _DETERMINISTIC[kind][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    raise ValueError(f"unknown module type {kind!r} in a saved model")
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+class NoisySequential(nn.Sequential):
+    """An ``nn.Sequential`` of noisy layers and deterministic modules (pooling, ``Flatten``,
+    :class:`Residual` blocks, nested ``nn.Sequential`` s): indexable, iterable, ``len``-able.
+
+    Args:
+        *modules: the modules, applied in order. GLR estimates the parameters of the noisy
+            layers at any depth; any other trainable parameter is refused by it, by name.
+        noise: zero-centred scalar ``torch.distributions`` object given to every noisy layer
+            (default: each layer keeps its own, Normal(0, 2) unless set).
+        input_shape: shape of one input, e.g. (1, 28, 28); a flat batch (B, prod(input_shape))
+            is reshaped to it. Needed by ``widths`` / ``unit_shapes``; never inferred.
+    """
+
+    def __init__(self, *modules: nn.Module, noise: Distribution | None = None,
+                 input_shape: Sequence[int] | None = None):
+        for m in modules:
+            if not isinstance(m, nn.Module):
+                raise ValueError(f"NoisySequential takes torch modules, got {type(m).__name__}")
+        super().__init__(*modules)
+        if not noisy_layers(self):
+            raise ValueError("a NoisySequential needs at least one noisy layer (NoisyLinear, NoisyConv2d)")
+        if noise is not None:
+            noise = validate_noise(noise)
+            for m in noisy_layers(self):
+                m.noise = noise
+        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
+
+    def __getitem__(self, idx):
+        if not isinstance(idx, slice):
+            return super().__getitem__(idx)
+        mods = list(self._modules.values())[idx]
+        if not any(isinstance(m, NoisyLayer) or noisy_layers(m) for m in mods):
+            return nn.Sequential(*mods)
+        return NoisySequential(*mods, input_shape=self.input_shape if idx.start in (None, 0) else None)
+
+    @property
+    def layers(self) -> "NoisySequential":
+        """The modules (this container itself: ``model.layers[0] is model[0]``)."""
+        return self
+
+    @property
+    def noisy_layers(self) -> list[NoisyLayer]:
+        return noisy_layers(self)
+
+    @property
+    def noise(self) -> Distribution:
+        """The noise every noisy layer shares (a ``ValueError`` if they differ)."""
+        shared = layer_noise(self.noisy_layers)
+        if shared is None:
+            raise ValueError("the noisy layers of this model have different noise; read layer.noise")
+        return shared
+
+    def _example(self) -> Tensor:
+        if self.input_shape is None:
+            raise ValueError("the input shape is not known: pass input_shape=... to the model")
+        p = next(self.parameters())
+        return torch.zeros(1, *self.input_shape, dtype=p.dtype, device=p.device)
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self._example().shape[1:])
+
+    @property
+    def unit_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample output shape of every noisy layer, in execution order."""
+        pr = probe(self, self._example())
+        return [pr.shapes[i] for i in pr.order]
+
+    @property
+    def widths(self) -> list[int]:
+        """Noisy units per sample of each noisy layer (execution order); a noise tensor has ``sum(widths)``."""
+        return [math.prod(s) for s in self.unit_shapes]
+
+    @property
+    def num_classes(self) -> int:
+        return probe(self, self._example()).classes
+
+    def bind(self, x: Tensor) -> Tensor:
+        """``x`` as a batch of inputs of ``input_shape`` (flat batches reshaped); changes no state."""
+        if self.input_shape is None:
+            if x.dim() < 2:
+                raise ValueError(f"inputs must have a batch axis, got shape {tuple(x.shape)}")
+            return x
+        if tuple(x.shape[1:]) == self.input_shape:
+            return x
+        if x.dim() == 2 and x.shape[1] == math.prod(self.input_shape):
+            return x.reshape(x.shape[0], *self.input_shape)
+        if len(self.input_shape) == 1:
+            raise ValueError(f"inputs must have shape (batch, {self.input_shape[0]}), got {tuple(x.shape)}")
+        raise ValueError(f"inputs must have shape (batch, {', '.join(map(str, self.input_shape))}) or (batch, "
+                         f"{math.prod(self.input_shape)}), got {tuple(x.shape)}")
+
+    def forward(self, x: Tensor, noise: Tensor | None = None, surrogate=None) -> Tensor:
+        """Outputs for inputs ``x`` (B, ...); with ``noise`` (..., B, Σ widths) the noisy network,
+        output (..., B, C), the last axis of ``noise`` split across the noisy layers in execution
+        order. ``surrogate``: see :class:`Injection`."""
+        x = self.bind(x)
+        if noise is None and surrogate is None:
+            return super().forward(x)
+        if noise is None:
+            with Injection(self.noisy_layers, 1, x.shape[0], surrogate=surrogate):
+                return super().forward(x)
+        return forward_with_flat_noise(self, x, noise, surrogate)
+
+    def sample_noise(self, *shape: int, generator: torch.Generator | None = None,
+                     antithetic: bool = False) -> Tensor:
+        """Noise of shape (*shape, Σ widths); ``antithetic`` negates the second half of axis 0."""
+        from .samplers import IID, Antithetic
+        p = next(self.parameters())
+        r = torch.empty(*shape, sum(self.widths), dtype=p.dtype, device=p.device)
+        flat = r.reshape(shape[0] if shape else 1, -1, r.shape[-1])
+        (Antithetic() if antithetic else IID()).fill_(self.noise, flat, generator)
+        return r
+
+    def first_preactivation(self, x: Tensor) -> Tensor:
+        """The first noisy layer's pre-activation without noise, (B, *units): a deterministic,
+        differentiable function of the input (the likelihood-ratio input gradient goes through it)."""
+        x = self.bind(x)
+        layers = self.noisy_layers
+        with Injection(layers, 1, x.shape[0], record=True) as inj:
+            super().forward(x)
+        return inj.preactivations[inj.order[0]]
+
+    def activations(self) -> list[str]:
+        """Names of the noisy layers' activations (None: identity)."""
+        return [_act_name(m.activation) for m in self.noisy_layers]
+
+    def config(self) -> dict:
+        """JSON-able architecture (see :mod:`glrnet.checkpoint` for the round trip); a ``ValueError``
+        for a module or a noise that cannot be rebuilt."""
+        return {"modules": [module_config(m) for m in self], "noise": describe(self.noise),
+                "input_shape": list(self.input_shape) if self.input_shape else None}
+
+    @staticmethod
+    def from_config(cfg: dict, noise: Distribution | None = None) -> "NoisySequential":
+        if noise is None:
+            noise = make_noise(cfg["noise"]["kind"], cfg["noise"]["std"])
+        return NoisySequential(*(module_from_config(d) for d in cfg["modules"]), noise=noise,
+                               input_shape=cfg.get("input_shape"))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before NoisySequential became an nn.Sequential kept their modules under "layers."
+        old = prefix + "layers."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[prefix + key[len(old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def forward_with_flat_noise(model: nn.Module, x: Tensor, noise: Tensor, surrogate=None) -> Tensor:
+    """``model`` on ``x`` (B, ...) with noise (..., B, Σ widths) split across its noisy layers in
+    execution order; output (..., B, C)."""
+    pr = probe(model, x)
+    B, W = x.shape[0], sum(pr.width(i) for i in pr.order)
+    if noise.dim() < 2 or noise.shape[-1] != W or noise.shape[-2] != B:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; expected (..., {B}, Σ widths = {W})")
+    lead = tuple(noise.shape[:-2])
+    k = math.prod(lead)
+    flat = noise.reshape(k, B, W)
+    views, offset = {}, 0
+    for i in pr.order:
+        views[i] = flat[..., offset:offset + pr.width(i)]
+        offset += pr.width(i)
+    inj = Injection(pr.layers, k, B, views, surrogate=surrogate)
+    out = noisy_forward(model, x, inj, pr.layers[pr.order[0]])
+    return out.reshape(*lead, B, *out.shape[1:])
+
+
+class NoisyMLP(NoisySequential):
+    """Multilayer perceptron with per-neuron additive noise: the all-linear NoisySequential.
+
+    Args:
+        sizes: layer widths including input and output, e.g. ``[196, 20, 10]``.
+        activation: φ for the hidden layers, a registered name or any callable.
+        noise: zero-centred scalar ``torch.distributions`` object; default Normal(0, 2).
+        output_activation: ``None`` (the output's noisy pre-activation is the output, as
+            the seed's authors' code does) or a name / callable applied to the output layer.
+
+    The modules are ``nn.Linear`` subclasses (weight (out, in) + bias): ``model[0]`` is the first.
+    """
+
+    def __init__(self, sizes: Sequence[int], activation: ActivationLike = "sigmoid",
+                 noise: Distribution | None = None, output_activation: ActivationLike = None):
+        sizes = list(sizes)
+        if len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+            raise ValueError(f"sizes must be ≥ 2 positive integers (input, ..., output), got {sizes}")
+        act = get_activation(activation)
+        out = None if output_activation is None else get_activation(output_activation)
+        noise = default_noise() if noise is None else noise
+        last = len(sizes) - 2
+        super().__init__(*(NoisyLinear(a, b, activation=act if t < last else out)
+                           for t, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))),
+                         noise=noise, input_shape=(sizes[0],))
+        self.sizes, self.activation, self.output_activation = sizes, act, out
+
+    @property
+    def widths(self) -> list[int]:
+        return self.sizes[1:]
+
+    @property
+    def num_classes(self) -> int:
+        return self.sizes[-1]
+
+    def config(self) -> dict:
+        return {"sizes": self.sizes, "activation": activation_name(self.activation),
+                "output_activation": _act_name(self.output_activation), "noise": describe(self.noise)}
+
+    def extra_repr(self) -> str:
+        return (f"activation={activation_name(self.activation)}, noise={self.noise}, "
+                f"output_activation={_act_name(self.output_activation)}")
