@@ -9,7 +9,8 @@ For sigmoid and threshold units it measures (medians, all in one process, measur
 * ``glr``      — ``glrnet.GLR(replications=K, baseline=False).estimate`` (plain, and with the
                  baseline; each also with ``prefetch=True``: noise drawn on a helper thread);
 * ``floor``    — what any GLR implementation must do: draw the K·B·Σwidths noise values and run
-                 the K·B noisy forward passes (no gradient work at all);
+                 the K·B noisy forward passes (no gradient work at all), in plain torch (no glrnet
+                 code, so that two commits are measured against the same floor);
 * ``bp``       — one back-propagation step (noise-free forward + backward) of the same CNN
                  on the same B images, the cost GLR replaces.
 
@@ -86,11 +87,25 @@ def main() -> None:
         chunk = max(1, min(K, int(16 * 2**20) // (B * 6 * width * 4)))   # a 16 MB working set per chunk
         buf = torch.empty(chunk, B, width, device=dev)
 
+        layers = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
         @torch.no_grad()
-        def floor():
+        def floor():   # plain torch, no glrnet code: the same noise and the same noisy forward passes
             for k0 in range(0, K, chunk):
-                r = buf[:min(chunk, K - k0)].normal_(0.0, 2.0, generator=gen)
-                net(x, noise=r)
+                k = min(chunk, K - k0)
+                r = buf[:k].normal_(0.0, 2.0, generator=gen)
+                h, offset = x, 0
+                for m in net.layers:
+                    if m not in layers:
+                        h = m(h)
+                        continue
+                    z = (torch.nn.Conv2d.forward if isinstance(m, torch.nn.Conv2d) else torch.nn.Linear.forward)(m, h)
+                    w = z[0].numel()
+                    noise = r[..., offset:offset + w].reshape(k, B, *z.shape[1:])
+                    offset += w
+                    h = (z.unsqueeze(0) + noise if h is x else z.reshape(k, B, *z.shape[1:]) + noise)
+                    h = h.reshape(k * B, *z.shape[1:])
+                    h = m.activation(h) if m.activation is not None else h
 
         def bp():
             net.zero_grad(set_to_none=True)

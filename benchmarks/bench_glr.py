@@ -8,9 +8,11 @@ K = 1000, batch 64; σ = 2, cross-entropy; sigmoid and threshold) it measures, e
 fresh subprocess (so peak memory is per measurement), the median time of one gradient
 estimate for:
 
-* ``ours``   — ``glrnet.GLR(baseline=False).estimate`` (the plain estimator, like the others);
-* ``ours-prefetch`` — the same with ``prefetch=True`` (noise drawn on a helper thread, torch's
-               threads lowered by one for the call): what prefetching buys;
+* ``ours``   — ``glrnet.GLR(baseline=False).estimate`` (the plain estimator, like the others;
+               default settings, so ``prefetch="auto"``);
+* ``ours-prefetch`` / ``ours-no-prefetch`` — the same with ``prefetch=True`` (noise drawn on a
+               helper thread, torch's threads lowered by one for the call) / ``False``: what
+               prefetching buys;
 * ``ours-antithetic`` — ``sampler="antithetic"`` (half the random numbers);
 * ``naive``  — the seed's style: each input replicated K times, every per-sample outer
                product s·xᵀ materialised and averaged (a Python loop over the batch keeps
@@ -95,8 +97,9 @@ def one(impl: str, config: str, activation: str, device: str, repeats: int) -> d
     K, B, widths = c["K"], c["B"], c["sizes"][1:]
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     warmup = 2
-    if impl in ("ours", "ours-prefetch"):
-        est = glrnet.GLR(replications=K, baseline=False, prefetch=impl == "ours-prefetch")
+    if impl in ("ours", "ours-prefetch", "ours-no-prefetch"):
+        kw = {} if impl == "ours" else {"prefetch": impl == "ours-prefetch"}   # "ours": the default
+        est = glrnet.GLR(replications=K, baseline=False, **kw)
         fn = lambda: est.estimate(model, x, y)  # noqa: E731
     elif impl == "ours-antithetic":
         try:
@@ -166,6 +169,9 @@ def main() -> None:
     p.add_argument("--one", nargs=3, metavar=("IMPL", "CONFIG", "ACTIVATION"), help=argparse.SUPPRESS)
     p.add_argument("--extras", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        p.error(f"--configs: unknown configuration(s) {unknown}; valid: {', '.join(repr(c) for c in CONFIGS)}")
     if args.one:
         print(json.dumps(one(*args.one, args.device, args.repeats)))
         return
@@ -182,10 +188,13 @@ def main() -> None:
     rows = []
     for config in args.configs.split(","):
         for act in ("sigmoid", "threshold"):
-            r = {i: sub("--one", i, config, act) for i in ("ours", "ours-prefetch", "ours-antithetic", "naive", "floor")}
-            if args.compare_src:
-                for i in ("ours", "ours-prefetch"):
+            r = {}
+            for i in ("ours", "ours-prefetch", "ours-no-prefetch"):   # each beside the previous commit's
+                r[i] = sub("--one", i, config, act)
+                if args.compare_src:
                     r["previous-" + i] = sub("--one", i, config, act, src=args.compare_src)
+            for i in ("ours-antithetic", "naive", "floor"):
+                r[i] = sub("--one", i, config, act)
             rows.append({"config": config, "activation": act, **{f"{i}_s": r[i]["median_s"] for i in r},
                          **{f"{i}_over_floor": r[i]["median_s"] / r["floor"]["median_s"] for i in r if i != "floor"},
                          **{f"{i}_peak_rss_mb": r[i]["peak_rss_mb"] for i in r},
@@ -196,10 +205,11 @@ def main() -> None:
             row = rows[-1]
             print(f"{config:34s} {act:9s} ours {row['ours_s'] * 1e3:8.1f} ms  naive {row['naive_s'] * 1e3:9.1f} ms  "
                   f"floor {row['floor_s'] * 1e3:7.1f} ms  |  ours/naive speed-up {row['speedup_vs_naive']:6.1f}×  "
-                  f"ours/floor {row['ours_over_floor']:.2f}  prefetch/floor {row['ours-prefetch_over_floor']:.2f}  "
-                  f"antithetic/floor {row['antithetic_over_floor']:.2f}  "
-                  + (f"previous ours/floor {row['previous-ours_over_floor']:.2f}, prefetch "
-                     f"{row['previous-ours-prefetch_over_floor']:.2f}  " if args.compare_src else "") +
+                  f"ours/floor {row['ours_over_floor']:.2f} (prefetch {row['ours-prefetch_over_floor']:.2f}, none "
+                  f"{row['ours-no-prefetch_over_floor']:.2f})  antithetic/floor {row['antithetic_over_floor']:.2f}  "
+                  + (f"previous: {row['previous-ours_over_floor']:.2f} (prefetch "
+                     f"{row['previous-ours-prefetch_over_floor']:.2f}, none "
+                     f"{row['previous-ours-no-prefetch_over_floor']:.2f})  " if args.compare_src else "") +
                   f"|  {row['ours_sample_replications_per_s']:.3g} sample-rep/s  peak RSS {row['ours_peak_rss_mb']:.0f} MB "
                   f"(naive {row['naive_peak_rss_mb']:.0f} MB)", flush=True)
     extras = sub("--extras")

@@ -5,7 +5,7 @@
 Each measurement launches ``torchrun --nproc_per_node=P``; every rank gets cores/P intra-op
 threads. Work per step is fixed (the seed's 196-20-10, K = 10000, batch 25), so strong
 scaling: efficiency(P) = T(1) / (P · T(P)). Across machines, launch the same worker with
-``torchrun --nnodes=N --node_rank=i --rdzv_endpoint=HOST:PORT`` (README "Scaling out").
+``torchrun --nnodes=N --node_rank=i --rdzv_endpoint=HOST:PORT`` (docs/performance.md, "Scaling out").
 """
 
 from __future__ import annotations

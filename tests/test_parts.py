@@ -308,3 +308,17 @@ def test_layerwise_and_variance_options_are_checked():
         glrnet.GLR(injection="layer")
     with pytest.raises(ValueError, match="unknown sampler 'sobol'; valid: iid, antithetic, qmc"):
         glrnet.GLR(sampler="sobol")
+
+
+def test_residual_network_through_the_cli_saves_loads_and_predicts(tmp_path):
+    from glrnet.checkpoint import load_model
+    from glrnet.cli import main
+    out = tmp_path / "res"
+    assert main(["train", "--arch", "conv:4:3:1:1,res:4:3,avgpool:2", "--hidden", "none", "--epochs", "1",
+                 "--replications", "8", "--subset", "200", "--quiet", "--out", str(out)]) == 0
+    model, _ = load_model(out / "model.safetensors")
+    assert isinstance(model[1], glrnet.Residual) and len(glrnet.noisy_layers(model)) == 4
+    x = torch.rand(3, 64)
+    assert glrnet.predict(model, x, "lap", 10).shape == (3,)
+    glrnet.GLR(replications=8).backward(model, x, torch.tensor([0, 1, 2]))
+    assert all(p.grad is not None for p in model.parameters())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import glrnet
+from glrnet import surrogates
 from glrnet.attacks import fgsm, pgd
 from glrnet.robustness import (AttackSettings, LAPClassifier, attack_forward, attack_model, attack_plan,
                                lr_input_jacobian, smoothed_derivative, surrogates_for)
@@ -153,7 +154,7 @@ def test_surrogate_backward_passes():
     v = torch.linspace(-3, 3, 7)
     for s, expect in (("ste", torch.ones(7)), ("sigmoid:4", 4 * torch.sigmoid(4 * v) * (1 - torch.sigmoid(4 * v)))):
         vr = v.clone().requires_grad_(True)
-        out = glrnet.robustness._Surrogate.apply(vr, v, model.activation, glrnet.robustness._derivative(model, s)(model.activation))
+        out = surrogates._Surrogate.apply(vr, v, model.activation, surrogates._derivative(model, s)(model.activation))
         (g,) = torch.autograd.grad(out.sum(), vr)
         torch.testing.assert_close(g, expect)
     with pytest.raises(ValueError, match="unknown surrogate"):
@@ -171,7 +172,7 @@ def test_pgd_respects_the_budget_and_the_pixel_range():
 
 def test_escalation_attacks_only_survivors_and_never_revives_a_broken_image(digits_models, monkeypatch):
     *_, x, y, thr = digits_models
-    import glrnet.robustness as rb
+    import glrnet.protocol as rb
     st = AttackSettings(steps=2, eot_samples=2, lr_samples=16, spsa_samples=4, spsa_steps=1, random_draws=1,
                         lap_replications=50, losses=("ce",), max_doublings=3)
     alive = attack_model(thr, True, x, y, 0.1, st)["worst-case"]["lap"]

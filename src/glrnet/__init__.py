@@ -8,13 +8,18 @@ from .activations import ACTIVATIONS, Sigmoid, get_activation
 from .data import Dataset, load_dataset
 from .estimators import GLR, Backprop, GradStats, NonFiniteLossError
 from .losses import LOSSES, cross_entropy, get_loss, zero_one
-from .model import NoisyConv2d, NoisyLayer, NoisyLinear, NoisyMLP, NoisySequential, predict, predict_proba
+from .layers import Injection, NoisyConv2d, NoisyLayer, NoisyLinear, NoisyMLP, NoisySequential, Residual, noisy_layers
+from .model import predict, predict_proba
 from .noise import Logistic, make_noise
 
-__version__ = "0.1.0"
+try:
+    from importlib.metadata import PackageNotFoundError, version
+    __version__ = version("glrnet")           # one source of truth: pyproject.toml
+except PackageNotFoundError:                  # run from a source tree that is not installed
+    __version__ = "0.0.0+source"
 
 __all__ = [
     "ACTIVATIONS", "Backprop", "Dataset", "GLR", "GradStats", "LOSSES", "Logistic", "NoisyConv2d", "NoisyLayer", "NoisyLinear", "NoisyMLP", "NoisySequential",
-    "NonFiniteLossError", "Sigmoid", "cross_entropy", "get_activation", "get_loss", "load_dataset", "make_noise",
+    "NonFiniteLossError", "Sigmoid", "Injection", "Residual", "noisy_layers", "cross_entropy", "get_activation", "get_loss", "load_dataset", "make_noise",
     "predict", "predict_proba", "zero_one",
 ]

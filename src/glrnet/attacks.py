@@ -1,7 +1,8 @@
-"""L∞ attacks on plain autograd: FGSM and PGD. Images stay in [0, 1].
+"""L∞ attacks: FGSM and PGD on plain autograd, APGD, and the registry of attacks the robustness
+protocol runs on a defended model (:data:`ATTACKS`). Images stay in [0, 1].
 
 An attack takes ``logits_fn``: any differentiable callable x → logits (a source
-network, or a surrogate of a defended model, see :mod:`glrnet.robustness`), or a
+network, or a surrogate of a defended model, see :mod:`glrnet.surrogates`), or a
 ``grad_fn`` (x, y) → ∇ₓ loss for attacks that estimate the gradient otherwise.
 
 Adversarial sets are generated once per (source, ε) and saved with their metadata
@@ -11,16 +12,20 @@ Adversarial sets are generated once per (source, ε) and saved with their metada
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checkpoint import save_tensors_atomic
 from .losses import cross_entropy
+from .model import NoisySequential, predict, predict_proba
+from .oracles import LAPClassifier, spsa_gradient
+from .surrogates import surrogates_for
 
 LogitsFn = Callable[[Tensor], Tensor]
 GradFn = Callable[[Tensor, Tensor], Tensor]
@@ -74,6 +79,22 @@ def pgd(logits_fn: LogitsFn | None, x: Tensor, y: Tensor, eps: float, steps: int
     return best.detach()
 
 
+def pgd_l2(logits_fn: LogitsFn, x: Tensor, y: Tensor, eps: float | Tensor, steps: int = 40,
+           step_size: float | Tensor | None = None) -> Tensor:
+    """L2 projected gradient ascent on the cross-entropy: normalised gradient steps, projection onto
+    the L2 ball of radius ``eps`` (a number, or one per image) and onto [0, 1]. ``x`` flat (N, D)."""
+    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device).reshape(-1, 1).expand(len(x), 1)
+    step = 2.5 * eps / steps if step_size is None else torch.as_tensor(step_size, dtype=x.dtype).reshape(-1, 1)
+    z = x.clone()
+    for _ in range(steps):
+        g = input_gradient(logits_fn, z, y)
+        z = z + step * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        delta = z - x
+        delta = delta * (eps / delta.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        z = (x + delta).clamp(0, 1).detach()   # clamping towards x's box only shortens δ
+    return z
+
+
 def save_adversarial(path: str | Path, x_adv: Tensor, indices: Tensor, meta: dict) -> None:
     """Adversarial images (N, D) with the test-set indices they came from and their metadata."""
     save_tensors_atomic({"x_adv": x_adv.float(), "indices": indices.long()}, Path(path),
@@ -85,3 +106,133 @@ def load_adversarial(path: str | Path) -> tuple[Tensor, Tensor, dict]:
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["glrnet_adversarial"])
     return t["x_adv"], t["indices"], meta
+
+
+# ------------------------------------------------------------------------- the attacks on a defended model
+def correct(model: NoisySequential, x_adv: Tensor, y: Tensor, noisy: bool, k: int, seed: int) -> dict[str, Tensor]:
+    """Per-image correctness of OT and (for a model trained with noise) LAP on ``x_adv``."""
+    out = {"ot": predict(model, x_adv, "ot") == y}
+    if noisy:
+        gen = torch.Generator(device=x_adv.device).manual_seed(10_000 + seed)  # the defender's own noise
+        out["lap"] = predict(model, x_adv, "lap", k, generator=gen, antithetic=k % 2 == 0) == y
+    return out
+
+
+def apgd(classifier: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int, loss: str,
+         seed: int) -> Tensor:
+    """APGD (Croce & Hein 2020; AutoAttack's step-size schedule, momentum, restarts) from
+    torchattacks on any classifier; ``x`` flat (N, D). Installed separately, without its
+    torchvision requirement: ``pip install --no-deps --no-warn-conflicts torchattacks==3.5.1``."""
+    try:
+        import torchattacks
+    except ImportError:
+        raise ImportError("the adaptive attacks use torchattacks' APGD: pip install --no-deps --no-warn-conflicts torchattacks==3.5.1") from None
+    atk = torchattacks.APGD(classifier, norm="Linf", eps=eps, steps=steps, n_restarts=restarts, seed=seed, loss=loss)
+    return atk(x.reshape(len(x), 1, 1, -1), y).reshape(x.shape).detach()
+
+
+@dataclass
+class AttackContext:
+    """What every attack of the protocol is given besides (x, y, ε)."""
+
+    model: NoisySequential
+    noisy: bool                       # trained with noise: the defended predictor is LAP
+    st: object                        # AttackSettings
+    source: NoisySequential | None    # the transfer source, if any
+    generator: torch.Generator
+    index: int                        # the attack's position in the plan (its APGD seed offset)
+
+    def classifier(self, surrogate: str | None = None, predictor: str | None = None) -> LAPClassifier:
+        samples = self.st.lr_samples if surrogate == "lr" else self.st.eot_samples
+        return LAPClassifier(self.model, samples, surrogate, predictor or ("lap" if self.noisy else "ot"),
+                             generator=self.generator)
+
+
+def _transfer_fgsm(ctx: AttackContext, x, y, eps, arg):
+    return fgsm(ctx.source, x, y, eps)
+
+
+def _fgsm(ctx: AttackContext, x, y, eps, arg):
+    return fgsm(ctx.classifier(), x, y, eps)
+
+
+def _apgd(ctx: AttackContext, x, y, eps, arg):
+    loss, surrogate = arg.rstrip("]").split("[")
+    clf = ctx.classifier(None, "ot") if surrogate == "ot" else ctx.classifier(surrogate)
+    return apgd(clf, x, y, eps, ctx.st.steps, ctx.st.restarts, loss, ctx.st.seed + ctx.index)
+
+
+def _spsa(ctx: AttackContext, x, y, eps, arg):
+    model, st, gen = ctx.model, ctx.st, ctx.generator
+    lap = lambda z: predict_proba(model, z, "lap", st.spsa_queries_k, generator=gen, antithetic=True)  # noqa: E731
+    probs = lap if ctx.noisy else (lambda z: torch.softmax(model(z), -1))
+    return pgd(None, x, y, eps, st.spsa_steps, random_start=False, generator=gen,
+               success_fn=lambda z, t: probs(z).argmax(-1) != t,
+               grad_fn=spsa_gradient(probs, st.spsa_samples, st.spsa_delta, gen))
+
+
+def _random(ctx: AttackContext, x, y, eps, arg):
+    """The worst of R random corners x ± ε: returns per-image correctness, not one image set."""
+    st, acc = ctx.st, {"ot": torch.ones_like(y, dtype=torch.bool)}
+    if ctx.noisy:
+        acc["lap"] = torch.ones_like(y, dtype=torch.bool)
+    for d in range(st.random_draws):
+        u = torch.randint(0, 2, x.shape, generator=ctx.generator, device=x.device).to(x.dtype) * 2 - 1
+        c = correct(ctx.model, (x + eps * u).clamp(0, 1), y, ctx.noisy, max(100, st.lap_replications // 10),
+                    st.seed + d)
+        for k in acc:
+            acc[k] &= c[k]
+    return acc
+
+
+#: attack family → callable (context, x, y, ε, argument) → adversarial images, or per-image
+#: correctness {"ot", "lap"} for attacks that score several candidates themselves. A plan entry
+#: is "family" or "family-argument" (e.g. ``apgd-ce[gauss]``: APGD, CE loss, Gaussian surrogate).
+ATTACKS = {"transfer-fgsm": _transfer_fgsm, "fgsm": _fgsm, "apgd": _apgd, "spsa": _spsa, "random": _random}
+
+
+def resolve_attack(name: str):
+    """(callable, argument) of a plan entry, or a ``ValueError`` listing the families."""
+    if name in ATTACKS:
+        return ATTACKS[name], ""
+    family, _, arg = name.partition("-")
+    if family in ATTACKS:
+        return ATTACKS[family], arg
+    raise ValueError(f"unknown attack {name!r}; families: {', '.join(ATTACKS)}")
+
+
+def attack_plan(model: NoisySequential, noisy: bool, st) -> list[str]:
+    """The attacks run on a model (besides transfer-fgsm): names ``apgd-<loss>[<surrogate>]``."""
+    if not noisy:
+        return ["fgsm"] + [f"apgd-{loss}[exact]" for loss in st.losses] + ["spsa", "random"]
+    names = ["fgsm"] + [f"apgd-{loss}[{s}]" for s in surrogates_for(model) for loss in st.losses]
+    return names + ["apgd-ce[ot]", "spsa", "random"]
+
+
+def attack_model(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: float, st,
+                 source: NoisySequential | None = None, attacks: list[str] | None = None,
+                 progress=None) -> dict[str, dict[str, Tensor]]:
+    """Per-example correctness {attack: {"ot": bool (N,), "lap": bool (N,)}} at budget ε, and the
+    per-example worst case over all of them (``"worst-case"``)."""
+    gen = torch.Generator(device=x.device).manual_seed(st.seed)
+    names = (["transfer-fgsm"] if source is not None else []) + attack_plan(model, noisy, st)
+    results = {}
+    for i, name in enumerate(names):
+        if attacks is not None and name not in attacks:
+            continue
+        if progress is not None:
+            progress.set_postfix_str(name, refresh=True)
+        fn, arg = resolve_attack(name)
+        out = fn(AttackContext(model, noisy, st, source, gen, i), x, y, eps, arg)
+        if isinstance(out, dict):
+            results[name] = out
+            continue
+        if (out - x).abs().max() > eps + 1e-5 or out.min() < 0 or out.max() > 1:
+            raise RuntimeError(f"attack {name} left the ε-ball or [0, 1]")  # a bug, never a result
+        results[name] = correct(model, out, y, noisy, st.lap_replications, st.seed)
+    worst = {k: torch.ones_like(y, dtype=torch.bool) for k in ("ot", "lap") if k == "ot" or noisy}
+    for res in results.values():
+        for k in worst:
+            worst[k] &= res[k]
+    results["worst-case"] = worst
+    return results

@@ -28,13 +28,28 @@ from .noise import make_noise
 FORMAT = 1
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically, on
-    failure it is removed, so readers only ever see the old file or the complete new one."""
+    failure it is removed, so readers only ever see the old file or the complete new one. The
+    file gets the mode an ordinary ``open`` would give it (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         os.replace(tmp, path)
@@ -86,6 +101,15 @@ def save_checkpoint(path: str | os.PathLike, model: NoisySequential, optimizer: 
     text = json.dumps(meta)
     save_tensors_atomic(tensors, path, {"glrnet": text})
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, ensure_ascii=False))
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    """The JSON sidecar of a checkpoint (config, epoch, history), without loading a tensor."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["glrnet"])
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"checkpoint {path} is unreadable ({e})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, model: NoisySequential, optimizer: torch.optim.Optimizer,
@@ -148,3 +172,44 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: the saved model cannot be rebuilt ({e})") from None
     return model.to(device), json.loads(meta.get("glrnet_extra", "{}"))
+
+
+# what each file an experiment writes is (README.md in every output folder)
+FILE_INDEX = [
+    ("spec.toml", "the experiment spec, as run"),
+    ("summary.json", "headline ε, timings, every model's clean accuracy"),
+    ("results.csv", "every model (and seed) × FGSM source × ε: Acc_Orig, clean LAP, Acc_OT, Acc_LAP"),
+    ("results_seeds.csv", "results.csv over seeds: mean, sd, min and max of each figure"),
+    ("table1.md", "Table 1: FGSM transferred from the first source, the seed's figures beside ours"),
+    ("table2.md", "Table 2: the same from the second source"),
+    ("transfer_*.png", "accuracy against ε under transferred FGSM, OT and LAP panels"),
+    ("fig2_sigmoid_slopes.png", "the seed's Fig. 2: sigmoids of several slopes"),
+    ("fig5_training_curves.png", "training and validation loss of every model"),
+    ("fig6_adversarial_examples.png", "FGSM examples at the headline ε"),
+    ("fig7_activations.png", "the seed's Fig. 7: the discontinuous activations"),
+    ("noise_scale.md", "noise against signal per layer (RMS of the pre-activation / σ)"),
+    ("noise_scale.csv", "the same as CSV"),
+    ("study.md", "accuracy against K with and without variance reduction"),
+    ("study.csv", "the same as CSV"),
+    ("robustness.md", "adaptive attacks: worst case per model and ε, per attack, escalation, sanity checks"),
+    ("robustness.csv", "every model × attack × ε, OT and LAP accuracy"),
+    ("robustness_checks.json", "the sanity checks and the escalation, as data"),
+    ("robustness_worst_case.png", "adaptive worst case (solid) against transfer FGSM (dashed)"),
+    ("robustness_seeds.md", "the adaptive worst case over seeds: mean and min–max"),
+    ("models/", "one folder per trained model: metrics.json, history.csv, curves.png, model.safetensors, checkpoint"),
+    ("adversarial/", "the FGSM image sets, one file per (source, ε) (not exported)"),
+]
+
+
+def write_index(out: str | os.PathLike, title: str) -> None:
+    """README.md in ``out``: what each file there is (only the files that exist)."""
+    import fnmatch
+    out = Path(out)
+    names = {p.name + ("/" if p.is_dir() else "") for p in out.iterdir()}
+    lines = [f"# {title}", "", "What each file here is (written by glrnet; rerunning the same command "
+             "regenerates it).", "", "| file | what it is |", "|---|---|"]
+    for pattern, text in FILE_INDEX:
+        hits = sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+        if hits:
+            lines.append(f"| {', '.join(f'`{h}`' for h in hits)} | {text} |")
+    atomic_write_text(out / "README.md", "\n".join(lines) + "\n")

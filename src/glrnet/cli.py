@@ -11,6 +11,7 @@ from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .data import DATASETS, SPLITS, DataError, describe_datasets
 from .losses import LOSSES
+from .attack_settings import DEFAULT_EPS, HELP, AttackSettings, settings_fields
 from .estimators import INJECTIONS
 from .noise import KINDS
 from .samplers import SAMPLERS
@@ -79,8 +80,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=d.arch, help="mlp; lenet (conv 6@5×5, max-pool 2, conv 16@5×5, max-pool 2); "
-                   "or comma-separated conv:C:K[:stride[:padding]], maxpool:K, avgpool:K. Convolutional "
-                   "stacks are followed by the --hidden layers and the output layer")
+                   "resnet (conv 8@3×3 stride 2, three residual blocks of two noisy 8@3×3 convolutions, "
+                   "avg-pool 2); or comma-separated conv:C:K[:stride[:padding]], res:C:K, maxpool:K, avgpool:K. "
+                   "Convolutional stacks are followed by the --hidden layers and the output layer")
     g.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden widths, e.g. 20 or 100,100 "
                    "(none: no hidden fully connected layer)")
     g.add_argument("--activation", type=_activation, default=d.activation,
@@ -119,8 +121,27 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lap-replications", type=int, default=d.lap_replications, help="K for the LAP predictor")
     g.add_argument("--eval-replications", type=int, default=d.eval_replications,
                    help="noisy passes per image for the per-epoch loss curves")
+    g.add_argument("--max-first-norm", type=float, default=None, help="after each step, scale the first noisy "
+                   "layer so that its operator norm ‖W₁‖₂ is at most this (keeps σ/‖W₁‖₂, the certified radius "
+                   "per unit of Φ⁻¹(p), from shrinking; see glrnet certify)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (same seed, same run)")
     g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
+
+
+def add_attack_options(p: argparse.ArgumentParser) -> None:
+    """One flag per AttackSettings field, its default and help from there (one source of truth)."""
+    g = p.add_argument_group("attacks")
+    for name, default, kind in settings_fields():
+        flag = "--" + name.replace("_", "-")
+        if kind is tuple:
+            g.add_argument(flag, type=lambda t: tuple(v for v in t.split(",") if v), default=default,
+                           help=f"{HELP[name]} (default: {','.join(default)})")
+        else:
+            g.add_argument(flag, type=kind, default=default, help=HELP[name])
+
+
+def settings_from_args(args) -> AttackSettings:
+    return AttackSettings(**{name: getattr(args, name) for name, _, _ in settings_fields()})
 
 
 def config_from_args(args) -> TrainConfig:
@@ -132,7 +153,56 @@ def cmd_train(args) -> int:
     from .train import resolve_device, train
     resolve_device(args.device)
     distributed.init_from_env(args.device)
+    from pathlib import Path
+    out = Path(args.out)
+    if args.resume and not (out / "checkpoint.safetensors").exists() and not (out / "metrics.json").exists():
+        print(f"glrnet train: --resume: {out} holds no run yet; starting a new one", file=sys.stderr)
     train(config_from_args(args), args.out, resume=args.resume, quiet=args.quiet)
+    return 0
+
+
+def cmd_certify(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .certify import certified_accuracy, certify
+    from .checkpoint import atomic_write_csv, atomic_write_text, load_model, write_index
+    from .data import load_run_dataset
+    from .train import resolve_device
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    try:
+        radii = [float(r) for r in args.radii.split(",")]
+    except ValueError:
+        raise ValueError(f"--radii takes comma-separated numbers like 0.25,0.5,1, got {args.radii!r}") from None
+    path = Path(args.run)
+    model, extra = load_model(path / "model.safetensors" if path.is_dir() else path, device)
+    data = load_run_dataset(extra.get("config", {}), args.dataset, args.data_dir, args.image_size, args.subset,
+                            args.split)
+    n_img = min(args.images, len(data.x_test))
+    x, y = data.x_test[:n_img].to(device), data.y_test[:n_img].to(device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    cert = certify(model, x, n0=args.n0, n=args.samples, alpha=args.alpha, predictor=args.predictor, generator=gen)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"image": i, "label": int(y[i]), "prediction": int(cert.prediction[i]), "radius": float(cert.radius[i]),
+             "p_lower": float(cert.p_lower[i]), "p_upper_other": float(cert.p_upper_other[i])} for i in range(n_img)]
+    atomic_write_csv(out / "certify.csv", rows, list(rows[0]))
+    acc = certified_accuracy(cert, y, radii)
+    lines = [f"# Certified L2 accuracy: {path.name} on {data.name}", "",
+             f"{n_img} test images; predictor {cert.predictor}; σ = {cert.sigma:g} (first noisy layer), "
+             f"‖W₁‖₂ = {cert.first_layer_norm:.4g}, so one unit of Φ⁻¹(p) is {cert.sigma / cert.first_layer_norm:.4g} "
+             f"in input L2; n0 = {args.n0}, n = {args.samples}, α = {args.alpha:g} (CERTIFY, Cohen et al. 2019). "
+             f"Abstained: {int((cert.prediction < 0).sum())}.", "",
+             "| radius | " + " | ".join(f"{r:g}" for r in radii) + " |", "|---|" + "---|" * len(radii),
+             "| certified accuracy | " + " | ".join(f"{acc[r]:.3f}" for r in radii) + " |"]
+    atomic_write_text(out / "certify.md", "\n".join(lines) + "\n")
+    from .plots import figure_certified
+    figure_certified(out / "certified_accuracy.png", {path.name: cert}, y, title=data.name)
+    write_index(out, f"glrnet certify: {path.name} on {data.name}")
+    print("\n".join(lines))
     return 0
 
 
@@ -186,8 +256,44 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_robustness(args) -> int:
-    from .robustness import robustness_command
-    robustness_command(args)
+    """``glrnet robustness --run DIR [DIR ...]``: the protocol on trained runs."""
+    from pathlib import Path
+
+    from .checkpoint import load_model, write_index
+    from .data import load_run_dataset
+    from .protocol import attack_and_report
+    from .train import TrainConfig, resolve_device
+    resolve_device(args.device)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder: choose another --out")
+    models, cfg = {}, None
+    for run in args.run:
+        path = Path(run)
+        model, extra = load_model(path / "model.safetensors" if path.is_dir() else path, args.device)
+        cfg = extra.get("config", {})
+        noisy = TrainConfig.from_saved(cfg).noisy
+        models[path.name if path.is_dir() else path.stem] = (model, noisy)
+    data = load_run_dataset(cfg, args.dataset, args.data_dir, args.image_size, args.subset, args.split)
+    if args.images > len(data.x_test):
+        print(f"glrnet robustness: --images {args.images}: {data.name} has {len(data.x_test)} test images; "
+              f"attacking all {len(data.x_test)}", file=sys.stderr)
+    x, y = data.x_test[:args.images].to(args.device), data.y_test[:args.images].to(args.device)
+    try:
+        eps = [float(e) for e in args.eps.split(",")]
+    except ValueError:
+        raise ValueError(f"--eps takes comma-separated numbers like 0.05,0.1, got {args.eps!r}") from None
+    st = settings_from_args(args)
+    source = None
+    if args.source:
+        src = Path(args.source)
+        source = load_model(src / "model.safetensors" if src.is_dir() else src, args.device)[0]
+    headline = args.headline if args.headline is not None else eps[len(eps) // 2]
+    eps = sorted(set(eps) | {headline})
+    out = Path(args.out)
+    attack_and_report(out, models, x, y, eps, st, source, headline, title=f"{data.name}, {', '.join(models)}",
+                      quiet=args.quiet)
+    write_index(out, f"glrnet robustness: {', '.join(models)} on {data.name}")
+    print((out / "robustness.md").read_text())
     return 0
 
 
@@ -195,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glrnet", formatter_class=_Formatter,
                                 description="Train noisy networks by the generalized likelihood ratio method "
                                             "and measure their adversarial robustness.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"glrnet {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train one model", formatter_class=_Formatter,
                        description="Train one noisy network (an MLP, or a CNN with --arch) by GLR or back-propagation; writes metrics.json, "
@@ -242,27 +350,36 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="less output")
     r.set_defaults(func=cmd_reproduce)
 
+    c = sub.add_parser("certify", help="certified L2 radii of a trained noisy network", formatter_class=_Formatter,
+                       description="CERTIFY (Cohen et al. 2019) for a run whose first noisy layer is linear or "
+                                   "convolutional with Gaussian noise: per image the prediction or abstention and "
+                                   "the certified L2 radius σ/‖W₁‖₂ · Φ⁻¹(p_A); certified accuracy at --radii; "
+                                   "writes certify.csv, certify.md and certified_accuracy.png.")
+    c.add_argument("--run", required=True, help="a run folder (or its model.safetensors)")
+    add_data_options(c, required_dataset=True)
+    c.add_argument("--images", type=int, default=500, help="test images certified")
+    c.add_argument("--n0", type=int, default=100, help="noisy passes that select the class")
+    c.add_argument("--samples", type=int, default=10000, help="noisy passes that bound its probability")
+    c.add_argument("--alpha", type=float, default=0.001, help="1 − confidence of each bound")
+    c.add_argument("--predictor", choices=["vote", "lap"], default="vote", help="majority vote or LAP")
+    c.add_argument("--radii", default="0,0.25,0.5,1,1.5", help="L2 radii of the certified-accuracy table")
+    c.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    c.add_argument("--out", required=True, help="output folder")
+    c.set_defaults(func=cmd_certify)
+
     b = sub.add_parser("robustness", help="adaptive attacks on trained runs", formatter_class=_Formatter,
                        description="White-box adaptive attacks (APGD through several surrogate gradients, EOT, "
                                    "SPSA, transfer) on saved runs; writes robustness.md/.csv/_checks.json and a "
                                    "figure.")
     b.add_argument("--run", required=True, nargs="+", help="run folder(s) to attack")
     add_data_options(b, required_dataset=True)
-    b.add_argument("--eps", default="0.05,0.1,0.15,0.2,0.25,0.3", help="comma-separated L∞ budgets")
+    b.add_argument("--eps", default=",".join(f"{e:g}" for e in DEFAULT_EPS), help="comma-separated L∞ budgets")
     b.add_argument("--headline", type=float, default=None, help="ε of the transfer and convergence checks "
                    "(default: the middle of --eps)")
     b.add_argument("--source", default=None, help="a run folder of a network to transfer FGSM from")
     b.add_argument("--images", type=int, default=500, help="test images attacked")
-    b.add_argument("--eot-samples", type=int, default=32, help="noise samples per EOT gradient")
-    b.add_argument("--steps", type=int, default=100, help="APGD steps per restart")
-    b.add_argument("--restarts", type=int, default=1, help="APGD restarts")
-    b.add_argument("--lap-replications", type=int, default=1000, help="K of the defended LAP predictor")
-    b.add_argument("--lr-samples", type=int, default=512, help="samples of the likelihood-ratio input gradient")
-    b.add_argument("--spsa-samples", type=int, default=64, help="SPSA perturbations per step")
-    b.add_argument("--spsa-steps", type=int, default=40, help="SPSA steps")
-    b.add_argument("--max-doublings", type=int, default=3, help="convergence check: at most this many doublings "
-                   "of steps, restarts and samples on the surviving images")
-    b.add_argument("--seed", type=int, default=0, help="seed")
+    add_attack_options(b)
     b.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--quiet", action="store_true", help="no progress output")
@@ -281,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"glrnet {args.command}: error: {e}; the last checkpoint and outputs are kept", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"glrnet {args.command}: interrupted; the last checkpoint is kept (rerun with --resume)",
+        again = {"train": "rerun with --resume", "reproduce": "rerun the same command: finished models are "
+                 "reused and the interrupted one resumes"}.get(args.command, "rerun the same command")
+        print(f"glrnet {args.command}: interrupted; the last checkpoint and the results so far are kept ({again})",
               file=sys.stderr)
         return 130

@@ -142,6 +142,11 @@ def load_dataset(name: str = "digits", data_dir: str | os.PathLike | None = None
     if val_fraction > 0:
         from sklearn.model_selection import train_test_split
         idx = np.arange(len(ds.x_train))
+        held, classes = int(np.ceil(val_fraction * len(idx))), int(ds.y_train.unique().numel())
+        if held < classes:
+            raise DataError(f"--val-fraction {val_fraction:g} of {len(idx)} training images holds out {held}, fewer "
+                            f"than the {classes} classes a stratified split needs: use more images (--subset) or "
+                            "--val-fraction 0")
         tr, va = train_test_split(idx, test_size=val_fraction, stratify=ds.y_train.numpy(), random_state=seed)
         tr, va = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(va))
         ds.x_val, ds.y_val = ds.x_train[va], ds.y_train[va]
@@ -154,6 +159,12 @@ def load_run_dataset(cfg: dict, dataset: str | None = None, data_dir: str | None
     """The dataset a saved run (its training config ``cfg``) was trained on; arguments given override it.
     A data folder recorded in ``cfg`` that is gone now is a :class:`DataError` saying so."""
     name = dataset or cfg.get("dataset", "digits")
+    trained = cfg.get("dataset")
+    if dataset and trained and dataset != trained:
+        import sys
+        print(f"glrnet: warning: the run was trained on {trained}, evaluated here on {dataset} "
+              "(its images are resized to the model's input; the figures are not the run's test accuracy)",
+              file=sys.stderr)
     if data_dir is None and not dataset and cfg.get("data_dir"):
         data_dir = cfg["data_dir"]
         if not Path(data_dir).is_dir():

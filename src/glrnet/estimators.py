@@ -33,6 +33,7 @@ is tested equal to the reference on the same noise. The parts it composes:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -40,13 +41,15 @@ from torch import Tensor, nn
 
 from .activations import activation_name
 from .control_variates import ControlVariate, get_control_variate
-from .layers import Injection, Layout, NoisyLayer, Probe, noisy_forward, noisy_layers, probe
+from .layers import Injection, Layout, Probe, noisy_forward, noisy_layers, probe
 from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
 from .model import check_batch
 from .noise import PREFETCH_CHUNK_MB, Buffers, NoiseStream, linear_score_scale, score
 from .samplers import Sampler, get_sampler
 
 INJECTIONS = ("all", "layerwise")
+CHUNK_MB = 64.0   # working set of one chunk when the replications do not all fit the memory budget
+PREFETCH_FLOPS_PER_NOISE = 16   # prefetch="auto": below this compute per noise value, noise is the bottleneck
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -149,7 +152,10 @@ class GLR:
             synchronisation per call; turn off for CUDA-graph style training).
         prefetch: on a CPU, draw the next chunk's noise on a helper thread while the current
             chunk is processed (torch's intra-op threads lowered by one for the call, then
-            restored). Off by default; benchmarks/bench_glr.py measures what it buys.
+            restored). ``"auto"`` (default): only where drawing the noise dominates the work —
+            fewer than ``PREFETCH_FLOPS_PER_NOISE`` multiply-adds per noise value after the first
+            noisy layer (the seed's 196-20-10 MLP: yes; a LeNet or a 784-256-256-10 MLP: no);
+            benchmarks/bench_glr.py and bench_cnn.py measure what it buys.
         variance_batches: R, the independent sub-estimates ``estimate(..., return_variance=True)``
             splits the replications into.
     """
@@ -157,7 +163,7 @@ class GLR:
     def __init__(self, loss: LossLike = "cross_entropy", replications: int = 1000,
                  baseline: bool | str | ControlVariate = True, sampler: str | Sampler = "iid",
                  injection: str = "all", memory_budget_mb: float = 256.0,
-                 generator: torch.Generator | None = None, check_finite: bool = True, prefetch: bool = False,
+                 generator: torch.Generator | None = None, check_finite: bool = True, prefetch: bool | str = "auto",
                  variance_batches: int = 10):
         self.loss = get_loss(loss)
         if not isinstance(replications, int) or isinstance(replications, bool) or replications < 1:
@@ -166,6 +172,8 @@ class GLR:
             raise ValueError(f"unknown injection {injection!r}; valid: {', '.join(INJECTIONS)}")
         if not memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
+        if prefetch not in (True, False, "auto"):
+            raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
         if not isinstance(variance_batches, int) or variance_batches < 2:
             raise ValueError(f"variance_batches must be an integer ≥ 2, got {variance_batches!r}")
         self.replications, self.injection = replications, injection
@@ -270,7 +278,8 @@ class GLR:
         """Σ over ``replications`` local replications, noisy in ``layout.active`` (see _Sums)."""
         pr, B, m = layout.probe, x.shape[0], self.sampler.group_size
         K = replications * self._ranks()            # the sub-estimate's replications over all ranks
-        sizes = self._chunk_sizes(layout, B, x.element_size(), replications, m)
+        prefetch = self._prefetch(layout, x)
+        sizes = self._chunk_sizes(layout, B, x.element_size(), replications, m, prefetch)
         direct = len(sizes) == 1 and self._ranks() == 1   # all K at hand: w formed directly
         if not direct and not hasattr(self.control_variate, "split"):
             raise ValueError(f"control variate {self.control_variate} needs all replications in one chunk")
@@ -281,7 +290,7 @@ class GLR:
         gen = self._generator(x.device)
         draw = lambda k, slot: layout.fill_(self.sampler, self._buffers.get(k, B, layout.width, x, slot), gen)  # noqa: E731
         linear = None if layout.shared is None else linear_score_scale(layout.shared)
-        for noise in NoiseStream(self.prefetch).chunks(draw, sizes, x.device):
+        for noise in NoiseStream(prefetch).chunks(draw, sizes, x.device):
             k = noise.shape[0]
             inj = Injection(pr.layers, k, B, layout.views(noise), record=True)
             out = noisy_forward(model, x, inj, layout.first)
@@ -345,7 +354,20 @@ class GLR:
             out[i] = [g - sums.c * corr for g, corr in zip(gs, correction)]
         return out
 
-    def _chunk_sizes(self, layout: Layout, B: int, itemsize: int, replications: int, m: int) -> list[int]:
+    def _prefetch(self, layout: Layout, x: Tensor) -> bool:
+        """Whether to draw noise on a helper thread (``prefetch="auto"``: where noise dominates)."""
+        if self.prefetch != "auto":
+            return bool(self.prefetch)
+        if x.device.type != "cpu" or (torch.get_num_threads() < 2 and (os.cpu_count() or 1) < 2):
+            return False
+        pr, flops = layout.probe, 0
+        for i in layout.active[1:]:          # the first noisy layer runs once per input
+            layer, unit = pr.layers[i], pr.shapes[i]
+            flops += layer.weight.numel() * (math.prod(unit[1:]) if isinstance(layer, nn.Conv2d) else 1)
+        return flops < PREFETCH_FLOPS_PER_NOISE * layout.width
+
+    def _chunk_sizes(self, layout: Layout, B: int, itemsize: int, replications: int, m: int,
+                     prefetch: bool) -> list[int]:
         """Replications per chunk so that the working set stays under the memory budget."""
         extra = 0  # per-input gradients of convolutions under the chunked baseline unfold their inputs
         if self.baseline:
@@ -354,7 +376,12 @@ class GLR:
                 if isinstance(layer, torch.nn.Conv2d):
                     extra += layer.weight[0].numel() * math.prod(layout.probe.shapes[i][1:])
         per_replication = max(B, 1) * (6 * layout.width + extra + 8) * itemsize  # noise, scores, v, φ(v), loss
-        budget = min(self.memory_budget_mb / 2, PREFETCH_CHUNK_MB) if self.prefetch else self.memory_budget_mb
+        if prefetch:                            # two chunks in flight, each cache-sized
+            budget = min(self.memory_budget_mb / 2, PREFETCH_CHUNK_MB)
+        elif per_replication * replications <= self.memory_budget_mb * 2**20:
+            budget = self.memory_budget_mb      # everything in one chunk: fewest passes, direct baseline
+        else:                                   # measured (benchmarks/): ~64 MB chunks beat larger ones
+            budget = min(self.memory_budget_mb, CHUNK_MB)
         k = int(budget * 2**20) // per_replication
         # whole groups, each generator call a multiple of 16 values (torch's CPU normal_ draws in blocks of
         # 16, so the same stream gives the same noise however the replications are chunked)

@@ -11,7 +11,7 @@ each, the seed's reported figures. :func:`reproduce` then
 3. generates FGSM sets once per (source, ε) into ``out/adversarial`` (safetensors + metadata);
 4. evaluates every model on identical images: Acc_Orig, Acc_OT, Acc_LAP;
 5. writes ``results.csv``, ``table1.md``, ``table2.md``, the figures, the replications study
-   and (optionally) the adaptive-attack evaluation of :mod:`glrnet.robustness`.
+   and (optionally) the adaptive-attack evaluation of :mod:`glrnet.protocol`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .attack_settings import DEFAULT_EPS
 from .attacks import fgsm, load_adversarial, save_adversarial
-from .checkpoint import atomic_write_csv, atomic_write_text, load_model
+from .checkpoint import atomic_write_csv, atomic_write_text, load_model, write_index
 from .data import load_dataset
 from .model import NoisySequential, predict
 from .train import TrainConfig, train
@@ -77,6 +78,11 @@ class Spec:
         return out
 
 
+SECTIONS = ("experiment", "defaults", "sources", "models", "study", "robustness")
+EXPERIMENT_KEYS = ("name", "dataset", "data_dir", "image_size", "subset", "split", "val_fraction", "eps",
+                   "headline_target", "calibrate_model", "attack_images", "lap_replications", "notes", "seeds")
+
+
 def spec_path(name: str) -> Path:
     return Path(str(resources.files("glrnet") / "specs" / f"{name}.toml"))
 
@@ -94,7 +100,19 @@ def load_spec(path: str | Path | None = None, quick: bool = False, dataset: str 
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"spec {path}: {e}") from None
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"spec {path}: unknown section(s) {', '.join(f'[{u}]' for u in unknown)}; "
+                         f"valid: {', '.join(f'[{v}]' for v in SECTIONS)}")
     exp = raw.get("experiment", {})
+    bad = sorted(set(exp) - set(EXPERIMENT_KEYS))
+    if bad:
+        raise ValueError(f"spec {path}: unknown key(s) {', '.join(bad)} in [experiment]; valid: "
+                         f"{', '.join(EXPERIMENT_KEYS)}")
+    bad = sorted(set(raw.get("study", {})) - {"models", "replications", "variants"})
+    if bad:
+        raise ValueError(f"spec {path}: unknown key(s) {', '.join(bad)} in [study]; valid: models, replications, "
+                         "variants")
     defaults = raw.get("defaults", {})
     data = {"dataset": dataset or exp.get("dataset", "digits"),
             "data_dir": data_dir if data_dir is not None else exp.get("data_dir"),
@@ -125,7 +143,7 @@ def load_spec(path: str | Path | None = None, quick: bool = False, dataset: str 
     calibrate = exp.get("calibrate_model", models[0].name)
     if calibrate not in names:
         raise ValueError(f"spec {path}: calibrate_model {calibrate!r} is not a model of the spec")
-    return Spec(name=exp.get("name", path.stem), eps=[float(e) for e in exp.get("eps", [0.05, 0.1, 0.15, 0.2, 0.25, 0.3])],
+    return Spec(name=exp.get("name", path.stem), eps=[float(e) for e in exp.get("eps", DEFAULT_EPS)],
                 headline_target=float(exp.get("headline_target", 0.28)), calibrate_model=calibrate,
                 attack_images=exp.get("attack_images"), lap_replications=int(exp.get("lap_replications", 1000)),
                 sources=sources, models=models, study=raw.get("study", {}), robustness=raw.get("robustness", {}),
@@ -203,8 +221,9 @@ def adversarial_sets(spec: Spec, out: Path, sources: dict[str, NoisySequential],
     return sets
 
 
-RESULT_FIELDS = ["model", "seed", "activation", "loss", "method", "source", "eps", "acc_orig", "acc_ot", "acc_lap"]
-SPREAD = ("acc_orig", "acc_ot", "acc_lap")
+RESULT_FIELDS = ["model", "seed", "activation", "loss", "method", "source", "eps", "acc_orig", "acc_orig_lap",
+                 "acc_ot", "acc_lap"]
+SPREAD = ("acc_orig", "acc_orig_lap", "acc_ot", "acc_lap")
 
 
 def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisySequential, int]], sources, sets, x, y,
@@ -217,11 +236,13 @@ def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisySequential,
         name = ms.name
         noisy = ms.config.noisy
         acc_orig = accuracy(model, x, y)
+        acc_orig_lap = accuracy(model, x, y, "lap", spec.lap_replications, seed=1000 * mi + 999) if noisy else math.nan
         for si, src_name in enumerate(sources):
             for eps in eps_list:
                 xa = sets[src_name, eps]
                 row = {"model": name, "seed": seed, "activation": ms.config.activation, "loss": ms.config.loss,
                        "method": ms.config.method, "source": src_name, "eps": eps, "acc_orig": acc_orig,
+                       "acc_orig_lap": acc_orig_lap,
                        "acc_ot": accuracy(model, xa, y),
                        "acc_lap": accuracy(model, xa, y, "lap", spec.lap_replications, seed=1000 * mi + si)
                        if noisy else math.nan}
@@ -380,6 +401,8 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
     from .train import resolve_device
     t_start = time.perf_counter()
     resolve_device(device)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
     spec_file = Path(spec) if spec is not None else spec_path("quick" if quick else "paper")
     if not spec_file.is_file() and spec_path(str(spec_file)).is_file():
         spec_file = spec_path(str(spec_file))
@@ -451,7 +474,7 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
 
     robust = None
     if robustness and spec.robustness:
-        from .robustness import run_protocol
+        from .protocol import run_protocol
         t0 = time.perf_counter()
         robust = run_protocol(out, spec, models, sources, data, headline, device, quiet, runs=runs)
         timings["robustness"] = time.perf_counter() - t0
@@ -463,6 +486,7 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
                "models": {k: {kk: v[kk] for kk in ("test_accuracy_ot", "test_accuracy_lap", "train_seconds")}
                           for k, v in metrics.items()}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    write_index(out, f"glrnet reproduce: spec {spec.name}")
     if export is not None:
         export_results(out, export)
     if not quiet:

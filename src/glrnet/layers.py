@@ -476,17 +476,13 @@ class NoisySequential(nn.Sequential):
         raise ValueError(f"inputs must have shape (batch, {', '.join(map(str, self.input_shape))}) or (batch, "
                          f"{math.prod(self.input_shape)}), got {tuple(x.shape)}")
 
-    def forward(self, x: Tensor, noise: Tensor | None = None, surrogate=None) -> Tensor:
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """Outputs for inputs ``x`` (B, ...); with ``noise`` (..., B, Σ widths) the noisy network,
-        output (..., B, C), the last axis of ``noise`` split across the noisy layers in execution
-        order. ``surrogate``: see :class:`Injection`."""
+        output (..., B, C), the last axis of ``noise`` split across the noisy layers in execution order."""
         x = self.bind(x)
-        if noise is None and surrogate is None:
-            return super().forward(x)
         if noise is None:
-            with Injection(self.noisy_layers, 1, x.shape[0], surrogate=surrogate):
-                return super().forward(x)
-        return forward_with_flat_noise(self, x, noise, surrogate)
+            return super().forward(x)
+        return forward_with_flat_noise(self, x, noise)
 
     def sample_noise(self, *shape: int, generator: torch.Generator | None = None,
                      antithetic: bool = False) -> Tensor:

@@ -251,7 +251,11 @@ class NoiseStream:
     current one; the generator is consumed in the same order either way, so the values are
     the same. Prefetching is opt-in and scoped to the iteration: while it runs, torch's
     intra-op threads are lowered by one (the helper's core) and restored when the stream
-    ends, so no setting outlives the call (benchmarks/bench_glr.py measures what it buys).
+    ends, so no setting outlives the call (benchmarks/bench_glr.py measures what it buys). A
+caller who runs torch on one thread (``torch.set_num_threads(1)``) leaves the second core to
+the helper: then nothing is changed at all, which is also the fastest way to prefetch
+(torch's idle compute threads otherwise spin for a while after each call and compete with
+the helper).
     """
 
     def __init__(self, prefetch: bool = False):
@@ -259,12 +263,13 @@ class NoiseStream:
 
     def chunks(self, draw: Callable[[int, int], Tensor], sizes: list[int], device: torch.device):
         threads = torch.get_num_threads()
-        if not self.prefetch or torch.device(device).type != "cpu" or len(sizes) == 1 or threads < 2:
+        if not self.prefetch or torch.device(device).type != "cpu" or len(sizes) == 1:
             for k in sizes:
                 yield draw(k, 0)
             return
         pool = _noise_thread()
-        torch.set_num_threads(threads - 1)
+        if threads > 1:   # one thread: the caller has left a core to the helper already
+            torch.set_num_threads(threads - 1)
         pending = None
         try:
             pending = pool.submit(draw, sizes[0], 0)

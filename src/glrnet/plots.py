@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -135,10 +136,14 @@ def figure_transfer(path, rows: list[dict], source: str, models: list[str], titl
             axes[0].fill_between(eps, [rs[0]["acc_orig_min"]] + [r["acc_ot_min"] for r in rs],
                                  [rs[0]["acc_orig_max"]] + [r["acc_ot_max"] for r in rs], color=color, alpha=0.15)
         if rs[0]["acc_lap"] == rs[0]["acc_lap"]:  # not NaN: trained with noise
-            axes[1].plot(eps[1:], [r["acc_lap"] for r in rs], "-", marker=marker, ms=4, color=color, label=m)
+            clean = rs[0].get("acc_orig_lap", math.nan)   # ε = 0: LAP on the clean images (older runs lack it)
+            xs = eps if clean == clean else eps[1:]
+            lead = (lambda f: [rs[0][f"acc_orig_lap{f[7:]}"]]) if clean == clean else (lambda f: [])
+            axes[1].plot(xs, lead("acc_lap") + [r["acc_lap"] for r in rs], "-", marker=marker, ms=4, color=color,
+                         label=m)
             if spread:
-                axes[1].fill_between(eps[1:], [r["acc_lap_min"] for r in rs], [r["acc_lap_max"] for r in rs],
-                                     color=color, alpha=0.15)
+                axes[1].fill_between(xs, lead("acc_lap_min") + [r["acc_lap_min"] for r in rs],
+                                     lead("acc_lap_max") + [r["acc_lap_max"] for r in rs], color=color, alpha=0.15)
     for ax, pred in zip(axes, ("OT (noise off)", "LAP (average of K noisy passes)")):
         ax.set_title(pred, fontsize=9)
         ax.set_xlabel("ε (L∞)")
@@ -190,3 +195,21 @@ def paper_figures(out, spec, metrics, rows, sets, x, y, headline, image_shape) -
     figure_adversarial_examples(out / "fig6_adversarial_examples.png", x, sets, headline, image_shape)
     for src in spec.sources:
         figure_transfer(out / f"transfer_{src.name}.png", rows, src.name, [m.name for m in spec.models], spec.name)
+
+
+def figure_certified(path, certs: dict, y, title: str = "") -> None:
+    """Certified accuracy against the L2 radius, one line per model (``certs``: name → Certificate)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    y = y.cpu()
+    for (color, marker), (name, cert) in zip(_styles(len(certs)), certs.items()):
+        radii = sorted({0.0, *cert.radius[(cert.prediction == y)].tolist()})
+        acc = [((cert.prediction == y) & (cert.radius >= r)).double().mean().item() for r in radii]
+        ax.step(radii, acc, where="post", color=color, label=f"{name} ({cert.predictor})")
+    ax.set_xlabel("L2 radius")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{title + ': ' if title else ''}certified accuracy (CERTIFY, α = "
+                 f"{next(iter(certs.values())).alpha:g})", fontsize=9)
+    ax.legend(fontsize=8, frameon=False)
+    _save(fig, path)

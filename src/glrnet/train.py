@@ -31,8 +31,8 @@ from .data import SPLITS, Dataset, load_dataset
 from .estimators import GLR, Backprop
 from .losses import get_loss
 from .estimators import INJECTIONS
-from .model import (NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, forward_replications, noise_draw,
-                    predict_proba)
+from .model import (NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, Residual, forward_replications,
+                    noise_draw, predict_proba)
 from .samplers import SAMPLERS
 from .noise import KINDS, make_noise
 
@@ -94,6 +94,7 @@ class TrainConfig:
     lap_replications: int = 1000
     eval_replications: int = 100
     parallel: str = "replications"
+    max_first_norm: float | None = None   # project the first noisy layer's operator norm onto ≤ this after each step
     seed: int = 0
     device: str = "cpu"
 
@@ -116,14 +117,17 @@ class TrainConfig:
                   (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}"),
                   (self.injection in INJECTIONS,
                    f"unknown injection {self.injection!r}; valid: {', '.join(INJECTIONS)}"),
-                  (self.parallel in ("replications", "data"), f"unknown parallel mode {self.parallel!r}; valid: replications, data"),
+                  (self.parallel in ("replications", "data") or self.parallel.isdigit() and int(self.parallel) >= 1,
+                   f"unknown parallel mode {self.parallel!r}; valid: replications, data, or a number of data groups"),
                   (self.split in SPLITS, f"unknown split {self.split!r}; valid: {', '.join(SPLITS)}"),
                   (0 <= self.val_fraction < 1, f"val fraction must be in [0, 1), got {self.val_fraction}"),
                   (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
                   (self.batch_size >= 1, f"batch size must be ≥ 1, got {self.batch_size}"),
                   (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
                   (all(h >= 1 for h in self.hidden), f"hidden widths must be ≥ 1, got {self.hidden}"),
-                  (self.lap_replications >= 1, f"lap replications must be ≥ 1, got {self.lap_replications}")]
+                  (self.lap_replications >= 1, f"lap replications must be ≥ 1, got {self.lap_replications}"),
+                  (self.max_first_norm is None or self.max_first_norm > 0,
+                   f"max first norm must be > 0, got {self.max_first_norm}")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -157,7 +161,8 @@ class TrainConfig:
         return cls.from_dict({**{k: v for k, v in legacy.items() if k not in d}, **d})
 
 
-ARCHS = {"lenet": "conv:6:5,maxpool:2,conv:16:5,maxpool:2"}   # LeNet-style; + --hidden and the output layer
+ARCHS = {"lenet": "conv:6:5,maxpool:2,conv:16:5,maxpool:2",       # LeNet-style; + --hidden and the output layer
+         "resnet": "conv:8:3:2:1,res:8:3,res:8:3,res:8:3,avgpool:2"}  # 3 residual blocks of 2 noisy convolutions
 
 
 def parse_arch(arch: str) -> list[tuple[str, list[int]]]:
@@ -169,12 +174,25 @@ def parse_arch(arch: str) -> list[tuple[str, list[int]]]:
             nums = [int(a) for a in args]
         except ValueError:
             nums = []
-        if not ((kind == "conv" and 2 <= len(nums) <= 4) or (kind in ("maxpool", "avgpool") and len(nums) == 1)) \
-                or min(nums, default=0) < 0:
+        if not ((kind == "conv" and 2 <= len(nums) <= 4) or (kind == "res" and len(nums) == 2)
+                or (kind in ("maxpool", "avgpool") and len(nums) == 1)) or min(nums, default=0) < 0:
             raise ValueError(f"--arch: cannot read {token!r}; use mlp, {', '.join(ARCHS)}, or comma-separated "
-                             "conv:C:K[:stride[:padding]], maxpool:K, avgpool:K")
+                             "conv:C:K[:stride[:padding]], res:C:K (x + conv(φ(conv(x))), C channels in and out), "
+                             "maxpool:K, avgpool:K")
         out.append((kind, nums))
     return out
+
+
+def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
+    """A ``ValueError`` naming the options in which ``cfg`` differs from the run saved in ``ckpt``
+    (read from its metadata alone, before any weight is loaded); ``epochs`` may grow."""
+    from .checkpoint import read_checkpoint_meta
+    saved = dict(asdict(TrainConfig.from_saved(read_checkpoint_meta(ckpt)["config"])), epochs=cfg.epochs)
+    if saved != dict(asdict(cfg), epochs=cfg.epochs):
+        diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
+        raise ValueError(f"{ckpt} was written with a different configuration (differs in "
+                         + ", ".join(f"{k}: saved {saved[k]!r}, now {asdict(cfg).get(k)!r}" for k in diff)
+                         + "); use another --out or the same options")
 
 
 def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -> NoisySequential:
@@ -193,11 +211,22 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
         if kind == "conv":
             mods.append(NoisyConv2d(channels, *nums[:2], *nums[2:], activation=cfg.activation))
             channels = nums[0]
+        elif kind == "res":
+            c, k = nums
+            if c != channels:
+                raise ValueError(f"--arch: res:{c}:{k} needs {c} input channels, the layer before gives {channels}")
+            mods.append(Residual(NoisyConv2d(c, c, k, padding=k // 2, activation=cfg.activation),
+                                 NoisyConv2d(c, c, k, padding=k // 2, activation=cfg.activation)))
         else:
             mods.append((torch.nn.MaxPool2d if kind == "maxpool" else torch.nn.AvgPool2d)(nums[0]))
     mods.append(torch.nn.Flatten())
     with torch.no_grad():
-        flat = torch.nn.Sequential(*mods)(torch.zeros(1, *shape)).shape[1]
+        try:
+            flat = torch.nn.Sequential(*mods)(torch.zeros(1, *shape)).shape[1]
+        except RuntimeError as e:
+            raise ValueError(f"--arch {cfg.arch}: its convolutions and pooling do not fit {cfg.dataset}'s "
+                             f"{'×'.join(map(str, image_shape))} images ({str(e).splitlines()[0]}); use larger "
+                             "images (--image-size), smaller kernels, or less pooling") from None
     for width in cfg.hidden:
         mods.append(NoisyLinear(flat, width, activation=cfg.activation))
         flat = width
@@ -279,7 +308,12 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     writer = out_dir is not None and rank == 0
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
         done = out / "metrics.json"
+        ckpt_meta = out / "checkpoint.safetensors"
+        if resume and ckpt_meta.exists():   # before any weight is loaded: a clear line, not a size mismatch
+            check_resumable(ckpt_meta, cfg)
         if done.exists() and resume:
             metrics = json.loads(done.read_text())
             if asdict(TrainConfig.from_saved(metrics.get("config", {}))) == asdict(cfg):
@@ -303,11 +337,6 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     ckpt = out / "checkpoint.safetensors" if out is not None else None
     if resume and ckpt is not None and ckpt.exists():
         meta = load_checkpoint(ckpt, model, opt, {"estimator": gen})
-        saved = dict(asdict(TrainConfig.from_saved(meta["config"])), epochs=cfg.epochs)
-        if saved != dict(asdict(cfg), epochs=cfg.epochs):
-            diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
-            raise ValueError(f"{ckpt} was written with a different configuration (differs in {diff}); "
-                             "use another --out or the same options")
         if sched is not None and meta.get("scheduler"):
             sched.load_state_dict(meta["scheduler"])
         history, start_epoch, train_seconds = meta["history"], meta["epoch"] + 1, meta["train_seconds"]
@@ -316,6 +345,12 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     elif world > 1:
         dist_utils.broadcast_parameters(model)
 
+    first_norm = None
+    if cfg.max_first_norm is not None:   # keeps the noise meaningful: ‖W₁‖₂ ≤ c (docs/robustness.md, certified radii)
+        from .certify import first_layer, project_spectral_norm_
+        layer, shape = first_layer(model, data.x_train[:1]), tuple(model.bind(data.x_train[:1]).shape[1:])
+        first_norm = lambda: project_spectral_norm_(layer, cfg.max_first_norm, shape)  # noqa: E731
+        first_norm()
     has_val = data.x_val is not None and len(data.x_val) > 0
     x_val, y_val = (data.x_val, data.y_val) if has_val else (data.x_test, data.y_test)
     n = len(data.x_train)
@@ -335,6 +370,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
             opt.zero_grad(set_to_none=True)
             stats = producer.backward(model, xb, yb)
             opt.step()
+            if first_norm is not None:
+                first_norm()
             running += stats.loss
             bar.update()
             if progress and rank == 0 and (i % 20 == 19 or start + cfg.batch_size >= n):

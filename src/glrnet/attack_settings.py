@@ -1,0 +1,53 @@
+"""The settings of the adaptive-attack protocol, in one place: their defaults are the CLI's
+(``glrnet robustness`` builds one flag per field) and the spec files' ([robustness] tables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+DEFAULT_EPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)   # the ε sweep of the tables and of the protocol
+CONVERGENCE_TOLERANCE = 0.01   # doubling steps, restarts and samples may move no worst case by more
+
+
+@dataclass
+class AttackSettings:
+    steps: int = 100                 # APGD iterations per restart
+    restarts: int = 1                # APGD restarts
+    eot_samples: int = 32            # noise samples inside one gradient of a LAP predictor
+    lr_samples: int = 512            # samples of the likelihood-ratio input gradient
+    losses: tuple = ("ce", "dlr")    # APGD losses
+    spsa_samples: int = 64
+    spsa_steps: int = 40
+    spsa_queries_k: int = 32        # noisy passes per SPSA query of a LAP predictor
+    spsa_delta: float = 0.01
+    random_draws: int = 16
+    lap_replications: int = 1000
+    seed: int = 0
+    max_doublings: int = 3           # convergence check: double at most this many times (2×, 4×, 8×)
+
+    def __post_init__(self):
+        for f in ("steps", "restarts", "eot_samples", "lr_samples", "spsa_samples", "spsa_steps", "spsa_queries_k",
+                  "random_draws", "lap_replications", "max_doublings"):
+            if int(getattr(self, f)) < 1:
+                raise ValueError(f"attack setting {f} must be ≥ 1, got {getattr(self, f)!r}")
+
+    def doubled(self) -> "AttackSettings":
+        """Twice the steps, restarts and samples: the protocol's convergence check."""
+        return replace(self, steps=2 * self.steps, restarts=2 * self.restarts, eot_samples=2 * self.eot_samples,
+                       lr_samples=2 * self.lr_samples, spsa_samples=2 * self.spsa_samples,
+                       spsa_steps=2 * self.spsa_steps, random_draws=2 * self.random_draws, seed=self.seed + 1)
+
+
+HELP = {"steps": "APGD iterations per restart", "restarts": "APGD restarts",
+        "eot_samples": "noise samples inside one gradient of a LAP predictor (EOT)",
+        "lr_samples": "samples of the likelihood-ratio input gradient", "losses": "APGD losses (comma-separated)",
+        "spsa_samples": "SPSA perturbations per step", "spsa_steps": "SPSA steps",
+        "spsa_queries_k": "noisy passes per SPSA query of a LAP predictor", "spsa_delta": "SPSA finite-difference step",
+        "random_draws": "random corners x ± ε tried", "lap_replications": "K of the LAP predictor that scores images",
+        "seed": "attack seed", "max_doublings": "convergence check: double steps, restarts and samples at most "
+        "this many times"}
+
+
+def settings_fields():
+    """(name, default, type) of every AttackSettings field, for building command-line flags."""
+    return [(f.name, f.default, type(f.default)) for f in fields(AttackSettings)]

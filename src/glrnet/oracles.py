@@ -1,0 +1,107 @@
+"""Gradient oracles for attacking noisy networks: the defended predictor as an ordinary
+classifier (expectation over the noise inside each gradient), the likelihood-ratio input
+gradient (GLR applied to the input: φ never differentiated), and SPSA (no gradient at all).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .model import NoisySequential
+from .noise import score
+from .surrogates import attack_forward, default_surrogate
+
+
+class _LRLogProb(torch.autograd.Function):
+    """log p̄(x) forward; backward the likelihood-ratio Jacobian of p̄ (φ never differentiated)."""
+
+    @staticmethod
+    def forward(ctx, x, model, samples, gen):
+        jac, pbar = lr_input_jacobian(model, x.detach(), lambda out: torch.softmax(out, -1), samples, gen)
+        pbar = pbar.clamp_min(1e-12)
+        ctx.save_for_backward(jac, pbar)
+        return pbar.log()
+
+    @staticmethod
+    def backward(ctx, grad):
+        jac, pbar = ctx.saved_tensors
+        return torch.einsum("nc,ncd->nd", grad / pbar, jac), None, None, None
+
+
+class LAPClassifier(nn.Module):
+    """A glrnet model as an ordinary classifier for attack libraries (torchattacks, AutoAttack, ...).
+
+    ``forward(x)`` returns "logits" log p̄(x), p̄ the mean softmax over ``samples`` fresh noisy
+    passes (``predictor="lap"``; expectation over transformation inside one call), or the
+    noise-free network's log-softmax (``predictor="ot"``). Its gradient goes through φ by
+    ``surrogate`` (see :func:`surrogates_for`). Inputs may be flat (N, D) or images (N, C, H, W);
+    outputs are (N, classes), so cross-entropy and DLR losses apply unchanged.
+    """
+
+    def __init__(self, model: NoisySequential, samples: int = 32, surrogate: str | None = None, predictor: str = "lap",
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if predictor not in ("lap", "ot"):
+            raise ValueError(f"unknown predictor {predictor!r}; valid: lap, ot")
+        if surrogate == "lr" and predictor == "ot":
+            raise ValueError("the likelihood-ratio gradient needs the noisy (lap) predictor")
+        if samples < 2 and predictor == "lap":
+            raise ValueError(f"samples must be ≥ 2 for the lap predictor, got {samples}")
+        self.model, self.samples, self.predictor, self.generator = model, samples, predictor, generator
+        self.surrogate = surrogate or default_surrogate(model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(len(x), -1)  # images or flat: the model reshapes to its input shape
+        if self.predictor == "ot":
+            return torch.log_softmax(attack_forward(self.model, flat, None, self.surrogate), -1)
+        if self.surrogate == "lr":
+            return _LRLogProb.apply(flat, self.model, self.samples, self.generator)
+        noise = self.model.sample_noise(self.samples, len(flat), generator=self.generator)
+        p = torch.softmax(attack_forward(self.model, flat, noise, self.surrogate), -1).mean(0)
+        return p.clamp_min(1e-12).log()
+
+
+def _margin_of_probs(p: Tensor, y: Tensor) -> Tensor:
+    """log max_{j≠y} p_j − log p_y (> 0 ⇔ misclassified), per example; the attacker maximises it."""
+    logp = p.clamp_min(1e-12).log()
+    true = logp.gather(-1, y[:, None]).squeeze(-1)
+    other = logp.masked_fill(torch.nn.functional.one_hot(y, p.shape[-1]).bool(), -math.inf).amax(-1)
+    return other - true
+
+
+# ------------------------------------------------------------------------- gradient oracles
+@torch.no_grad()
+def lr_input_jacobian(model: NoisySequential, x: Tensor, fn, samples: int, gen: torch.Generator | None = None):
+    """Likelihood-ratio estimate of ∇ₓ E[fn(noisy output)] — GLR applied to the input.
+
+    The first layer's pre-activation v = W⁽⁰⁾x + b + r has density f(v − W⁽⁰⁾x − b), so
+    ∇ₓ E[g] = W⁽⁰⁾ᵀ E[(g − b) s(r⁽⁰⁾)] with b the leave-one-out mean of g (unbiased, S ≥ 2).
+    Neither φ nor ``fn`` is differentiated. ``fn``: (S, N, C) → (S, N, M).
+    Returns (jacobian (N, M, D), mean of fn (N, M)).
+    """
+    r = model.sample_noise(samples, len(x), generator=gen)
+    g = fn(model(x, noise=r))
+    centred = g - (g.sum(0, keepdim=True) - g) / (samples - 1)
+    s0 = score(model.noise, r[..., :model.widths[0]])
+    cot = torch.einsum("snm,snw->nmw", centred, s0) / samples       # E[(g − b) s(r⁽⁰⁾)], (N, M, units)
+    with torch.enable_grad():  # W⁽⁰⁾ᵀ cot: the first layer's transpose (a convolution's: transposed), by one batched vjp
+        xr = x.detach().reshape(len(x), -1).requires_grad_(True)
+        z0 = model.first_preactivation(xr).reshape(len(x), -1)
+        (jac,) = torch.autograd.grad(z0, xr, cot.transpose(0, 1), is_grads_batched=True)
+    jac = jac.transpose(0, 1)
+    return jac, g.mean(0)
+
+
+def spsa_gradient(prob_fn, samples: int, delta: float, gen: torch.Generator):
+    """SPSA: mean over Rademacher u of (m(x + δu) − m(x − δu)) / (2δ) · u; m the margin of ``prob_fn``."""
+    @torch.no_grad()
+    def grad(x: Tensor, y: Tensor) -> Tensor:
+        half = max(1, samples // 2)
+        u = torch.randint(0, 2, (half, *x.shape), generator=gen, device=x.device).to(x.dtype) * 2 - 1
+        batch = torch.cat([(x + delta * u), (x - delta * u)]).clamp(0, 1).reshape(-1, x.shape[-1])
+        m = _margin_of_probs(prob_fn(batch), y.repeat(2 * half)).reshape(2, half, len(x))
+        return ((m[0] - m[1])[..., None] * u).mean(0) / (2 * delta)
+    return grad

@@ -1,0 +1,102 @@
+"""BPDA surrogates: the backward passes an attacker uses through discontinuous activations.
+
+The forward is always exact; only the gradient through φ is replaced (Athalye et al. 2018).
+A surrogate is applied by the noisy-forward context (:class:`glrnet.layers.Injection`), which
+wraps each noisy layer's activation for the duration of one pass: the model's own forward
+knows nothing about attacks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import Normal
+
+from .activations import activation_name, is_smooth
+from .layers import Injection, forward_with_flat_noise
+from .model import NoisySequential
+
+_GH = np.polynomial.hermite.hermgauss(64)
+
+
+def smoothed_derivative(phi, z: Tensor, sigma: float) -> Tensor:
+    """d/dz E[φ(z + r)], r ~ N(0, σ²), = E[φ(z + r) r/σ²]: Gauss–Hermite quadrature (64 nodes)
+    of the likelihood-ratio form, valid for discontinuous φ; closed form for the threshold."""
+    if activation_name(phi) == "threshold":
+        return torch.exp(-0.5 * (z / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    t = torch.as_tensor(_GH[0], dtype=z.dtype, device=z.device)
+    w = torch.as_tensor(_GH[1], dtype=z.dtype, device=z.device)
+    out = torch.zeros_like(z)
+    for ti, wi in zip(t, w):
+        r = math.sqrt(2) * sigma * ti
+        out += wi * phi(z + r) * (r / sigma**2)
+    return out / math.sqrt(math.pi)
+
+
+def surrogates_for(model: NoisySequential) -> list[str]:
+    """The backward passes an attacker tries through φ (the forward is always exact).
+
+    ``exact``: autograd (smooth φ only). ``gauss``: the derivative of the Gaussian-smoothed
+    activation at the unit's pre-activation without its own noise, d/dz E[φ(z + r)] (exact in
+    expectation for one threshold layer). ``sigmoid:s``: the derivative of sigmoid(s·v) at the
+    noisy pre-activation v (threshold units). ``ste``: straight-through, derivative 1.
+    ``lr``: no derivative of φ at all: the likelihood-ratio estimate of ∇ₓ E[softmax].
+    """
+    acts = {a for a in model.activations() if a is not None}
+    if all(is_smooth(a) for a in acts):
+        return ["exact", "lr"]
+    if "threshold" in acts:
+        return ["gauss", "sigmoid:1", "sigmoid:4", "ste", "lr"]
+    return ["gauss", "ste", "lr"]
+
+
+class _Surrogate(torch.autograd.Function):
+    """Forward φ(v) exactly; backward ``derivative(v, z)``."""
+
+    @staticmethod
+    def forward(ctx, v, z, phi, derivative):
+        ctx.save_for_backward(v, z)
+        ctx.derivative = derivative
+        return phi(v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, z = ctx.saved_tensors
+        return grad * ctx.derivative(v, z), None, None, None
+
+
+def _derivative(model: NoisySequential, surrogate: str):
+    """surrogate → (φ → (v, z) → the backward derivative used in place of φ'(v))."""
+    if surrogate == "gauss":
+        if not isinstance(model.noise, Normal):
+            raise ValueError("the Gaussian-smoothed surrogate assumes Gaussian noise")
+        sigma = float(model.noise.stddev)
+        return lambda phi: (lambda v, z: smoothed_derivative(phi, z, sigma))
+    if surrogate == "ste":
+        return lambda phi: (lambda v, z: torch.ones_like(v))
+    if surrogate.startswith("sigmoid:"):
+        slope = float(surrogate.split(":", 1)[1])
+        return lambda phi: (lambda v, z: slope * torch.sigmoid(slope * v) * (1 - torch.sigmoid(slope * v)))
+    raise ValueError(f"unknown surrogate {surrogate!r}; valid: exact, gauss, sigmoid:<slope>, ste, lr")
+
+
+def attack_forward(model: NoisySequential, x: Tensor, noise: Tensor | None = None, surrogate: str | None = None) -> Tensor:
+    """The network's forward for attacks: exact values, the ``surrogate``'s gradient through φ
+    (default: ``exact`` for smooth φ, ``gauss`` otherwise)."""
+    surrogate = surrogate or default_surrogate(model)
+    x = model.bind(x)
+    if surrogate == "exact":
+        return model(x) if noise is None else forward_with_flat_noise(model, x, noise)
+    d = _derivative(model, surrogate)
+    wrap = lambda v, z, phi: _Surrogate.apply(v, z, phi, d(phi))  # noqa: E731
+    if noise is None:
+        with Injection(model.noisy_layers, 1, x.shape[0], surrogate=wrap):
+            return model(x)
+    return forward_with_flat_noise(model, x, noise, surrogate=wrap)
+
+
+def default_surrogate(model: NoisySequential) -> str:
+    return "exact" if all(is_smooth(a) for a in model.activations() if a is not None) else "gauss"
