@@ -154,3 +154,18 @@ def test_failing_run_keeps_its_last_checkpoint(tmp_path, monkeypatch, capsys):
     assert code == 1 and "non-finite" in capsys.readouterr().err
     assert json.loads((tmp_path / "checkpoint.json").read_text())["epoch"] == 1
     assert (tmp_path / "history.csv").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_same_seed_same_machine_same_threads_gives_bit_identical_weights(tmp_path):
+    """What is bit-reproducible (docs/results.md): the same config, seed and thread count on the same
+    machine give identical weights; another thread count or machine need not (float summation order)."""
+    from glrnet.checkpoint import load_model
+    cfg = dict(epochs=2, replications=50, subset=200, activation="threshold", loss="zero_one")
+    for name in ("a", "b"):
+        train(TrainConfig(**cfg), tmp_path / name, quiet=True)
+    a, _ = load_model(tmp_path / "a" / "model.safetensors")
+    b, _ = load_model(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    train(TrainConfig(**{**cfg, "seed": 1}), tmp_path / "c", quiet=True)
+    c, _ = load_model(tmp_path / "c" / "model.safetensors")
+    assert not all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))

@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. 0,1,2 (tables show mean and min–max); default: the spec's seeds, else each model's own")
     r.add_argument("--dataset", choices=DATASETS, default=None, help="override the spec's dataset")
     r.add_argument("--data-dir", default=None, help="IDX folder for mnist / fashion-mnist")
-    r.add_argument("--quick", action="store_true", help="the whole pipeline on digits (about 30 s on 2 CPU cores without the attacks)")
+    r.add_argument("--quick", action="store_true", help="the whole pipeline on digits, the packaged quick.toml (minutes on 2 CPU cores; "
+                   "--no-robustness skips the attacks, most of it)")
     r.add_argument("--no-robustness", action="store_true", help="skip the adaptive-attack evaluation")
     r.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     r.add_argument("--out", required=True, help="output folder (models already trained there are reused)")
