@@ -169,3 +169,11 @@ def test_same_seed_same_machine_same_threads_gives_bit_identical_weights(tmp_pat
     train(TrainConfig(**{**cfg, "seed": 1}), tmp_path / "c", quiet=True)
     c, _ = load_model(tmp_path / "c" / "model.safetensors")
     assert not all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_training_leaves_the_global_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(TrainConfig(epochs=1, replications=10, subset=200), tmp_path, quiet=True)
+    assert torch.equal(torch.rand(3), expected)

@@ -326,11 +326,12 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.val_fraction, cfg.subset, cfg.seed,
                             split=cfg.split)
     data = data.to(device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.image_shape, data.num_classes).to(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1)
+    with torch.random.fork_rng(devices=[]):   # the initial weights from the run's own stream; the
+        torch.manual_seed(dist_utils.stream_seed(cfg.seed, 0))   # caller's global RNG is left as it was
+        model = build_model(cfg, data.image_shape, data.num_classes).to(device)
+    gen = _seeded(cfg.seed, 4, device=device)   # the estimator's noise (or BP's, with --bp-noise)
     if cfg.method == "glr" and world > 1:
-        gen = dist_utils.rank_generator(cfg.seed * 7919 + 1, device)
+        gen = dist_utils.rank_generator(dist_utils.stream_seed(cfg.seed, 4), device)
     producer = build_producer(cfg, gen)
     opt, sched = build_optimizer(cfg, model)
     history, start_epoch, train_seconds = [], 1, 0.0
