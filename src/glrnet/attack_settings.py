@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from .distributed import stream_seed
+
 DEFAULT_EPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)   # the ε sweep of the tables and of the protocol
 CONVERGENCE_TOLERANCE = 0.01   # doubling steps, restarts and samples may move no worst case by more
 
@@ -35,7 +37,8 @@ class AttackSettings:
         """Twice the steps, restarts and samples: the protocol's convergence check."""
         return replace(self, steps=2 * self.steps, restarts=2 * self.restarts, eot_samples=2 * self.eot_samples,
                        lr_samples=2 * self.lr_samples, spsa_samples=2 * self.spsa_samples,
-                       spsa_steps=2 * self.spsa_steps, random_draws=2 * self.random_draws, seed=self.seed + 1)
+                       spsa_steps=2 * self.spsa_steps, random_draws=2 * self.random_draws,
+                       seed=stream_seed(self.seed, 14))   # a fresh, independent stream per doubling
 
 
 HELP = {"steps": "APGD iterations per restart", "restarts": "APGD restarts",

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .checkpoint import save_tensors_atomic
+from .distributed import stream_seed
 from .losses import cross_entropy
 from .model import NoisySequential, predict, predict_proba
 from .oracles import LAPClassifier, spsa_gradient
@@ -109,11 +110,15 @@ def load_adversarial(path: str | Path) -> tuple[Tensor, Tensor, dict]:
 
 
 # ------------------------------------------------------------------------- the attacks on a defended model
+# every random stream of the protocol is stream_seed(settings.seed, purpose, ...): independent, and
+# the same on every run
+DEFENDER, ATTACKER, APGD, RANDOM = 10, 11, 12, 13
+
 def correct(model: NoisySequential, x_adv: Tensor, y: Tensor, noisy: bool, k: int, seed: int) -> dict[str, Tensor]:
     """Per-image correctness of OT and (for a model trained with noise) LAP on ``x_adv``."""
     out = {"ot": predict(model, x_adv, "ot") == y}
     if noisy:
-        gen = torch.Generator(device=x_adv.device).manual_seed(10_000 + seed)  # the defender's own noise
+        gen = torch.Generator(device=x_adv.device).manual_seed(stream_seed(seed, DEFENDER))  # the defender's noise
         out["lap"] = predict(model, x_adv, "lap", k, generator=gen, antithetic=k % 2 == 0) == y
     return out
 
@@ -159,7 +164,7 @@ def _fgsm(ctx: AttackContext, x, y, eps, arg):
 def _apgd(ctx: AttackContext, x, y, eps, arg):
     loss, surrogate = arg.rstrip("]").split("[")
     clf = ctx.classifier(None, "ot") if surrogate == "ot" else ctx.classifier(surrogate)
-    return apgd(clf, x, y, eps, ctx.st.steps, ctx.st.restarts, loss, ctx.st.seed + ctx.index)
+    return apgd(clf, x, y, eps, ctx.st.steps, ctx.st.restarts, loss, stream_seed(ctx.st.seed, APGD, ctx.index))
 
 
 def _spsa(ctx: AttackContext, x, y, eps, arg):
@@ -179,7 +184,7 @@ def _random(ctx: AttackContext, x, y, eps, arg):
     for d in range(st.random_draws):
         u = torch.randint(0, 2, x.shape, generator=ctx.generator, device=x.device).to(x.dtype) * 2 - 1
         c = correct(ctx.model, (x + eps * u).clamp(0, 1), y, ctx.noisy, max(100, st.lap_replications // 10),
-                    st.seed + d)
+                    stream_seed(st.seed, RANDOM, d))
         for k in acc:
             acc[k] &= c[k]
     return acc
@@ -214,7 +219,7 @@ def attack_model(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps:
                  progress=None) -> dict[str, dict[str, Tensor]]:
     """Per-example correctness {attack: {"ot": bool (N,), "lap": bool (N,)}} at budget ε, and the
     per-example worst case over all of them (``"worst-case"``)."""
-    gen = torch.Generator(device=x.device).manual_seed(st.seed)
+    gen = torch.Generator(device=x.device).manual_seed(stream_seed(st.seed, ATTACKER))
     names = (["transfer-fgsm"] if source is not None else []) + attack_plan(model, noisy, st)
     results = {}
     for i, name in enumerate(names):

@@ -30,6 +30,7 @@ from .attack_settings import DEFAULT_EPS
 from .attacks import fgsm, load_adversarial, save_adversarial
 from .checkpoint import atomic_write_csv, atomic_write_text, load_model, write_index
 from .data import load_dataset
+from .distributed import stream_seed
 from .model import NoisySequential, predict
 from .train import TrainConfig, train
 
@@ -181,9 +182,9 @@ def train_all(spec: Spec, out: Path, device: str, quiet: bool, data) -> dict[str
     return metrics
 
 
-def accuracy(model: NoisySequential, x, y, mode="ot", replications=1000, seed=0) -> float:
-    """OT or LAP accuracy; LAP from a generator seeded by ``seed`` (antithetic pairs when K is even)."""
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+def accuracy(model: NoisySequential, x, y, mode="ot", replications=1000, seed: tuple[int, ...] = (0,)) -> float:
+    """OT or LAP accuracy; LAP noise from the stream ``stream_seed(20, *seed)`` (antithetic pairs when K is even)."""
+    gen = torch.Generator(device=x.device).manual_seed(stream_seed(20, *seed))
     pred = predict(model, x, mode, replications, generator=gen, antithetic=replications % 2 == 0)
     return (pred == y).double().mean().item()
 
@@ -236,7 +237,7 @@ def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisySequential,
         name = ms.name
         noisy = ms.config.noisy
         acc_orig = accuracy(model, x, y)
-        acc_orig_lap = accuracy(model, x, y, "lap", spec.lap_replications, seed=1000 * mi + 999) if noisy else math.nan
+        acc_orig_lap = accuracy(model, x, y, "lap", spec.lap_replications, seed=(mi, 999)) if noisy else math.nan
         for si, src_name in enumerate(sources):
             for eps in eps_list:
                 xa = sets[src_name, eps]
@@ -244,7 +245,7 @@ def evaluate_all(spec: Spec, models: dict[str, tuple[ModelSpec, NoisySequential,
                        "method": ms.config.method, "source": src_name, "eps": eps, "acc_orig": acc_orig,
                        "acc_orig_lap": acc_orig_lap,
                        "acc_ot": accuracy(model, xa, y),
-                       "acc_lap": accuracy(model, xa, y, "lap", spec.lap_replications, seed=1000 * mi + si)
+                       "acc_lap": accuracy(model, xa, y, "lap", spec.lap_replications, seed=(mi, si))
                        if noisy else math.nan}
                 rows.append(row)
                 bar.update()
@@ -351,7 +352,7 @@ def run_study(spec: Spec, out: Path, data, device, quiet, source: NoisySequentia
             rows.append({"model": model_name, "replications": k, "variant": variant,
                          "test_acc_ot": m["test_accuracy_ot"], "test_acc_lap": m["test_accuracy_lap"],
                          "adv_acc_ot": accuracy(model, x_adv, y),
-                         "adv_acc_lap": accuracy(model, x_adv, y, "lap", spec.lap_replications, seed=7),
+                         "adv_acc_lap": accuracy(model, x_adv, y, "lap", spec.lap_replications, seed=(7,)),
                          "train_seconds": m["train_seconds"]})
             if not quiet:
                 r = rows[-1]
