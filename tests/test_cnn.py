@@ -7,7 +7,7 @@ import torch
 
 import glrnet
 from stats import assert_means_equal, flat_grads, means_equal
-from test_estimator import expected_loss_fd, glr_samples, pathwise_samples
+from test_estimator import fd_and_glr_columns, glr_samples, pathwise_samples
 
 
 def tiny_cnn(activation="sigmoid", seed=0, batch=3, scale=1.0):
@@ -62,18 +62,7 @@ def test_glr_equals_finite_differences_for_a_threshold_cnn_with_zero_one_loss(fl
     net, x, y = tiny_cnn("threshold", seed=3, scale=3.0)
     n, k = 100, 2000
     glr = glr_samples(net, x, y, n=n, replications=k, loss="zero_one", baseline=True)
-    params = list(net.parameters())
-    offsets = [0]
-    for p in params:
-        offsets.append(offsets[-1] + p.numel())
-    fd_cols, glr_cols = [], []
-    for pi, p in enumerate(params):  # first and last entry of every weight and bias
-        for flat in (0, p.numel() - 1):
-            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), p.shape))
-            diffs = expected_loss_fd(net, x, y, "zero_one", p.data, index, 0.05, n * k, seed=10 + pi)
-            fd_cols.append(diffs.reshape(n, k).mean(1))
-            glr_cols.append(glr[:, offsets[pi] + flat])
-    fd, sel = torch.stack(fd_cols, 1), torch.stack(glr_cols, 1)
+    sel, fd = fd_and_glr_columns(net, x, y, "zero_one", glr, n, k)   # first and last entry of every parameter
     print(assert_means_equal(sel, fd))
     assert (sel.mean(0).abs() / (sel.std(0) / math.sqrt(n))).max() > 5  # not trivially zero
 

@@ -75,6 +75,23 @@ def expected_loss_fd(model, x, y, loss, param, index, h, samples, seed):
     return (values[0] - values[1]) / (2 * h)
 
 
+def fd_and_glr_columns(model, x, y, loss, glr, n, k, h=0.05):
+    """The first and last entry of every parameter: (GLR samples (n, 2P), central finite differences of
+    E[L] with common random numbers (n, 2P), each column the mean of k replications)."""
+    params = list(model.parameters())
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    fd_cols, glr_cols = [], []
+    for pi, p in enumerate(params):
+        for flat in (0, p.numel() - 1):
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), p.shape))
+            diffs = expected_loss_fd(model, x, y, loss, p.data, index, h, n * k, seed=10 + pi)
+            fd_cols.append(diffs.reshape(n, k).mean(1))
+            glr_cols.append(glr[:, offsets[pi] + flat])
+    return torch.stack(glr_cols, 1), torch.stack(fd_cols, 1)
+
+
 @pytest.mark.parametrize("activation,loss", [("threshold", "zero_one"), ("arctan_inv", "cross_entropy")])
 def test_glr_equals_finite_differences_discontinuous(float64, activation, loss):
     """Discontinuous φ / L: GLR = central FD of E[L] (CRN), selected weights of every layer."""
@@ -84,22 +101,7 @@ def test_glr_equals_finite_differences_discontinuous(float64, activation, loss):
             layer.weight.mul_(3.0)
     n, k = 100, 2000
     glr = glr_samples(model, x, y, n=n, replications=k, loss=loss)
-    params = list(model.parameters())
-    offsets = [0]
-    for p in params:
-        offsets.append(offsets[-1] + p.numel())
-    picks = []
-    for pi, p in enumerate(params):  # two entries of every weight and every bias
-        for flat in (0, p.numel() - 1):
-            picks.append((pi, flat))
-    h = 0.05
-    fd_cols, glr_cols = [], []
-    for pi, flat in picks:
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), params[pi].shape))
-        diffs = expected_loss_fd(model, x, y, loss, params[pi].data, index, h, n * k, seed=10 + pi)
-        fd_cols.append(diffs.reshape(n, k).mean(1))
-        glr_cols.append(glr[:, offsets[pi] + flat])
-    fd, glr_sel = torch.stack(fd_cols, 1), torch.stack(glr_cols, 1)
+    glr_sel, fd = fd_and_glr_columns(model, x, y, loss, glr, n, k)
     print(assert_means_equal(glr_sel, fd))
     # the gradient is not trivially zero, so equality says something
     assert (glr_sel.mean(0).abs() / (glr_sel.std(0) / math.sqrt(n))).max() > 5

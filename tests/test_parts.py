@@ -178,26 +178,15 @@ def test_residual_cnn_unbiased_vs_pathwise(float64):
 
 @pytest.mark.parametrize("sampler", ["antithetic", "qmc"])
 def test_threshold_zero_one_unbiased_vs_finite_differences(float64, sampler):
-    from test_estimator import expected_loss_fd
+    from test_estimator import fd_and_glr_columns
     model, x, y = small_problem([4, 3, 3], batch=4, seed=3, activation="threshold")
     with torch.no_grad():
         for layer in model:
             layer.weight.mul_(3.0)
     n, k = 100, 1024
     glr = glr_samples(model, x, y, n=n, replications=k, loss="zero_one", sampler=sampler)
-    params = list(model.parameters())
-    offsets = [0]
-    for p in params:
-        offsets.append(offsets[-1] + p.numel())
-    fd_cols, glr_cols = [], []
-    for pi, p in enumerate(params):
-        for flat in (0, p.numel() - 1):
-            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), p.shape))
-            diffs = expected_loss_fd(model, x, y, "zero_one", p.data, index, 0.05, n * k, seed=10 + pi)
-            fd_cols.append(diffs.reshape(n, k).mean(1))
-            glr_cols.append(glr[:, offsets[pi] + flat])
-    glr_sel = torch.stack(glr_cols, 1)
-    print(assert_means_equal(glr_sel, torch.stack(fd_cols, 1)))
+    glr_sel, fd = fd_and_glr_columns(model, x, y, "zero_one", glr, n, k)
+    print(assert_means_equal(glr_sel, fd))
     assert (glr_sel.mean(0).abs() / (glr_sel.std(0) / math.sqrt(n))).max() > 5
 
 
