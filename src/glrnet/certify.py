@@ -125,7 +125,7 @@ def certify(model: nn.Module, x: Tensor, n0: int = 100, n: int = 10000, alpha: f
     layer = first_layer(model, x)
     sigma = float(layer.noise.stddev)
     norm = first_layer_norm(layer, tuple(x.shape[1:]))
-    width = sum(Layout(probe(model, x)).probe.width(i) for i in probe(model, x).order)
+    width = Layout(probe(model, x)).width
     chunk = max(1, min(n, int(memory_budget_mb * 2**20) // max(1, 4 * len(x) * width * x.element_size())))
     selection = _sample(model, x, n0, predictor, generator, chunk)
     top = selection.argmax(1)

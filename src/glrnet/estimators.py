@@ -43,7 +43,7 @@ from .activations import activation_name
 from .control_variates import ControlVariate, get_control_variate
 from .layers import Injection, Layout, Probe, noisy_forward, noisy_layers, probe
 from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
-from .model import check_batch
+from .model import bind, check_batch
 from .noise import PREFETCH_CHUNK_MB, Buffers, NoiseStream, linear_score_scale, score
 from .samplers import Sampler, get_sampler
 
@@ -222,9 +222,8 @@ class GLR:
         ``variance_batches`` independent sub-estimates (each with its own baseline); the estimate is
         their mean and ``stats.variance`` its per-element variance, their sample variance / R."""
         glr_parameters(model)
-        x = check_batch(model, x)
-        pr = probe(model, x)
-        check_batch(model, x, y, classes=pr.classes)
+        pr = probe(model, bind(model, x))
+        x = check_batch(model, x, y, classes=pr.classes)   # one pass over the inputs, labels checked too
         sets = [pr.order] if self.injection == "all" else [[i] for i in pr.order]
         local = self._local_replications()
         if local % len(sets):
