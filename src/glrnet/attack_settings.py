@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 from .distributed import stream_seed
 
 DEFAULT_EPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)   # the ε sweep of the tables and of the protocol
+NORMS = ("Linf", "L2")
 CONVERGENCE_TOLERANCE = 0.01   # doubling steps, restarts and samples may move no worst case by more
 
 
@@ -26,12 +27,16 @@ class AttackSettings:
     lap_replications: int = 1000
     seed: int = 0
     max_doublings: int = 3           # convergence check: double at most this many times (2×, 4×, 8×)
+    norm: str = "Linf"               # the threat model's ball: "Linf" or "L2" (images in [0, 1] either way)
+    score_vote: bool = False         # also score every image by the majority vote of K noisy passes
 
     def __post_init__(self):
         for f in ("steps", "restarts", "eot_samples", "lr_samples", "spsa_samples", "spsa_steps", "spsa_queries_k",
                   "random_draws", "lap_replications", "max_doublings"):
             if int(getattr(self, f)) < 1:
                 raise ValueError(f"attack setting {f} must be ≥ 1, got {getattr(self, f)!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"attack setting norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
 
     def doubled(self) -> "AttackSettings":
         """Twice the steps, restarts and samples: the protocol's convergence check."""
@@ -47,7 +52,9 @@ HELP = {"steps": "APGD iterations per restart", "restarts": "APGD restarts",
         "spsa_samples": "SPSA perturbations per step", "spsa_steps": "SPSA steps",
         "spsa_queries_k": "noisy passes per SPSA query of a LAP predictor", "spsa_delta": "SPSA finite-difference step",
         "random_draws": "random corners x ± ε tried", "lap_replications": "K of the LAP predictor that scores images",
-        "seed": "attack seed", "max_doublings": "convergence check: double steps, restarts and samples at most "
+        "seed": "attack seed", "norm": "the threat model: Linf or L2 ball of radius ε",
+        "score_vote": "also score every image by the majority vote of K noisy passes (the predictor CERTIFY certifies)",
+        "max_doublings": "convergence check: double steps, restarts and samples at most "
         "this many times"}
 
 

@@ -1,5 +1,6 @@
-"""L∞ attacks: FGSM and PGD on plain autograd, APGD, and the registry of attacks the robustness
-protocol runs on a defended model (:data:`ATTACKS`). Images stay in [0, 1].
+"""L∞ and L2 attacks: FGSM and PGD on plain autograd, APGD, and the registry of attacks the
+robustness protocol runs on a defended model (:data:`ATTACKS`). Images stay in [0, 1]; ``norm``
+("Linf" or "L2") names the ball of radius ε (L2 over the flattened image).
 
 An attack takes ``logits_fn``: any differentiable callable x → logits (a source
 network, or a surrogate of a defended model, see :mod:`glrnet.surrogates`), or a
@@ -41,17 +42,43 @@ def input_gradient(logits_fn: LogitsFn, x: Tensor, y: Tensor) -> Tensor:
     return g
 
 
-def fgsm(logits_fn: LogitsFn | None, x: Tensor, y: Tensor, eps: float, grad_fn: GradFn | None = None) -> Tensor:
-    """Fast gradient sign method: x + ε · sign(∇ₓ L), clipped to [0, 1] (Goodfellow et al. 2015)."""
+def steepest(g: Tensor, norm: str) -> Tensor:
+    """The unit-norm steepest-ascent direction for gradient ``g`` (per image): sign(g) for L∞, g/‖g‖₂ for L2."""
+    if norm == "Linf":
+        return g.sign()
+    flat = g.reshape(len(g), -1)
+    return (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)).reshape(g.shape)
+
+
+def project(z: Tensor, x: Tensor, eps: float | Tensor, norm: str) -> Tensor:
+    """``z`` projected onto the ε-ball around ``x`` (L∞ or L2), then onto [0, 1] (clamping only shortens δ)."""
+    if norm == "Linf":
+        return torch.min(torch.max(z, x - eps), x + eps).clamp_(0, 1)
+    d = (z - x).reshape(len(x), -1)
+    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device).reshape(-1, 1)
+    d = d * (eps / d.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+    return (x + d.reshape(x.shape)).clamp_(0, 1)
+
+
+def distance(a: Tensor, b: Tensor, norm: str) -> Tensor:
+    """Per-image L∞ or L2 distance."""
+    d = (a - b).reshape(len(a), -1)
+    return d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
+
+
+def fgsm(logits_fn: LogitsFn | None, x: Tensor, y: Tensor, eps: float, grad_fn: GradFn | None = None,
+         norm: str = "Linf") -> Tensor:
+    """Fast gradient method: x + ε · sign(∇ₓ L) (L∞, Goodfellow et al. 2015) or x + ε ∇ₓL/‖∇ₓL‖₂ (L2),
+    clipped to [0, 1]."""
     g = grad_fn(x, y) if grad_fn is not None else input_gradient(logits_fn, x, y)
-    return (x + eps * g.sign()).clamp_(0, 1).detach()
+    return (x + eps * steepest(g, norm)).clamp_(0, 1).detach()
 
 
 def pgd(logits_fn: LogitsFn | None, x: Tensor, y: Tensor, eps: float, steps: int = 40,
         step_size: float | None = None, random_start: bool = True, restarts: int = 1,
         grad_fn: GradFn | None = None, generator: torch.Generator | None = None,
-        success_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
-    """L∞ projected gradient descent (Madry et al. 2018), with random starts and restarts.
+        success_fn: Callable[[Tensor, Tensor], Tensor] | None = None, norm: str = "Linf") -> Tensor:
+    """Projected gradient descent (Madry et al. 2018) in the L∞ or L2 ball, with random starts and restarts.
 
     Over restarts, keeps for each image the first adversarial found (``success_fn(x_adv, y)``
     → bool (N,), default: ``logits_fn`` misclassifies), else the last iterate.
@@ -63,13 +90,18 @@ def pgd(logits_fn: LogitsFn | None, x: Tensor, y: Tensor, eps: float, steps: int
     found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(restarts):
         if random_start:
-            delta = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) * 2 - 1
+            if norm == "Linf":
+                delta = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) * 2 - 1
+            else:   # a uniformly random direction, at a uniformly random fraction of ε
+                delta = steepest(torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device), norm)
+                delta = delta * torch.rand(len(x), *[1] * (x.dim() - 1), generator=generator, dtype=x.dtype,
+                                           device=x.device)
             z = (x + eps * delta).clamp(0, 1)
         else:
             z = x.clone()
         for _ in range(steps):
-            z = z + step_size * grad(z, y).sign()
-            z = torch.min(torch.max(z, x - eps), x + eps).clamp_(0, 1).detach()
+            z = z + step_size * steepest(grad(z, y), norm)
+            z = project(z, x, eps, norm).detach()
         with torch.no_grad():
             hit = success(z, y) & ~found
         best[hit] = z[hit]
@@ -88,11 +120,7 @@ def pgd_l2(logits_fn: LogitsFn, x: Tensor, y: Tensor, eps: float | Tensor, steps
     step = 2.5 * eps / steps if step_size is None else torch.as_tensor(step_size, dtype=x.dtype).reshape(-1, 1)
     z = x.clone()
     for _ in range(steps):
-        g = input_gradient(logits_fn, z, y)
-        z = z + step * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        delta = z - x
-        delta = delta * (eps / delta.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
-        z = (x + delta).clamp(0, 1).detach()   # clamping towards x's box only shortens δ
+        z = project(z + step * steepest(input_gradient(logits_fn, z, y), "L2"), x, eps, "L2").detach()
     return z
 
 
@@ -114,17 +142,22 @@ def load_adversarial(path: str | Path) -> tuple[Tensor, Tensor, dict]:
 # the same on every run
 DEFENDER, ATTACKER, APGD, RANDOM = 10, 11, 12, 13
 
-def correct(model: NoisySequential, x_adv: Tensor, y: Tensor, noisy: bool, k: int, seed: int) -> dict[str, Tensor]:
-    """Per-image correctness of OT and (for a model trained with noise) LAP on ``x_adv``."""
+def correct(model: NoisySequential, x_adv: Tensor, y: Tensor, noisy: bool, k: int, seed: int,
+            vote: bool = False) -> dict[str, Tensor]:
+    """Per-image correctness of OT and (for a model trained with noise) LAP on ``x_adv``; with ``vote``
+    also of the majority vote of K noisy passes (the predictor CERTIFY certifies)."""
     out = {"ot": predict(model, x_adv, "ot") == y}
     if noisy:
         gen = torch.Generator(device=x_adv.device).manual_seed(stream_seed(seed, DEFENDER))  # the defender's noise
         out["lap"] = predict(model, x_adv, "lap", k, generator=gen, antithetic=k % 2 == 0) == y
+        if vote:
+            gen = torch.Generator(device=x_adv.device).manual_seed(stream_seed(seed, DEFENDER, 1))
+            out["vote"] = predict(model, x_adv, "vote", k, generator=gen) == y
     return out
 
 
 def apgd(classifier: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int, loss: str,
-         seed: int) -> Tensor:
+         seed: int, norm: str = "Linf") -> Tensor:
     """APGD (Croce & Hein 2020; AutoAttack's step-size schedule, momentum, restarts) from
     torchattacks on any classifier; ``x`` flat (N, D). Installed separately, without its
     torchvision requirement: ``pip install --no-deps --no-warn-conflicts torchattacks==3.5.1``."""
@@ -132,7 +165,7 @@ def apgd(classifier: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, re
         import torchattacks
     except ImportError:
         raise ImportError("the adaptive attacks use torchattacks' APGD: pip install --no-deps --no-warn-conflicts torchattacks==3.5.1") from None
-    atk = torchattacks.APGD(classifier, norm="Linf", eps=eps, steps=steps, n_restarts=restarts, seed=seed, loss=loss)
+    atk = torchattacks.APGD(classifier, norm=norm, eps=eps, steps=steps, n_restarts=restarts, seed=seed, loss=loss)
     return atk(x.reshape(len(x), 1, 1, -1), y).reshape(x.shape).detach()
 
 
@@ -154,17 +187,18 @@ class AttackContext:
 
 
 def _transfer_fgsm(ctx: AttackContext, x, y, eps, arg):
-    return fgsm(ctx.source, x, y, eps)
+    return fgsm(ctx.source, x, y, eps, norm=ctx.st.norm)
 
 
 def _fgsm(ctx: AttackContext, x, y, eps, arg):
-    return fgsm(ctx.classifier(), x, y, eps)
+    return fgsm(ctx.classifier(), x, y, eps, norm=ctx.st.norm)
 
 
 def _apgd(ctx: AttackContext, x, y, eps, arg):
     loss, surrogate = arg.rstrip("]").split("[")
     clf = ctx.classifier(None, "ot") if surrogate == "ot" else ctx.classifier(surrogate)
-    return apgd(clf, x, y, eps, ctx.st.steps, ctx.st.restarts, loss, stream_seed(ctx.st.seed, APGD, ctx.index))
+    return apgd(clf, x, y, eps, ctx.st.steps, ctx.st.restarts, loss, stream_seed(ctx.st.seed, APGD, ctx.index),
+                ctx.st.norm)
 
 
 def _spsa(ctx: AttackContext, x, y, eps, arg):
@@ -173,18 +207,24 @@ def _spsa(ctx: AttackContext, x, y, eps, arg):
     probs = lap if ctx.noisy else (lambda z: torch.softmax(model(z), -1))
     return pgd(None, x, y, eps, st.spsa_steps, random_start=False, generator=gen,
                success_fn=lambda z, t: probs(z).argmax(-1) != t,
-               grad_fn=spsa_gradient(probs, st.spsa_samples, st.spsa_delta, gen))
+               grad_fn=spsa_gradient(probs, st.spsa_samples, st.spsa_delta, gen), norm=st.norm)
 
 
 def _random(ctx: AttackContext, x, y, eps, arg):
-    """The worst of R random corners x ± ε: returns per-image correctness, not one image set."""
+    """The worst of R random points on the ε-sphere (L∞: the corners x ± ε; L2: uniformly random
+    directions): returns per-image correctness, not one image set."""
     st, acc = ctx.st, {"ot": torch.ones_like(y, dtype=torch.bool)}
     if ctx.noisy:
         acc["lap"] = torch.ones_like(y, dtype=torch.bool)
+        if st.score_vote:
+            acc["vote"] = torch.ones_like(y, dtype=torch.bool)
     for d in range(st.random_draws):
-        u = torch.randint(0, 2, x.shape, generator=ctx.generator, device=x.device).to(x.dtype) * 2 - 1
+        if st.norm == "Linf":
+            u = torch.randint(0, 2, x.shape, generator=ctx.generator, device=x.device).to(x.dtype) * 2 - 1
+        else:
+            u = steepest(torch.randn(x.shape, generator=ctx.generator, dtype=x.dtype, device=x.device), "L2")
         c = correct(ctx.model, (x + eps * u).clamp(0, 1), y, ctx.noisy, max(100, st.lap_replications // 10),
-                    stream_seed(st.seed, RANDOM, d))
+                    stream_seed(st.seed, RANDOM, d), st.score_vote)
         for k in acc:
             acc[k] &= c[k]
     return acc
@@ -232,10 +272,11 @@ def attack_model(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps:
         if isinstance(out, dict):
             results[name] = out
             continue
-        if (out - x).abs().max() > eps + 1e-5 or out.min() < 0 or out.max() > 1:
-            raise RuntimeError(f"attack {name} left the ε-ball or [0, 1]")  # a bug, never a result
-        results[name] = correct(model, out, y, noisy, st.lap_replications, st.seed)
-    worst = {k: torch.ones_like(y, dtype=torch.bool) for k in ("ot", "lap") if k == "ot" or noisy}
+        if distance(out, x, st.norm).max() > eps * (1 + 1e-4) + 1e-5 or out.min() < 0 or out.max() > 1:
+            raise RuntimeError(f"attack {name} left the {st.norm} ε-ball or [0, 1]")  # a bug, never a result
+        results[name] = correct(model, out, y, noisy, st.lap_replications, st.seed, st.score_vote)
+    keys = ("ot",) + (("lap",) + (("vote",) if st.score_vote else ()) if noisy else ())
+    worst = {k: torch.ones_like(y, dtype=torch.bool) for k in keys}
     for res in results.values():
         for k in worst:
             worst[k] &= res[k]

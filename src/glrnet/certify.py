@@ -164,3 +164,18 @@ def project_spectral_norm_(layer: nn.Module, max_norm: float, input_shape: tuple
     if norm > max_norm:
         layer.weight.mul_(max_norm / norm)
     return norm
+
+
+@torch.no_grad()
+def project_stiefel_(layer: nn.Module, scale: float, input_shape: tuple[int, ...] | None = None) -> float:
+    """Replace a linear layer's weight W = U S Vᵀ by its nearest matrix (Frobenius) whose singular values
+    all equal ``scale``: c·U Vᵀ (the polar factor; after an optimizer step, a projection onto the scaled
+    Stiefel manifold). The certificate then loses nothing to ‖W₁‖₂: the noise N(0, σ²) on W₁x is, in
+    the row space of W₁, input noise N(0, (σ/c)²) exactly (input-space smoothing). Returns ‖W‖₂ before."""
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"the stiefel projection needs a linear first layer, got {type(layer).__name__}; "
+                         "use the spectral projection for convolutions")
+    w = layer.weight.detach().double()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    layer.weight.copy_((scale * (u @ vh)).to(layer.weight.dtype))
+    return s[0].item()

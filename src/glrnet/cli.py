@@ -11,7 +11,7 @@ from . import distributed
 from .activations import ACTIVATIONS, get_activation
 from .data import DATASETS, SPLITS, DataError, describe_datasets
 from .losses import LOSSES
-from .attack_settings import DEFAULT_EPS, HELP, AttackSettings, settings_fields
+from .attack_settings import DEFAULT_EPS, HELP, NORMS, AttackSettings, settings_fields
 from .estimators import INJECTIONS
 from .noise import KINDS
 from .samplers import SAMPLERS
@@ -124,6 +124,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-first-norm", type=float, default=None, help="after each step, scale the first noisy "
                    "layer so that its operator norm ‖W₁‖₂ is at most this (keeps σ/‖W₁‖₂, the certified radius "
                    "per unit of Φ⁻¹(p), from shrinking; see glrnet certify)")
+    g.add_argument("--first-norm-projection", choices=["spectral", "stiefel"], default=d.first_norm_projection,
+                   help="with --max-first-norm c: spectral (‖W₁‖₂ ≤ c) or stiefel (every singular value of W₁ = c, "
+                        "so the first layer's noise is input noise of σ/c in its row space)")
+    g.add_argument("--input-noise-std", type=float, default=None, help="input-space randomized smoothing: a frozen "
+                   "first layer (σ/σ_in)·I whose noise is Gaussian input noise of this std (train it with --method "
+                   "bp --bp-noise, or GLR); certified the same way")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (same seed, same run)")
     g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
 
@@ -136,6 +142,10 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
         if kind is tuple:
             g.add_argument(flag, type=lambda t: tuple(v for v in t.split(",") if v), default=default,
                            help=f"{HELP[name]} (default: {','.join(default)})")
+        elif kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP[name])
+        elif name == "norm":
+            g.add_argument(flag, choices=list(NORMS), default=default, help=HELP[name])
         else:
             g.add_argument(flag, type=kind, default=default, help=HELP[name])
 
@@ -336,10 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "reused, interrupted ones resumed), calibrate ε, transfer FGSM, write tables, "
                                    "CSV and figures, then the adaptive-attack protocol.")
     r.add_argument("--spec", default=None, help="experiment spec: a TOML file, or the name of a packaged one "
-                   "(paper, paper-seeds, fashion, fashion-seeds, mnist-10k, quick); default: paper")
+                   "(paper, paper-seeds, fashion, fashion-seeds, mnist-10k, quick, certified); default: paper")
     r.add_argument("--seeds", type=_seeds, default=None, help="train and evaluate every model once per seed, "
                    "e.g. 0,1,2 (tables show mean and min–max); default: the spec's seeds, else each model's own")
-    r.add_argument("--dataset", choices=DATASETS, default=None, help="override the spec's dataset")
+    r.add_argument("--dataset", choices=DATASETS, default=None, help="override the spec's dataset (a certified-radii "
+                   "spec: run only its entries of this dataset)")
     r.add_argument("--data-dir", default=None, help="IDX folder for mnist / fashion-mnist")
     r.add_argument("--quick", action="store_true", help="the whole pipeline on digits, the packaged quick.toml (minutes on 2 CPU cores; "
                    "--no-robustness skips the attacks, most of it)")

@@ -407,6 +407,13 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
     spec_file = Path(spec) if spec is not None else spec_path("quick" if quick else "paper")
     if not spec_file.is_file() and spec_path(str(spec_file)).is_file():
         spec_file = spec_path(str(spec_file))
+    from .certification import is_certified_spec, run_certified
+    if spec_file.is_file() and is_certified_spec(spec_file):   # certified radii: datasets and models of its own
+        if seeds is not None:
+            raise ValueError(f"spec {spec_file} is a certified-radii spec: it is run for its models' own seeds "
+                             "(no --seeds)")
+        return run_certified(spec_file, out, data_dir=data_dir, device=device, quiet=quiet, robustness=robustness,
+                             export=export, only=dataset)
     spec = load_spec(spec, quick=quick, dataset=dataset, data_dir=data_dir)
     if seeds is not None:
         spec.seeds = _seeds(list(seeds), "--seeds")

@@ -59,13 +59,15 @@ def predict_proba(model: nn.Module, x: Tensor, mode: str = "ot", replications: i
     ``mode="ot"`` (one time): softmax of the noise-free network.
     ``mode="lap"`` (largest average probability): (1/K) Σₖ softmax(noisy output k),
     K = ``replications``, chunked over replications and images so that the working
-    set stays under ``memory_budget_mb``. ``progress`` shows a bar (noisy passes done, ETA).
+    set stays under ``memory_budget_mb``. ``mode="vote"``: the fraction of the K noisy passes
+    whose argmax is each class (the majority vote that CERTIFY certifies; ties go to the lower
+    class). ``progress`` shows a bar (noisy passes done, ETA).
     """
     x = check_batch(model, x)
     if mode == "ot":
         return torch.softmax(model(x), dim=-1)
-    if mode != "lap":
-        raise ValueError(f"unknown prediction mode {mode!r}; valid: ot, lap")
+    if mode not in ("lap", "vote"):
+        raise ValueError(f"unknown prediction mode {mode!r}; valid: ot, lap, vote")
     if replications < 1 or (antithetic and replications % 2):
         raise ValueError(f"LAP needs replications ≥ 1 (even with antithetic), got {replications}")
     layout = Layout(probe(model, x))
@@ -88,15 +90,18 @@ def predict_proba(model: nn.Module, x: Tensor, mode: str = "ot", replications: i
             k = r.shape[0]
             out = noisy_forward(model, xi, Injection(layout.probe.layers, k, B, layout.views(r)), layout.first)
             out = out.reshape(k, B, -1)
-            # softmax as exp(o − logsumexp o): several times faster than torch.softmax over 10 classes on a CPU
-            total[i:i + B] += torch.exp(out - torch.logsumexp(out, -1, keepdim=True)).sum(0)
+            if mode == "vote":
+                total[i:i + B] += torch.nn.functional.one_hot(out.argmax(-1), classes).sum(0).to(total.dtype)
+            else:   # softmax as exp(o − logsumexp o): several times faster than torch.softmax over 10 classes on a CPU
+                total[i:i + B] += torch.exp(out - torch.logsumexp(out, -1, keepdim=True)).sum(0)
             bar.update(k * B)
     bar.close()
     return total / replications
 
 
 def predict(model: nn.Module, x: Tensor, mode: str = "ot", replications: int = 10000, **kwargs) -> Tensor:
-    """Predicted classes (N,): OT = argmax of the noise-free output, LAP = argmax of the averaged softmax."""
+    """Predicted classes (N,): OT = argmax of the noise-free output, LAP = argmax of the averaged softmax,
+    vote = the class most of K noisy passes predict."""
     if mode == "ot":
         x = check_batch(model, x)
         with torch.no_grad():

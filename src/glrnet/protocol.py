@@ -45,28 +45,30 @@ from .reports import ROBUST_FIELDS, write_reports, write_seed_spread  # noqa: F4
 
 def evaluate_robustness(models: dict[str, tuple[NoisySequential, bool]], x: Tensor, y: Tensor, eps_list: list[float],
                         st: AttackSettings, source: NoisySequential | None = None, quiet: bool = False,
-                        survivors: dict | None = None) -> list[dict]:
-    """Rows (model, attack, ε, acc_ot, acc_lap, images); ``survivors`` (if given) receives, per
+                        survivors: dict | None = None, masks: dict | None = None) -> list[dict]:
+    """Rows (model, attack, ε, acc_ot, acc_lap, acc_vote, images); ``survivors`` (if given) receives, per
     (model, ε), the per-image mask of the defended predictor's worst case (the convergence
-    check attacks only those images again)."""
+    check attacks only those images again); ``masks`` every predictor's worst-case mask
+    {"ot", "lap", "vote"} per (model, ε), and per (model, 0.0) the clean correctness."""
     from tqdm.auto import tqdm
     rows = []
     bar = tqdm(total=len(models) * len(eps_list), desc="attacks", unit="model·ε", disable=quiet, leave=False,
                dynamic_ncols=True)
     for name, (model, noisy) in models.items():
-        clean = correct(model, x, y, noisy, st.lap_replications, st.seed)
-        rows.append({"model": name, "attack": "none", "eps": 0.0, "acc_ot": clean["ot"].double().mean().item(),
-                     "acc_lap": clean["lap"].double().mean().item() if noisy else math.nan, "images": len(x)})
+        clean = correct(model, x, y, noisy, st.lap_replications, st.seed, st.score_vote)
+        if masks is not None:
+            masks[name, 0.0] = clean
+        rows.append({"model": name, "attack": "none", "eps": 0.0, **_accuracies(clean), "images": len(x)})
         for eps in eps_list:
             t0 = time.perf_counter()
             bar.set_description(f"attacks {name} ε={eps:g}")
             res = attack_model(model, noisy, x, y, eps, st, source, progress=bar)
             if survivors is not None:
                 survivors[name, eps] = res["worst-case"]["lap" if noisy else "ot"]
+            if masks is not None:
+                masks[name, eps] = dict(res["worst-case"])
             for attack, c in res.items():
-                rows.append({"model": name, "attack": attack, "eps": eps, "acc_ot": c["ot"].double().mean().item(),
-                             "acc_lap": c["lap"].double().mean().item() if "lap" in c else math.nan,
-                             "images": len(x)})
+                rows.append({"model": name, "attack": attack, "eps": eps, **_accuracies(c), "images": len(x)})
             bar.update()
             if not quiet:
                 w = res["worst-case"]
@@ -79,16 +81,23 @@ def evaluate_robustness(models: dict[str, tuple[NoisySequential, bool]], x: Tens
 
 
 
+def _accuracies(correct: dict) -> dict:
+    """acc_ot / acc_lap / acc_vote of per-image correctness masks (NaN for a predictor not scored)."""
+    return {f"acc_{k}": correct[k].double().mean().item() if k in correct else math.nan for k in ("ot", "lap", "vote")}
+
+
 def escalate(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: float, st: AttackSettings,
              alive: Tensor, source: NoisySequential | None = None,
-             tolerance: float = CONVERGENCE_TOLERANCE, progress: bool = False) -> list[tuple[int, float]]:
+             tolerance: float = CONVERGENCE_TOLERANCE, progress: bool = False,
+             final: dict | None = None) -> list[tuple[int, float]]:
     """The convergence check: double the steps, restarts and samples (fresh seeds) and attack
     again only the images on which every earlier attack failed (``alive``), until one doubling
     breaks no more than ``tolerance`` of the images or ``st.max_doublings`` is reached.
 
     The worst case is a per-image union, so attacking only the survivors gives exactly the
     union "all earlier attacks ∪ the doubled ones" at a fraction of the cost. Returns
-    [(multiplier, worst case after it)], e.g. [(2, 0.043), (4, 0.030)]."""
+    [(multiplier, worst case after it)], e.g. [(2, 0.043), (4, 0.030)]; ``final["alive"]`` (if
+    given) receives the escalated per-image mask."""
     key = "lap" if noisy else "ot"
     alive = alive.clone()
     levels = []
@@ -105,19 +114,23 @@ def escalate(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: flo
                   f"{before:.3f} → {after:.3f}", flush=True)
         if before - after <= tolerance + 1e-9:
             break
+    if final is not None:
+        final["alive"] = alive
     return levels
 
 
 def sanity_checks(models: dict[str, tuple[NoisySequential, bool]], rows: list[dict], survivors: dict, x, y,
                   headline: float, st: AttackSettings, source: NoisySequential | None = None,
-                  check_eps: list[float] | None = None, quiet: bool = False) -> list[dict]:
+                  check_eps: list[float] | None = None, quiet: bool = False,
+                  escalated: dict | None = None) -> list[dict]:
     """The protocol's self-checks (each a measured pass / fail with its numbers).
 
     The convergence check (``escalate``) doubles steps, restarts and samples on the images
     that survived every attack, at ``check_eps`` (default: the headline ε), until a doubling
     moves the worst case by at most ``CONVERGENCE_TOLERANCE``; it passes when the last one
     did. ``survivors`` are the per-image worst-case masks that ``evaluate_robustness`` filled.
-    Its levels are appended to ``rows`` as attacks ``worst-case 2×``, ``4×``, …
+    Its levels are appended to ``rows`` as attacks ``worst-case 2×``, ``4×``, …; ``escalated`` (if
+    given) receives the escalated per-image mask of the defended predictor per (model, ε).
     """
     def acc(model, attack, eps, key):
         r = next((r for r in rows if r["model"] == model and r["attack"] == attack and r["eps"] == eps), None)
@@ -145,7 +158,11 @@ def sanity_checks(models: dict[str, tuple[NoisySequential, bool]], rows: list[di
         for eps in check_eps or [headline]:
             t0 = time.perf_counter()
             base = acc(name, "worst-case", eps, key)
-            levels = escalate(model, noisy, x, y, eps, st, survivors[name, eps], source, progress=not quiet)
+            final = {}
+            levels = escalate(model, noisy, x, y, eps, st, survivors[name, eps], source, progress=not quiet,
+                              final=final)
+            if escalated is not None:
+                escalated[name, eps] = final["alive"]
             path = [base] + [a for _, a in levels]
             moved = path[-2] - path[-1]
             checks.append({"model": name, "check": f"doubling steps, restarts and samples (on the surviving images) "
@@ -166,18 +183,24 @@ def sanity_checks(models: dict[str, tuple[NoisySequential, bool]], rows: list[di
 def attack_and_report(out: Path, models: dict[str, tuple[NoisySequential, bool]], x: Tensor, y: Tensor,
                       eps: list[float], st: AttackSettings, source: NoisySequential | None, headline: float,
                       check_eps: list[float] | None = None, title: str = "",
-                      quiet: bool = False) -> tuple[list[dict], list[dict]]:
+                      quiet: bool = False, after_model=None) -> tuple[list[dict], list[dict]]:
     """The whole protocol, one model at a time: attacks at every ε, the checks with the
     escalation, and the reports rewritten (atomically) after each model, so that a run
-    stopped part-way keeps every finished model's results."""
+    stopped part-way keeps every finished model's results. ``after_model(name, masks,
+    escalated)`` (optional) returns more checks for the model's report: ``masks`` per (name, ε)
+    every predictor's worst-case mask (ε = 0: clean), ``escalated`` per (name, ε) the defended
+    predictor's escalated mask (e.g. the certified radii's soundness check)."""
     out.mkdir(parents=True, exist_ok=True)
     rows, checks = [], []
     for name, entry in models.items():
-        survivors = {}
+        survivors, masks, escalated = {}, {}, {}
         one = {name: entry}
-        model_rows = evaluate_robustness(one, x, y, eps, st, source=source, quiet=quiet, survivors=survivors)
+        model_rows = evaluate_robustness(one, x, y, eps, st, source=source, quiet=quiet, survivors=survivors,
+                                         masks=masks)
         checks += sanity_checks(one, model_rows, survivors, x, y, headline, st, source,
-                                [headline] if check_eps is None else check_eps, quiet)
+                                [headline] if check_eps is None else check_eps, quiet, escalated=escalated)
+        if after_model is not None:
+            checks += after_model(name, masks, escalated)
         rows += model_rows
         write_reports(out, rows, checks, headline, st, len(x), title=title)
     failed = [c for c in checks if not c["pass"]]

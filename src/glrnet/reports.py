@@ -10,7 +10,7 @@ from pathlib import Path
 from .attack_settings import CONVERGENCE_TOLERANCE, AttackSettings
 from .checkpoint import atomic_write_csv, atomic_write_text
 
-ROBUST_FIELDS = ["model", "attack", "eps", "acc_ot", "acc_lap", "images"]
+ROBUST_FIELDS = ["model", "attack", "eps", "acc_ot", "acc_lap", "acc_vote", "images"]
 
 
 def write_reports(out: Path, rows: list[dict], checks: list[dict], headline: float,
@@ -23,21 +23,24 @@ def write_reports(out: Path, rows: list[dict], checks: list[dict], headline: flo
 
     def get(m, a, e, key):
         r = next((r for r in rows if r["model"] == m and r["attack"] == a and r["eps"] == e), None)
-        return "–" if r is None or r[key] != r[key] else f"{r[key]:.3f}"
+        v = None if r is None else r.get(key, math.nan)
+        return "–" if v is None or v != v else f"{v:.3f}"
 
     def key_of(m):
         return "acc_lap" if any(r["model"] == m and r["acc_lap"] == r["acc_lap"] for r in rows) else "acc_ot"
 
     lines = [f"# Robustness under adaptive attacks{': ' + title if title else ''}", "",
              f"White box: weights, σ, noise family, K and the prediction rule known; the defender's noise is fresh "
-             f"and secret. L∞, images in [0, 1], {images} test images. APGD (torchattacks 3.5.1; CE and DLR losses, "
+             f"and secret. {'L∞' if st.norm == 'Linf' else 'L2'} ball of radius ε, images in [0, 1], {images} test images. APGD (torchattacks 3.5.1; CE and DLR losses, "
              f"{st.steps} steps, {st.restarts} restart(s)) on the defended predictor through every surrogate gradient "
              f"(`exact` autograd for smooth φ; for discontinuous φ: `gauss` the Gaussian-smoothed derivative, "
              f"`sigmoid:s` a sigmoid of slope s, `ste` straight-through, `lr` the likelihood-ratio input gradient "
              f"with {st.lr_samples} samples); EOT over {st.eot_samples} noise samples inside each gradient; "
              f"`apgd-ce[ot]` attacks the noise-free network; FGSM; SPSA ({st.spsa_steps} steps × {st.spsa_samples} "
-             f"perturbations, LAP queries with K = {st.spsa_queries_k}); {st.random_draws} random corners. "
-             f"Every adversarial image is scored by OT and by LAP with K = {st.lap_replications}.", "",
+             f"perturbations, LAP queries with K = {st.spsa_queries_k}); {st.random_draws} random "
+             f"{'corners' if st.norm == 'Linf' else 'points on the ε-sphere'}. "
+             f"Every adversarial image is scored by OT and by LAP with K = {st.lap_replications}"
+             + (" and by the majority vote of as many noisy passes" if st.score_vote else "") + ".", "",
              "**Worst case**: an image counts as correct only if every attack fails on it (per-image union). "
              "The defended predictor is LAP for models trained with noise, OT for the BP baseline.", "",
              "**Escalated**: the convergence check doubles steps, restarts and samples on the images that "
@@ -49,7 +52,7 @@ def write_reports(out: Path, rows: list[dict], checks: list[dict], headline: flo
              "|---|---|" + "---|" * (2 * len(show) + 2)]
     for m in models:
         conv = next((c for c in checks if c["model"] == m and "escalated" in c), None)
-        for key, label in (("acc_ot", "OT"), ("acc_lap", "LAP")):
+        for key, label in (("acc_ot", "OT"), ("acc_lap", "LAP"), ("acc_vote", "vote")):
             if all(get(m, "worst-case", e, key) == "–" for e in show):
                 continue
             esc = "– | –"

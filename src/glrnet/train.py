@@ -40,6 +40,7 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.o
               "rmsprop": torch.optim.RMSprop}
 SCHEDULES = ("constant", "cosine", "step")
 METHODS = ("glr", "bp")
+PROJECTIONS = ("spectral", "stiefel")   # how --max-first-norm c constrains W₁ (glrnet.certify)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,6 +96,8 @@ class TrainConfig:
     eval_replications: int = 100
     parallel: str = "replications"
     max_first_norm: float | None = None   # project the first noisy layer's operator norm onto ≤ this after each step
+    first_norm_projection: str = "spectral"   # "spectral": ‖W₁‖₂ ≤ c; "stiefel": every singular value = c
+    input_noise_std: float | None = None  # input-space smoothing: a frozen first layer (σ/σ_in)·I carries noise σ_in
     seed: int = 0
     device: str = "cpu"
 
@@ -127,7 +130,17 @@ class TrainConfig:
                   (all(h >= 1 for h in self.hidden), f"hidden widths must be ≥ 1, got {self.hidden}"),
                   (self.lap_replications >= 1, f"lap replications must be ≥ 1, got {self.lap_replications}"),
                   (self.max_first_norm is None or self.max_first_norm > 0,
-                   f"max first norm must be > 0, got {self.max_first_norm}")]
+                   f"max first norm must be > 0, got {self.max_first_norm}"),
+                  (self.first_norm_projection in PROJECTIONS,
+                   f"unknown first norm projection {self.first_norm_projection!r}; valid: {', '.join(PROJECTIONS)}"),
+                  (self.first_norm_projection == "spectral" or self.max_first_norm is not None,
+                   "first norm projection 'stiefel' needs max first norm (the common singular value c)"),
+                  (self.input_noise_std is None or self.input_noise_std > 0,
+                   f"input noise std must be > 0, got {self.input_noise_std}"),
+                  (self.input_noise_std is None or self.arch == "mlp",
+                   f"input noise std (input-space smoothing) is for arch mlp, got arch {self.arch!r}"),
+                  (self.input_noise_std is None or self.noise == "gaussian",
+                   f"input noise std needs gaussian noise (the certificate's), got noise {self.noise!r}")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -203,8 +216,12 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     noise = make_noise(cfg.noise, cfg.noise_std)
     pixels = math.prod(image_shape)
     if cfg.arch == "mlp":
-        return NoisyMLP([pixels, *cfg.hidden, num_classes], activation=cfg.activation, noise=noise,
-                        output_activation=cfg.output_activation)
+        mlp = NoisyMLP([pixels, *cfg.hidden, num_classes], activation=cfg.activation, noise=noise,
+                       output_activation=cfg.output_activation)
+        if cfg.input_noise_std is None:
+            return mlp
+        return NoisySequential(input_smoothing_layer(pixels, cfg.noise_std, cfg.input_noise_std), *mlp,
+                               noise=noise, input_shape=(pixels,))
     mods, channels = [], 1
     shape = (1, *image_shape)
     for kind, nums in parse_arch(cfg.arch):
@@ -232,6 +249,18 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
         flat = width
     mods.append(NoisyLinear(flat, num_classes, activation=cfg.output_activation))
     return NoisySequential(*mods, noise=noise, input_shape=shape)
+
+
+def input_smoothing_layer(pixels: int, noise_std: float, input_noise_std: float) -> NoisyLinear:
+    """Input-space randomized smoothing in a network whose layers share the noise N(0, σ²): a frozen
+    first layer a·I, a = σ/σ_in, no activation. Its noisy output a·x + r = a·(x + r/a) with r/a ~
+    N(0, σ_in²): the next layer sees the input plus Gaussian noise σ_in, scaled by a (which that linear
+    layer absorbs), and the certificate's σ/‖W₁‖₂ is σ_in (Cohen et al. 2019's smoothed classifier)."""
+    layer = NoisyLinear(pixels, pixels)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(pixels) * (noise_std / input_noise_std))
+        layer.bias.zero_()
+    return layer.requires_grad_(False)
 
 
 def build_producer(cfg: TrainConfig, generator: torch.Generator):
@@ -348,9 +377,10 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
 
     first_norm = None
     if cfg.max_first_norm is not None:   # keeps the noise meaningful: ‖W₁‖₂ ≤ c (docs/robustness.md, certified radii)
-        from .certify import first_layer, project_spectral_norm_
+        from .certify import first_layer, project_spectral_norm_, project_stiefel_
         layer, shape = first_layer(model, data.x_train[:1]), tuple(model.bind(data.x_train[:1]).shape[1:])
-        first_norm = lambda: project_spectral_norm_(layer, cfg.max_first_norm, shape)  # noqa: E731
+        project = project_stiefel_ if cfg.first_norm_projection == "stiefel" else project_spectral_norm_
+        first_norm = lambda: project(layer, cfg.max_first_norm, shape)  # noqa: E731
         first_norm()
     has_val = data.x_val is not None and len(data.x_val) > 0
     x_val, y_val = (data.x_val, data.y_val) if has_val else (data.x_test, data.y_test)
