@@ -70,7 +70,19 @@ def cnn():
     return tiny_cnn()
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "residual": residual_cnn}
+def weight_site(build, which=(nn.Conv2d, nn.Linear), first_only=False):
+    """The same problem with the noise of some layers on their parameters (``site = "weight"``)."""
+    def make():
+        model, x, y = build()
+        layers = [m for m in glrnet.layers.noisy_layers(model) if isinstance(m, which)]
+        for m in layers[:1] if first_only else layers:
+            m.site = "weight"
+        return model, x, y
+    return make
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "residual": residual_cnn, "mlp-weight": weight_site(mlp, first_only=True),
+          "cnn-weight": weight_site(cnn, which=nn.Conv2d)}
 
 
 def replay_reference(model, x, y, est, rec):
@@ -87,7 +99,7 @@ def replay_reference(model, x, y, est, rec):
             groups.append(est.sampler.group_ids(c.shape[0]) + offset)
             offset += c.shape[0] // est.sampler.group_size
             taken += c.shape[0]
-        noise = {i: v.reshape(per_set, x.shape[0], *pr.shapes[i])
+        noise = {i: v.reshape(per_set, x.shape[0], *(pr.shapes[i] if pr.layers[i].site == "activity" else (-1,)))
                  for i, v in layout.views(torch.cat(parts)).items()}
         out.update(reference_estimate(model, x, y, est.loss, noise, torch.cat(groups), est.sampler.group_size,
                                       est.control_variate))

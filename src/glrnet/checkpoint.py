@@ -146,10 +146,10 @@ def save_model(path: str | os.PathLike, model: NoisySequential, extra: dict | No
 
 
 def model_from_config(cfg: dict) -> NoisySequential:
+    if "modules" in cfg:
+        return NoisySequential.from_config(cfg)      # one shared noise, or each layer's own
     noise = cfg.get("noise", {"kind": "gaussian", "std": 2.0})
     noise = make_noise(noise["kind"], noise["std"])
-    if "modules" in cfg:
-        return NoisySequential.from_config(cfg, noise)
     return NoisyMLP(cfg["sizes"], activation=cfg["activation"], noise=noise,
                     output_activation=cfg.get("output_activation"))
 

@@ -93,8 +93,20 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise", choices=KINDS, default=d.noise, help="neuron noise distribution")
     g.add_argument("--noise-std", type=float, default=d.noise_std, help="noise standard deviation σ")
     g = p.add_argument_group("estimator")
-    g.add_argument("--method", choices=METHODS, default=d.method, help="glr, or bp (back-propagation)")
-    g.add_argument("--replications", type=int, default=d.replications, help="K noisy replications per input")
+    g.add_argument("--method", choices=METHODS, default=d.method, help="glr; bp (back-propagation); or a "
+                   "forward-only alternative: es (antithetic evolution strategies), spsa (two-point, MeZO), forward "
+                   "(forward gradients, activity perturbation; smooth units)")
+    g.add_argument("--replications", type=int, default=d.replications, help="K noisy replications per input (es, "
+                   "spsa, forward: forward passes per input and step)")
+    g.add_argument("--weight-noise", choices=["none", "conv", "all"], default=d.weight_noise,
+                   help="perturbation site: which noisy layers carry their noise on their parameters (weight "
+                        "site, one draw per replication) instead of their units")
+    g.add_argument("--weight-noise-std", type=float, default=d.weight_noise_std,
+                   help="σ of the parameter noise (weight site; also ES's σ and SPSA's ε)")
+    g.add_argument("--relative-noise", type=float, default=None, help="scale-aware noise: before every step, σ of "
+                   "each activity-noise layer = this × the RMS of its noise-free pre-activation on the batch")
+    g.add_argument("--norm", choices=["none", "layer"], default=d.norm, help="parameter-free normalisation "
+                   "(LayerNorm / GroupNorm(1) without affine) after every hidden noisy layer")
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=d.baseline,
                    help="leave-one-out baseline (control variate); --no-baseline: the seed's plain estimator")
     g.add_argument("--sampler", choices=list(SAMPLERS), default=d.sampler,

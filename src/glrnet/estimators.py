@@ -25,6 +25,10 @@ is tested equal to the reference on the same noise. The parts it composes:
 
 * a sampler (samplers.py): i.i.d., antithetic pairs, randomized QMC;
 * a control variate (control_variates.py): none, leave-one-out (leave-group-out);
+* a perturbation site per layer (``layer.site``): ``"activity"`` (noise on the output units, the
+  seed's neurons) or ``"weight"`` (noise eₖ on the layer's parameters, one draw per replication
+  shared by the batch: ∇θ E[L(θ + e)] = E[L · s(e)], the evolution-strategies likelihood ratio;
+  valid for any φ, and its dimension is the parameter count, not the unit count);
 * an injection: ``"all"`` (every noisy layer noisy in every replication: the seed's
   estimator, unbiased for ∇E[L]) or ``"layerwise"`` (each replication noisy in one layer only:
   K/n replications per layer, unbiased for layer l's parameters for ∇E[L with noise in l only]).
@@ -102,8 +106,14 @@ def reference_estimate(model: nn.Module, x: Tensor, y: Tensor, loss, noise: dict
     with torch.enable_grad():
         surrogate = 0.0
         for i, r in noise.items():
-            cotangent = w.reshape(K, B, *[1] * (r.dim() - 2)) * score(layers[i].noise, r)   # w ⊙ s(r)
-            z = layers[i].affine(inj.inputs[i].detach())                  # layer(stop_grad(h))
+            layer = layers[i]
+            if layer.site == "weight":    # θ + eₖ: ∇θ E[L] = E[L s(e)], eₖ shared by replication k's inputs
+                s = score(layer.noise, r.reshape(K, -1, r.shape[-1])[:, 0])            # (K, P)
+                theta = torch.cat([p.reshape(-1) for p in layer.parameters(recurse=False)])
+                surrogate = surrogate + (w.sum(1) @ s * theta).sum()
+                continue
+            cotangent = w.reshape(K, B, *[1] * (r.dim() - 2)) * score(layer.noise, r)   # w ⊙ s(r)
+            z = layer.affine(inj.inputs[i].detach())                      # layer(stop_grad(h))
             surrogate = surrogate + (cotangent.reshape(z.shape) * z).sum()
         params = {i: trainable(layers[i]) for i in noise}
         grads = iter(torch.autograd.grad(surrogate / (K * B), [p for ps in params.values() for p in ps]))
@@ -307,8 +317,19 @@ class GLR:
                 a, score_scale = a * linear, linear
             for i, r in layout.views(noise).items():
                 layer, unit, h = pr.layers[i], pr.shapes[i], inj.inputs[i]
-                s = (r if linear is not None else score(layer.noise, r)).reshape(k, B, *unit)
                 keep = _trainable_mask(layer)
+                if layer.site == "weight":   # Σₖ (Σᵢ aₖᵢ) s(eₖ): one perturbation per replication
+                    e = r[:, 0]
+                    s = e if linear is not None else score(layer.noise, e)          # (k, P)
+                    if c:
+                        if i not in sums.score_per_input:
+                            sums.score_per_input[i] = torch.zeros(s.shape[1], dtype=x.dtype, device=x.device)
+                        sums.score_per_input[i].add_(s.sum(0), alpha=score_scale)
+                    g = layer.split_parameters(a.sum(1) @ s)
+                    for acc, gi in zip(sums.grads[i], (g for g, kp in zip(g, keep) if kp)):
+                        acc.add_(gi)
+                    continue
+                s = (r if linear is not None else score(layer.noise, r)).reshape(k, B, *unit)
                 shared = h.shape[0] == B
                 if c:
                     if i not in sums.score_per_input:
@@ -343,7 +364,9 @@ class GLR:
         out, S = {}, sums.loss_per_input
         for i, gs in sums.grads.items():
             layer = pr.layers[i]
-            if i in sums.shared_inputs:
+            if layer.site == "weight":        # Σₖ Σᵢ c Sᵢ s(eₖ) = c (Σᵢ Sᵢ) Σₖ s(eₖ)
+                correction = layer.split_parameters(S.sum() * sums.score_per_input[i])
+            elif i in sums.shared_inputs:
                 sw = S.reshape(-1, *[1] * (sums.score_per_input[i].dim() - 1)) * sums.score_per_input[i]
                 correction = layer.glr_grads(sums.shared_inputs[i], sw)
             else:
@@ -372,7 +395,7 @@ class GLR:
         if self.baseline:
             for i in layout.active:
                 layer = layout.probe.layers[i]
-                if isinstance(layer, torch.nn.Conv2d):
+                if isinstance(layer, torch.nn.Conv2d) and layer.site == "activity":
                     extra += layer.weight[0].numel() * math.prod(layout.probe.shapes[i][1:])
         per_replication = max(B, 1) * (6 * layout.width + extra + 8) * itemsize  # noise, scores, v, φ(v), loss
         if prefetch:                            # two chunks in flight, each cache-sized

@@ -32,6 +32,7 @@ from .activations import ActivationLike, activation_name, get_activation
 from .noise import describe, make_noise, same_noise, validate_noise
 
 DEFAULT_NOISE_STD = 2.0
+SITES = ("activity", "weight")   # where a noisy layer's noise enters: its output units, or its parameters
 
 
 def default_noise() -> Distribution:
@@ -51,11 +52,33 @@ class NoisyLayer:
 
     activation = None
     noise: Distribution
+    site: str = "activity"
 
-    def _setup(self, activation: ActivationLike, noise: Distribution | None) -> None:
+    def _setup(self, activation: ActivationLike, noise: Distribution | None, site: str = "activity") -> None:
         self.activation = None if activation is None else get_activation(activation)
         self.noise = validate_noise(default_noise() if noise is None else noise)
+        if site not in SITES:
+            raise ValueError(f"unknown perturbation site {site!r}; valid: {', '.join(SITES)}")
+        self.site = site
 
+    @property
+    def parameter_count(self) -> int:
+        """P: how many numbers the weight site perturbs (weight, then bias, flattened)."""
+        return sum(p.numel() for p in self.parameters(recurse=False))
+
+    def split_parameters(self, flat: Tensor) -> list[Tensor]:
+        """A (..., P) tensor as [(..., *weight.shape), (..., *bias.shape)] in ``parameters()`` order."""
+        out, o = [], 0
+        for p in self.parameters(recurse=False):
+            out.append(flat[..., o:o + p.numel()].reshape(*flat.shape[:-1], *p.shape))
+            o += p.numel()
+        return out
+
+    def weight_effect(self, h: Tensor, e: Tensor, k: int, batch: int) -> Tensor:
+        """Weight site: what the parameter noise e (k, P) of replication k adds to the pre-activation,
+        layer(h; θ + eₖ) − layer(h; θ) = layer(h; eₖ) (the layer is affine in θ); (k, B, *units). ``h``:
+        (B, *in) (shared by all replications) or (k·B, *in)."""
+        raise NotImplementedError
     def affine(self, h: Tensor) -> Tensor:
         """z = layer(h): the torch layer's own forward, without noise or activation."""
         return super().forward(h)  # the torch base class (nn.Linear / nn.Conv2d) after this mixin
@@ -77,16 +100,26 @@ class NoisyLayer:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={_act_name(self.activation)}, noise={self.noise}"
+        site = "" if self.site == "activity" else f", site={self.site}"
+        return f"{super().extra_repr()}, activation={_act_name(self.activation)}, noise={self.noise}{site}"
+
+    def _site_config(self) -> dict:
+        return {} if self.site == "activity" else {"site": self.site}
 
 
 class NoisyLinear(NoisyLayer, nn.Linear):
     """``torch.nn.Linear`` whose outputs carry noise (default Normal(0, 2)), then ``activation``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: ActivationLike = None,
-                 noise: Distribution | None = None, device=None, dtype=None):
+                 noise: Distribution | None = None, site: str = "activity", device=None, dtype=None):
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
-        self._setup(activation, noise)
+        self._setup(activation, noise, site)
+
+    def weight_effect(self, h, e, k, batch):
+        dw, *db = self.split_parameters(e)
+        hk = h if h.shape[0] == batch else h.reshape(k, batch, self.in_features)
+        out = torch.matmul(hk, dw.transpose(1, 2))                         # (k, B, out)
+        return out + db[0].unsqueeze(1) if db else out
 
     def glr_grads(self, h, g):
         g2, h2 = g.reshape(-1, self.out_features), h.reshape(-1, self.in_features)
@@ -97,7 +130,7 @@ class NoisyLinear(NoisyLayer, nn.Linear):
 
     def config(self) -> dict:
         return {"type": "NoisyLinear", "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None, "activation": _act_name(self.activation)}
+                "bias": self.bias is not None, "activation": _act_name(self.activation), **self._site_config()}
 
 
 class NoisyConv2d(NoisyLayer, nn.Conv2d):
@@ -105,12 +138,24 @@ class NoisyConv2d(NoisyLayer, nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, activation: ActivationLike = None,
-                 noise: Distribution | None = None, device=None, dtype=None):
+                 noise: Distribution | None = None, site: str = "activity", device=None, dtype=None):
         if isinstance(padding, str):
             raise ValueError(f"NoisyConv2d needs numeric padding, got {padding!r}")
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                            "zeros", device, dtype)
-        self._setup(activation, noise)
+        self._setup(activation, noise, site)
+
+    def weight_effect(self, h, e, k, batch):
+        # the k kernels as the groups of one grouped convolution: replication k's channels see kernel eₖ
+        dw, *db = self.split_parameters(e)
+        if h.shape[0] == batch:
+            hk = h.repeat(1, k, 1, 1)                                          # (B, k·C, H, W)
+        else:
+            hk = h.reshape(k, batch, *h.shape[1:]).transpose(0, 1).reshape(batch, k * self.in_channels, *h.shape[2:])
+        out = torch.nn.functional.conv2d(hk, dw.reshape(k * self.out_channels, *dw.shape[2:]), None, self.stride,
+                                         self.padding, self.dilation, k * self.groups)
+        out = out.reshape(batch, k, self.out_channels, *out.shape[2:]).transpose(0, 1)   # (k, B, O, H', W')
+        return out + db[0][:, None, :, None, None] if db else out
 
     def glr_grads(self, h, g):
         gw = torch.nn.grad.conv2d_weight(h, self.weight.shape, g, self.stride, self.padding, self.dilation,
@@ -133,7 +178,7 @@ class NoisyConv2d(NoisyLayer, nn.Conv2d):
         return {"type": "NoisyConv2d", "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
                 "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
-                "activation": _act_name(self.activation)}
+                "activation": _act_name(self.activation), **self._site_config()}
 
 
 def _act_name(act) -> str | None:
@@ -199,6 +244,8 @@ class Injection:
                 self.preactivations[i] = z
             v = z
         else:
+            if layer.site == "weight":   # parameter noise eₖ (row 0 of its slice), as its effect on v
+                r = layer.weight_effect(h, r.reshape(k, -1, r.shape[-1])[:, 0], k, B)
             r = r.reshape(k, B, *unit)
             if rows == B and k > 1:   # the batch grows here: z is computed once per input
                 v = (z.unsqueeze(0) + r).reshape(k * B, *unit)
@@ -223,7 +270,9 @@ class Probe:
     classes: int                      # width of the output
 
     def width(self, i: int) -> int:
-        return math.prod(self.shapes[i])
+        """Noise values per (replication, input) of layer i: its units, or (weight site) its P parameters."""
+        layer = self.layers[i]
+        return layer.parameter_count if layer.site == "weight" else math.prod(self.shapes[i])
 
 
 @torch.no_grad()
@@ -291,7 +340,12 @@ def noisy_forward(model: nn.Module, x: Tensor, injection: Injection, first: Nois
 
 class Layout:
     """Where each noisy layer's noise lies in one flat buffer (k, B, W) for the ``active`` layers
-    (indices into ``probe.layers``, in execution order), and how to fill it with a sampler."""
+    (indices into ``probe.layers``, in execution order), and how to fill it with a sampler.
+
+    A weight-site layer's slice is P wide (its parameters) and only its row b = 0 is used: one
+    perturbation of the parameters per replication, shared by the batch (as in evolution
+    strategies). The other B − 1 rows are drawn and unused, which keeps every sampler's
+    construction (antithetic pairs, QMC nets over the replications) unchanged."""
 
     def __init__(self, pr: Probe, active: Sequence[int] | None = None):
         self.probe = pr
@@ -322,6 +376,32 @@ class Layout:
         return {i: flat[..., o:o + self.probe.width(i)] for i, o in self.offsets.items()}
 
 
+@torch.no_grad()
+def rescale_noise_(model: nn.Module, x: Tensor, ratio: float) -> dict[int, float]:
+    """Scale-aware noise: give every activity-site noisy layer the noise of its family with standard
+    deviation ``ratio`` × the RMS of its noise-free pre-activation on the batch ``x`` (weight-site
+    layers keep theirs). Called before each estimate, σ is then a function of (θ, batch) alone, held
+    fixed during the estimate: the GLR estimate stays unbiased for ∇θ E[L] at that σ. Returns
+    {layer index: new σ}."""
+    from .noise import family
+    layers = noisy_layers(model)
+    x = model.bind(x) if hasattr(model, "bind") else x
+    with Injection(layers, 1, x.shape[0], record=True) as inj:
+        model(x)
+    out = {}
+    for i, z in inj.preactivations.items():
+        layer = layers[i]
+        if layer.site != "activity":
+            continue
+        fam = family(layer.noise)
+        if fam is None:
+            raise ValueError(f"relative noise: noise {layer.noise} has no registered family to rebuild at a new σ")
+        std = max(ratio * z.double().pow(2).mean().sqrt().item(), 1e-6)
+        layer.noise = fam.from_std(std)
+        out[i] = std
+    return out
+
+
 def layer_noise(layers: Sequence[NoisyLayer]) -> Distribution | None:
     """The one noise distribution shared by ``layers``, or None if they differ."""
     first = layers[0].noise
@@ -349,14 +429,15 @@ _DETERMINISTIC = {"MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding
                   "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine"))}
 
 
-def module_config(m: nn.Module) -> dict:
-    """JSON-able description of one module of a saved model (recursive for containers)."""
+def module_config(m: nn.Module, noise: bool = False) -> dict:
+    """JSON-able description of one module of a saved model (recursive for containers); ``noise``:
+    each noisy layer's own noise too (a model whose layers do not share one)."""
     if isinstance(m, NoisyLayer):
-        return m.config()
+        return {**m.config(), **({"noise": describe(m.noise)} if noise else {})}
     if type(m) is Residual:
-        return {"type": "Residual", "body": [module_config(c) for c in m.body]}
+        return {"type": "Residual", "body": [module_config(c, noise) for c in m.body]}
     if type(m) is nn.Sequential:
-        return {"type": "Sequential", "modules": [module_config(c) for c in m]}
+        return {"type": "Sequential", "modules": [module_config(c, noise) for c in m]}
     name = type(m).__name__
     if name not in _DETERMINISTIC or type(m) is not _DETERMINISTIC[name][0]:
         raise ValueError(f"cannot describe module {name} for saving; supported: NoisyLinear, NoisyConv2d, "
@@ -367,6 +448,8 @@ def module_config(m: nn.Module) -> dict:
 def module_from_config(d: dict) -> nn.Module:
     d = dict(d)
     kind = d.pop("type")
+    if "noise" in d:
+        d["noise"] = make_noise(d["noise"]["kind"], d["noise"]["std"])
     if kind == "NoisyLinear":
         return NoisyLinear(**d)
     if kind == "NoisyConv2d":
@@ -454,8 +537,10 @@ class NoisySequential(nn.Sequential):
 
     @property
     def widths(self) -> list[int]:
-        """Noisy units per sample of each noisy layer (execution order); a noise tensor has ``sum(widths)``."""
-        return [math.prod(s) for s in self.unit_shapes]
+        """Noise values per sample of each noisy layer (execution order: its units, or its parameters for
+        a weight-site layer); a noise tensor has ``sum(widths)``."""
+        pr = probe(self, self._example())
+        return [pr.width(i) for i in pr.order]
 
     @property
     def num_classes(self) -> int:
@@ -510,12 +595,14 @@ class NoisySequential(nn.Sequential):
     def config(self) -> dict:
         """JSON-able architecture (see :mod:`glrnet.checkpoint` for the round trip); a ``ValueError``
         for a module or a noise that cannot be rebuilt."""
-        return {"modules": [module_config(m) for m in self], "noise": describe(self.noise),
+        shared = layer_noise(self.noisy_layers)     # None: each layer's noise is written with it
+        return {"modules": [module_config(m, shared is None) for m in self],
+                "noise": None if shared is None else describe(shared),
                 "input_shape": list(self.input_shape) if self.input_shape else None}
 
     @staticmethod
     def from_config(cfg: dict, noise: Distribution | None = None) -> "NoisySequential":
-        if noise is None:
+        if noise is None and cfg.get("noise") is not None:
             noise = make_noise(cfg["noise"]["kind"], cfg["noise"]["std"])
         return NoisySequential(*(module_from_config(d) for d in cfg["modules"]), noise=noise,
                                input_shape=cfg.get("input_shape"))

@@ -31,6 +31,7 @@ from .data import SPLITS, Dataset, load_dataset
 from .estimators import GLR, Backprop
 from .losses import get_loss
 from .estimators import INJECTIONS
+from .layers import rescale_noise_
 from .model import (NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, Residual, forward_replications,
                     noise_draw, predict_proba)
 from .samplers import SAMPLERS
@@ -39,8 +40,10 @@ from .noise import KINDS, make_noise
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
               "rmsprop": torch.optim.RMSprop}
 SCHEDULES = ("constant", "cosine", "step")
-METHODS = ("glr", "bp")
+METHODS = ("glr", "bp", "es", "spsa", "forward")   # forward-only alternatives: glrnet.alternatives
 PROJECTIONS = ("spectral", "stiefel")   # how --max-first-norm c constrains W₁ (glrnet.certify)
+WEIGHT_NOISE = ("none", "conv", "all")   # which noisy layers perturb their parameters (site "weight")
+NORMS = ("none", "layer")                # "layer": LayerNorm / GroupNorm(1) without affine after hidden layers
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,6 +101,10 @@ class TrainConfig:
     max_first_norm: float | None = None   # project the first noisy layer's operator norm onto ≤ this after each step
     first_norm_projection: str = "spectral"   # "spectral": ‖W₁‖₂ ≤ c; "stiefel": every singular value = c
     input_noise_std: float | None = None  # input-space smoothing: a frozen first layer (σ/σ_in)·I carries noise σ_in
+    weight_noise: str = "none"            # which noisy layers carry their noise on their parameters: none, conv, all
+    weight_noise_std: float = 0.05        # σ of that parameter noise; also ES's σ and SPSA's ε
+    relative_noise: float | None = None   # σ of every activity-noise layer = this × RMS of its noise-free pre-activation
+    norm: str = "none"                    # parameter-free normalisation after every hidden noisy layer: none, layer
     seed: int = 0
     device: str = "cpu"
 
@@ -140,10 +147,24 @@ class TrainConfig:
                   (self.input_noise_std is None or self.arch == "mlp",
                    f"input noise std (input-space smoothing) is for arch mlp, got arch {self.arch!r}"),
                   (self.input_noise_std is None or self.noise == "gaussian",
-                   f"input noise std needs gaussian noise (the certificate's), got noise {self.noise!r}")]
+                   f"input noise std needs gaussian noise (the certificate's), got noise {self.noise!r}"),
+                  (self.weight_noise in WEIGHT_NOISE,
+                   f"unknown weight noise {self.weight_noise!r}; valid: {', '.join(WEIGHT_NOISE)}"),
+                  (self.weight_noise_std > 0, f"weight noise std must be > 0, got {self.weight_noise_std}"),
+                  (self.relative_noise is None or self.relative_noise > 0,
+                   f"relative noise must be > 0, got {self.relative_noise}"),
+                  (self.norm in NORMS, f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.method == "forward":
+            from .alternatives import ForwardGradient
+            ForwardGradient(self.loss)  # differentiable loss
+            if not is_smooth(self.activation):
+                raise ValueError(f"forward gradients need a smooth activation, not {self.activation!r} (use glr or es)")
+        if self.method in ("es", "spsa") and self.replications < 2:
+            raise ValueError(f"method {self.method} spends replications = {self.replications} forward passes per "
+                             "input in pairs: use ≥ 2")
         if self.method == "bp":
             Backprop(self.loss)  # differentiable loss
             if self.bp_noise and not is_smooth(self.activation):
@@ -213,15 +234,32 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     ``lenet`` or comma-separated ``conv:C:K[:stride[:padding]]``, ``maxpool:K``, ``avgpool:K`` —
     then flatten, noisy linear layers of widths ``hidden``, and the output layer. Every noisy
     layer but the output has φ = ``activation``."""
+    model = _build_model(cfg, image_shape, num_classes)
+    if cfg.weight_noise != "none":
+        wnoise = make_noise(cfg.noise, cfg.weight_noise_std)
+        for m in model.noisy_layers:
+            if m.weight.requires_grad and (cfg.weight_noise == "all" or isinstance(m, NoisyConv2d)):
+                m.site, m.noise = "weight", wnoise
+    return model
+
+
+def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -> NoisySequential:
     noise = make_noise(cfg.noise, cfg.noise_std)
     pixels = math.prod(image_shape)
     if cfg.arch == "mlp":
-        mlp = NoisyMLP([pixels, *cfg.hidden, num_classes], activation=cfg.activation, noise=noise,
-                       output_activation=cfg.output_activation)
-        if cfg.input_noise_std is None:
-            return mlp
-        return NoisySequential(input_smoothing_layer(pixels, cfg.noise_std, cfg.input_noise_std), *mlp,
-                               noise=noise, input_shape=(pixels,))
+        if cfg.input_noise_std is None and cfg.norm == "none":
+            return NoisyMLP([pixels, *cfg.hidden, num_classes], activation=cfg.activation, noise=noise,
+                            output_activation=cfg.output_activation)
+        mods = [] if cfg.input_noise_std is None else [input_smoothing_layer(pixels, cfg.noise_std,
+                                                                             cfg.input_noise_std)]
+        width = pixels
+        for h in cfg.hidden:
+            mods.append(NoisyLinear(width, h, activation=cfg.activation))
+            if cfg.norm == "layer":
+                mods.append(torch.nn.LayerNorm(h, elementwise_affine=False))
+            width = h
+        mods.append(NoisyLinear(width, num_classes, activation=cfg.output_activation))
+        return NoisySequential(*mods, noise=noise, input_shape=(pixels,))
     mods, channels = [], 1
     shape = (1, *image_shape)
     for kind, nums in parse_arch(cfg.arch):
@@ -234,6 +272,8 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
                 raise ValueError(f"--arch: res:{c}:{k} needs {c} input channels, the layer before gives {channels}")
             mods.append(Residual(NoisyConv2d(c, c, k, padding=k // 2, activation=cfg.activation),
                                  NoisyConv2d(c, c, k, padding=k // 2, activation=cfg.activation)))
+        if kind in ("conv", "res") and cfg.norm == "layer":   # over (C, H, W), no parameters
+            mods.append(torch.nn.GroupNorm(1, channels, affine=False))
         else:
             mods.append((torch.nn.MaxPool2d if kind == "maxpool" else torch.nn.AvgPool2d)(nums[0]))
     mods.append(torch.nn.Flatten())
@@ -246,6 +286,8 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
                              "images (--image-size), smaller kernels, or less pooling") from None
     for width in cfg.hidden:
         mods.append(NoisyLinear(flat, width, activation=cfg.activation))
+        if cfg.norm == "layer":
+            mods.append(torch.nn.LayerNorm(width, elementwise_affine=False))
         flat = width
     mods.append(NoisyLinear(flat, num_classes, activation=cfg.output_activation))
     return NoisySequential(*mods, noise=noise, input_shape=shape)
@@ -265,6 +307,15 @@ def input_smoothing_layer(pixels: int, noise_std: float, input_noise_std: float)
 
 def build_producer(cfg: TrainConfig, generator: torch.Generator):
     """The gradient producer of a config: GLR (possibly distributed) or back-propagation."""
+    if cfg.method in ("es", "spsa", "forward"):   # the same budget: replications forward passes per input
+        from .alternatives import ES, SPSA, ForwardGradient
+        if cfg.method == "es":
+            return ES(cfg.loss, population=cfg.replications // 2 * 2, sigma=cfg.weight_noise_std,
+                      memory_budget_mb=cfg.memory_budget_mb, generator=generator)
+        if cfg.method == "spsa":
+            return SPSA(cfg.loss, directions=cfg.replications // 2, eps=cfg.weight_noise_std, generator=generator)
+        return ForwardGradient(cfg.loss, directions=cfg.replications, per_layer=cfg.injection == "layerwise",
+                               generator=generator)
     if cfg.method == "bp":
         bp = Backprop(cfg.loss, noise=cfg.bp_noise, replications=cfg.replications if cfg.bp_noise else 1,
                       generator=generator)
@@ -399,6 +450,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
             idx = order[start:start + cfg.batch_size]
             xb, yb = dist_utils.shard_batch(data.x_train[idx], data.y_train[idx], cfg)
             opt.zero_grad(set_to_none=True)
+            if cfg.relative_noise is not None:   # σ of each layer from this batch's noise-free pass (θ, batch only)
+                rescale_noise_(model, xb, cfg.relative_noise)
             stats = producer.backward(model, xb, yb)
             opt.step()
             if first_norm is not None:

@@ -1,0 +1,182 @@
+"""Issue 17's parts: the weight perturbation site (unbiased against the pathwise gradient and against
+finite differences, alone and beside activity noise, dense and convolutional), the forward-only
+alternatives with GLR's interface (ES, SPSA, forward gradients: each unbiased for what it
+estimates), scale-aware noise and parameter-free normalisation."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+import glrnet
+from glrnet.alternatives import ES, SPSA, ForwardGradient
+from glrnet.layers import rescale_noise_
+from stats import assert_means_equal, flat_grads, means_equal
+from test_estimator import pathwise_samples
+
+
+def mlp(sites=("weight", "weight"), stds=(0.3, 0.5), activation="sigmoid", seed=0, batch=5):
+    torch.manual_seed(seed)
+    model = glrnet.NoisySequential(
+        glrnet.NoisyLinear(4, 3, activation=activation, site=sites[0], noise=Normal(0.0, stds[0])),
+        glrnet.NoisyLinear(3, 3, site=sites[1], noise=Normal(0.0, stds[1])), input_shape=(4,))
+    return model, torch.rand(batch, 4), torch.randint(0, 3, (batch,))
+
+
+def glr_samples(model, x, y, n, seed=1, **kw):
+    est = glrnet.GLR(generator=torch.Generator().manual_seed(seed), **kw)
+    return torch.stack([flat_grads(est.estimate(model, x, y)[0]) for _ in range(n)])
+
+
+@pytest.mark.parametrize("sampler,baseline", [("iid", True), ("iid", False), ("antithetic", True), ("qmc", False)])
+@pytest.mark.parametrize("sites", [("weight", "weight"), ("weight", "activity")], ids=["weight", "mixed"])
+def test_weight_site_unbiased_vs_pathwise(float64, sites, sampler, baseline):
+    model, x, y = mlp(sites)
+    glr = glr_samples(model, x, y, n=120, replications=512, sampler=sampler, baseline=baseline)
+    path = pathwise_samples(model, x, y, n=120, replications=800)
+    print(assert_means_equal(glr, path))
+    assert not means_equal(0.8 * glr, path)[0]          # the test can tell a 20 % bias
+
+
+def test_weight_site_convolutions_unbiased_vs_pathwise(float64):
+    from test_cnn import tiny_cnn
+    net, x, y = tiny_cnn()
+    for m in glrnet.layers.noisy_layers(net):
+        if isinstance(m, torch.nn.Conv2d):
+            m.site, m.noise = "weight", Normal(0.0, 0.3)
+    glr = glr_samples(net, x, y, n=120, replications=400)
+    path = pathwise_samples(net, x, y, n=120, replications=400)
+    print(assert_means_equal(glr, path))
+    assert not means_equal(0.8 * glr, path)[0]
+
+
+def test_weight_site_threshold_zero_one_unbiased_vs_finite_differences(float64):
+    from test_estimator import fd_and_glr_columns
+    model, x, y = mlp(("weight", "activity"), stds=(1.0, 1.0), activation="threshold", seed=3, batch=4)
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    n, k = 100, 1024
+    glr = glr_samples(model, x, y, n=n, replications=k, loss="zero_one", sampler="antithetic")
+    glr_sel, fd = fd_and_glr_columns(model, x, y, "zero_one", glr, n, k)
+    print(assert_means_equal(glr_sel, fd))
+    assert (glr_sel.mean(0).abs() / (glr_sel.std(0) / math.sqrt(n))).max() > 5
+
+
+def test_weight_site_saves_loads_and_predicts(tmp_path):
+    from glrnet.checkpoint import load_model, save_model
+    model, x, _ = mlp(("weight", "activity"))
+    save_model(tmp_path / "m.safetensors", model)
+    back, _ = load_model(tmp_path / "m.safetensors")
+    assert [m.site for m in back.noisy_layers] == ["weight", "activity"]
+    assert [float(m.noise.stddev) for m in back.noisy_layers] == [pytest.approx(0.3), pytest.approx(0.5)]
+    g = torch.Generator().manual_seed(0)
+    p = glrnet.predict_proba(back, x, "lap", 200, generator=g)
+    torch.testing.assert_close(p, glrnet.predict_proba(model, x, "lap", 200, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="unknown perturbation site"):
+        glrnet.NoisyLinear(2, 2, site="synapse")
+
+
+def smoothed_gradient_samples(model, x, y, sigma, n, seed=7):
+    """∇θ L(θ + σε) by autograd at n perturbed parameter vectors (noise-free network): samples whose
+    mean is ∇θ E_ε[L(θ + σε)], the objective ES estimates."""
+    gen = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    out = []
+    for _ in range(n):
+        eps = [torch.randn(p.shape, generator=gen) * sigma for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.add_(e)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        out.append(flat_grads(torch.autograd.grad(loss, params)))
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.sub_(e)
+    return torch.stack(out)
+
+
+def test_es_is_unbiased_for_the_smoothed_loss(float64):
+    model, x, y = mlp(("activity", "activity"))
+    es = ES(population=400, sigma=0.3, generator=torch.Generator().manual_seed(1))
+    est = torch.stack([flat_grads(es.estimate(model, x, y)[0]) for _ in range(150)])
+    ref = smoothed_gradient_samples(model, x, y, 0.3, n=3000)
+    print(assert_means_equal(est, ref))
+    assert [m.site for m in model.noisy_layers] == ["activity", "activity"]   # restored after each call
+
+
+def noise_free_gradient(model, x, y):
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    return flat_grads(torch.autograd.grad(loss, list(model.parameters())))
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_spsa_estimates_the_gradient(float64, distribution):
+    model, x, y = mlp(("activity", "activity"))
+    spsa = SPSA(directions=20, eps=1e-4, distribution=distribution, generator=torch.Generator().manual_seed(2))
+    est = torch.stack([flat_grads(spsa.estimate(model, x, y)[0]) for _ in range(400)])
+    print(assert_means_equal(est, noise_free_gradient(model, x, y)))
+    theta = torch.cat([p.reshape(-1) for p in model.parameters()])
+    spsa.estimate(model, x, y)
+    torch.testing.assert_close(torch.cat([p.reshape(-1) for p in model.parameters()]), theta)  # θ restored
+
+
+@pytest.mark.parametrize("per_layer", [False, True], ids=["global", "per-layer"])
+def test_forward_gradient_is_unbiased(float64, per_layer):
+    model, x, y = mlp(("activity", "activity"))
+    fg = ForwardGradient(directions=10, per_layer=per_layer, generator=torch.Generator().manual_seed(3))
+    est = torch.stack([flat_grads(fg.estimate(model, x, y)[0]) for _ in range(400)])
+    exact = noise_free_gradient(model, x, y)
+    print(assert_means_equal(est, exact))
+    assert not means_equal(est, 0.8 * exact)[0]
+
+
+def test_alternatives_fill_grad_of_trainable_parameters_only_and_refuse_what_they_cannot_do():
+    model, x, y = mlp(("activity", "activity"))
+    model[1].bias.requires_grad_(False)
+    for producer in (ES(population=8), SPSA(directions=2), ForwardGradient(directions=2)):
+        model.zero_grad(set_to_none=True)
+        stats = producer.backward(model, x, y)
+        assert model[1].bias.grad is None and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        assert torch.isfinite(stats.loss)
+    step, _, _ = mlp(("activity", "activity"), activation="threshold")
+    with pytest.raises(ValueError, match="differentiable units"):
+        ForwardGradient().backward(step, x, y)
+    with pytest.raises(ValueError, match="differentiable loss"):
+        ForwardGradient(loss="zero_one")
+    with pytest.raises(ValueError, match="even number"):
+        ES(population=5)
+    ES(loss="zero_one", population=8).backward(step, x, y)       # ES needs no gradient of φ or L
+
+
+def test_relative_noise_sets_sigma_from_the_noise_free_preactivation():
+    model, x, _ = mlp(("activity", "activity"))
+    stds = rescale_noise_(model, x, 0.5)
+    with torch.no_grad():
+        z0 = model[0].affine(x)
+        z1 = model[1].affine(model[0](x))
+    assert stds[0] == pytest.approx(0.5 * z0.pow(2).mean().sqrt().item(), rel=1e-6)
+    assert stds[1] == pytest.approx(0.5 * z1.pow(2).mean().sqrt().item(), rel=1e-6)
+    assert float(model[1].noise.stddev) == pytest.approx(stds[1])
+
+
+def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
+    from glrnet.checkpoint import load_model
+    from glrnet.train import TrainConfig, build_model, train
+    cfg = TrainConfig(arch="conv:2:3,maxpool:2", hidden=[], weight_noise="conv", weight_noise_std=0.1,
+                      norm="layer").validate()
+    model = build_model(cfg, (8, 8), 10)
+    assert [m.site for m in model.noisy_layers] == ["weight", "activity"]
+    assert any(isinstance(m, torch.nn.GroupNorm) and not m.affine for m in model)
+    common = dict(dataset="digits", subset=200, epochs=1, replications=8, eval_replications=4, lap_replications=8)
+    for method in ("es", "spsa", "forward"):
+        train(TrainConfig(**common, method=method), tmp_path / method, quiet=True)
+        assert (tmp_path / method / "model.safetensors").exists()
+    train(TrainConfig(**common, relative_noise=0.5, norm="layer"), tmp_path / "rel", quiet=True)
+    model, _ = load_model(tmp_path / "rel" / "model.safetensors")
+    assert len({float(m.noise.stddev) for m in model.noisy_layers}) == 2     # each layer its own σ, saved
+    for bad, match in ((dict(weight_noise="some"), "unknown weight noise"), (dict(norm="batch"), "unknown norm"),
+                       (dict(relative_noise=0.0), "relative noise must be > 0"),
+                       (dict(method="forward", activation="threshold"), "smooth activation")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad).validate()
