@@ -39,17 +39,18 @@ def test_stiefel_projection_sets_every_singular_value_and_is_the_nearest_such_ma
 
 
 def test_input_smoothing_network_certifies_in_units_of_the_input_noise():
-    """The frozen a·I layer (a = σ/σ_in) makes the certificate's σ/‖W₁‖₂ exactly σ_in, and the
-    noise the next layer sees, divided by a, is N(0, σ_in²)."""
+    """The frozen identity with its own noise N(0, σ_in²) makes the certificate's σ/‖W₁‖₂ exactly σ_in,
+    while the later layers keep the neuron noise σ; the next layer sees x + r, r ~ N(0, σ_in²)."""
     cfg = TrainConfig(dataset="digits", hidden=[5], noise_std=2.0, input_noise_std=0.5, method="bp", bp_noise=True)
     model = build_model(cfg.validate(), (64,), 10)
-    assert not model[0].weight.requires_grad and first_layer_norm(model[0], (64,)) == pytest.approx(4.0)
+    assert not model[0].weight.requires_grad and first_layer_norm(model[0], (64,)) == pytest.approx(1.0)
+    assert [float(m.noise.stddev) for m in model.noisy_layers] == [0.5, 2.0, 2.0]
     x = torch.rand(3, 64)
     cert = certify(model, x, n0=10, n=50, alpha=0.01, generator=torch.Generator().manual_seed(0))
     assert cert.sigma / cert.first_layer_norm == pytest.approx(0.5)
-    r = torch.randn(20000, 64, generator=torch.Generator().manual_seed(1)) * 2.0
-    seen = (input_smoothing_layer(64, 2.0, 0.5).affine(x[:1]) + r) / 4.0 - x[:1]
-    assert seen.std().item() == pytest.approx(0.5, rel=4 / math.sqrt(2 * r.numel()) * 5)
+    r = model.sample_noise(20000, 1, generator=torch.Generator().manual_seed(1))[:, 0, :64]
+    seen = input_smoothing_layer(64, 0.5).affine(x[:1]) + r - x[:1]
+    assert seen.std().item() == pytest.approx(0.5, rel=5 / math.sqrt(2 * r.numel()))
     with pytest.raises(ValueError, match="input noise std"):
         TrainConfig(arch="lenet", input_noise_std=0.5).validate()
     with pytest.raises(ValueError, match="stiefel' needs max first norm"):
@@ -67,7 +68,7 @@ def test_bounded_training_keeps_the_projection_and_the_frozen_layer(tmp_path):
     train(TrainConfig(**common, method="bp", bp_noise=True, input_noise_std=0.5, noise_std=2.0, lr=0.01),
           tmp_path / "i", quiet=True)
     model, _ = load_model(tmp_path / "i" / "model.safetensors")
-    torch.testing.assert_close(model[0].weight, 4.0 * torch.eye(64))   # trained through, never changed
+    torch.testing.assert_close(model[0].weight, torch.eye(64))   # trained through, never changed
 
 
 def test_l2_attacks_stay_in_the_ball_and_fgsm_steps_along_the_gradient():
@@ -149,7 +150,7 @@ def test_certified_spec_is_checked_before_anything_runs(tmp_path):
         load_certified_spec(bad)
     bad.write_text((SPECS / "certified.toml").read_text().replace('first_norm_projection = "stiefel"\n',
                                                                   'first_norm_projection = "stifel"\n', 1))
-    with pytest.raises(ValueError, match="model 'glr-threshold-01-s0.5' on mnist-seed: unknown first norm"):
+    with pytest.raises(ValueError, match="model 'glr-threshold-01-s1' on mnist-seed: unknown first norm"):
         load_certified_spec(bad)
     bad.write_text((SPECS / "certified.toml").read_text().replace("check_eps", "norm = \"Linf\"\ncheck_eps"))
     with pytest.raises(ValueError, match="norm must be L2"):

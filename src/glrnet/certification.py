@@ -10,7 +10,8 @@ For every dataset of the spec, and every model:
    samples) for the majority vote and for LAP, on the first ``[certify] images`` test images;
 3. attack it with the adaptive protocol of :mod:`glrnet.protocol` in the L2 ball (APGD-L2 through
    every surrogate gradient with EOT, SPSA, random directions; the escalation to convergence),
-   every image scored by OT, LAP and the majority vote;
+   every image scored by OT, LAP and the majority vote (``[robustness] models``: the models attacked;
+   default all);
 4. check soundness (a line of every robustness report): no image certified at radius ≥ ε for a
    predictor is broken by that predictor's L2 worst case at ε;
 5. write ``<dataset>/certified.md`` / ``.csv`` / ``certified_accuracy.png``, the protocol's
@@ -119,6 +120,9 @@ def load_certified_spec(path: str | Path) -> CertifiedSpec:
         raise ValueError(f"spec {path}: model names must be unique, got {names}")
     rb = dict(raw.get("robustness", {}))
     _settings(rb, path)  # checked now, not after the training
+    unknown = [m for m in rb.get("models", []) if m not in names]
+    if unknown:
+        raise ValueError(f"spec {path}: [robustness] models {unknown} are not models of the spec")
     return CertifiedSpec(exp.get("name", path.stem), radii, datasets, models, cert, rb, exp.get("notes", ""))
 
 
@@ -136,6 +140,7 @@ def _data_options(d: dict, data_dir: str | None) -> dict:
 
 def _settings(rb: dict, path) -> tuple[AttackSettings, list[float], int, list[float] | None]:
     rb = dict(rb)
+    rb.pop("models", None)        # which models are attacked: checked against [[models]] by the loader
     eps = [float(e) for e in rb.pop("eps", [0.25, 0.5, 1.0, 1.5, 3.0])]
     images = int(rb.pop("images", 200))
     check_eps = rb.pop("check_eps", None)
@@ -248,6 +253,8 @@ def run_certified(spec_file: str | Path, out: str | Path, data_dir: str | None =
             from .protocol import attack_and_report
             n_att = min(attack_images, n_cert)
             xa, ya = x[:n_att], y[:n_att]
+            attacked = spec.robustness.get("models")
+            models = {n: v for n, v in models.items() if attacked is None or n in attacked}
             t3 = time.perf_counter()
 
             def after(name, masks, escalated):

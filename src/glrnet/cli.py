@@ -140,8 +140,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="with --max-first-norm c: spectral (‖W₁‖₂ ≤ c) or stiefel (every singular value of W₁ = c, "
                         "so the first layer's noise is input noise of σ/c in its row space)")
     g.add_argument("--input-noise-std", type=float, default=None, help="input-space randomized smoothing: a frozen "
-                   "first layer (σ/σ_in)·I whose noise is Gaussian input noise of this std (train it with --method "
-                   "bp --bp-noise, or GLR); certified the same way")
+                   "identity first layer whose noise is input noise of this std (train it with --method bp --bp-noise, "
+                   "or GLR; the later layers keep --noise-std); certified the same way")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (same seed, same run)")
     g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
 

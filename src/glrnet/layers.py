@@ -200,7 +200,7 @@ class Injection:
     ``noise[i]`` (k, B, *units) is added in noisy layer ``layers[i]`` (layers without an entry
     stay noise-free). With ``record``, the input h each noisy layer saw is kept in
     ``inputs[i]`` — (B, *in) if it came before the batch grew, else (k·B, *in) — and the
-    execution order and unit shapes in ``order`` / ``shapes``. ``surrogate(v, z, φ)``, if given,
+    execution order and unit shapes in ``order`` / ``shapes``. ``surrogate(v, z, layer)``, if given,
     replaces φ(v) (the attacks' BPDA gradients; z: the pre-activation without noise).
     """
 
@@ -256,7 +256,7 @@ class Injection:
             else:
                 v = z.add_(r.reshape(rows, *unit))
         if self.surrogate is not None and layer.activation is not None:
-            return self.surrogate(v, z, layer.activation)
+            return self.surrogate(v, z, layer)
         return layer.act(v)
 
 
@@ -574,9 +574,10 @@ class NoisySequential(nn.Sequential):
         """Noise of shape (*shape, Σ widths); ``antithetic`` negates the second half of axis 0."""
         from .samplers import IID, Antithetic
         p = next(self.parameters())
-        r = torch.empty(*shape, sum(self.widths), dtype=p.dtype, device=p.device)
+        layout = Layout(probe(self, self._example()))
+        r = torch.empty(*shape, layout.width, dtype=p.dtype, device=p.device)
         flat = r.reshape(shape[0] if shape else 1, -1, r.shape[-1])
-        (Antithetic() if antithetic else IID()).fill_(self.noise, flat, generator)
+        layout.fill_(Antithetic() if antithetic else IID(), flat, generator)   # each layer its own noise
         return r
 
     def first_preactivation(self, x: Tensor) -> Tensor:

@@ -82,10 +82,15 @@ def lr_input_jacobian(model: NoisySequential, x: Tensor, fn, samples: int, gen: 
     Neither φ nor ``fn`` is differentiated. ``fn``: (S, N, C) → (S, N, M).
     Returns (jacobian (N, M, D), mean of fn (N, M)).
     """
+    from .layers import probe
+    pr = probe(model, model.bind(x))
+    first = pr.layers[pr.order[0]]
+    if first.site != "activity":
+        raise ValueError("the likelihood-ratio input gradient needs activity noise on the first noisy layer")
     r = model.sample_noise(samples, len(x), generator=gen)
     g = fn(model(x, noise=r))
     centred = g - (g.sum(0, keepdim=True) - g) / (samples - 1)
-    s0 = score(model.noise, r[..., :model.widths[0]])
+    s0 = score(first.noise, r[..., :pr.width(pr.order[0])])
     cot = torch.einsum("snm,snw->nmw", centred, s0) / samples       # E[(g − b) s(r⁽⁰⁾)], (N, M, units)
     with torch.enable_grad():  # W⁽⁰⁾ᵀ cot: the first layer's transpose (a convolution's: transposed), by one batched vjp
         xr = x.detach().reshape(len(x), -1).requires_grad_(True)

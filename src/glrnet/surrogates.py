@@ -69,17 +69,16 @@ class _Surrogate(torch.autograd.Function):
 
 
 def _derivative(model: NoisySequential, surrogate: str):
-    """surrogate → (φ → (v, z) → the backward derivative used in place of φ'(v))."""
+    """surrogate → (layer → (v, z) → the backward derivative used in place of φ'(v))."""
     if surrogate == "gauss":
-        if not isinstance(model.noise, Normal):
+        if not all(isinstance(m.noise, Normal) for m in model.noisy_layers):
             raise ValueError("the Gaussian-smoothed surrogate assumes Gaussian noise")
-        sigma = float(model.noise.stddev)
-        return lambda phi: (lambda v, z: smoothed_derivative(phi, z, sigma))
+        return lambda layer: (lambda v, z: smoothed_derivative(layer.activation, z, float(layer.noise.stddev)))
     if surrogate == "ste":
-        return lambda phi: (lambda v, z: torch.ones_like(v))
+        return lambda layer: (lambda v, z: torch.ones_like(v))
     if surrogate.startswith("sigmoid:"):
         slope = float(surrogate.split(":", 1)[1])
-        return lambda phi: (lambda v, z: slope * torch.sigmoid(slope * v) * (1 - torch.sigmoid(slope * v)))
+        return lambda layer: (lambda v, z: slope * torch.sigmoid(slope * v) * (1 - torch.sigmoid(slope * v)))
     raise ValueError(f"unknown surrogate {surrogate!r}; valid: exact, gauss, sigmoid:<slope>, ste, lr")
 
 
@@ -91,7 +90,7 @@ def attack_forward(model: NoisySequential, x: Tensor, noise: Tensor | None = Non
     if surrogate == "exact":
         return model(x) if noise is None else forward_with_flat_noise(model, x, noise)
     d = _derivative(model, surrogate)
-    wrap = lambda v, z, phi: _Surrogate.apply(v, z, phi, d(phi))  # noqa: E731
+    wrap = lambda v, z, layer: _Surrogate.apply(v, z, layer.activation, d(layer))  # noqa: E731
     if noise is None:
         with Injection(model.noisy_layers, 1, x.shape[0], surrogate=wrap):
             return model(x)

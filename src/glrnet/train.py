@@ -100,7 +100,7 @@ class TrainConfig:
     parallel: str = "replications"
     max_first_norm: float | None = None   # project the first noisy layer's operator norm onto ≤ this after each step
     first_norm_projection: str = "spectral"   # "spectral": ‖W₁‖₂ ≤ c; "stiefel": every singular value = c
-    input_noise_std: float | None = None  # input-space smoothing: a frozen first layer (σ/σ_in)·I carries noise σ_in
+    input_noise_std: float | None = None  # input-space smoothing: a frozen identity first layer with noise σ_in
     weight_noise: str = "none"            # which noisy layers carry their noise on their parameters: none, conv, all
     weight_noise_std: float = 0.05        # σ of that parameter noise; also ES's σ and SPSA's ε
     relative_noise: float | None = None   # σ of every activity-noise layer = this × RMS of its noise-free pre-activation
@@ -250,8 +250,7 @@ def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: in
         if cfg.input_noise_std is None and cfg.norm == "none":
             return NoisyMLP([pixels, *cfg.hidden, num_classes], activation=cfg.activation, noise=noise,
                             output_activation=cfg.output_activation)
-        mods = [] if cfg.input_noise_std is None else [input_smoothing_layer(pixels, cfg.noise_std,
-                                                                             cfg.input_noise_std)]
+        mods = [] if cfg.input_noise_std is None else [input_smoothing_layer(pixels, cfg.input_noise_std, cfg.noise)]
         width = pixels
         for h in cfg.hidden:
             mods.append(NoisyLinear(width, h, activation=cfg.activation))
@@ -259,7 +258,10 @@ def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: in
                 mods.append(torch.nn.LayerNorm(h, elementwise_affine=False))
             width = h
         mods.append(NoisyLinear(width, num_classes, activation=cfg.output_activation))
-        return NoisySequential(*mods, noise=noise, input_shape=(pixels,))
+        for m in mods[1:] if cfg.input_noise_std is not None else mods:
+            if isinstance(m, NoisyLinear):
+                m.noise = noise
+        return NoisySequential(*mods, input_shape=(pixels,))
     mods, channels = [], 1
     shape = (1, *image_shape)
     for kind, nums in parse_arch(cfg.arch):
@@ -293,14 +295,14 @@ def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: in
     return NoisySequential(*mods, noise=noise, input_shape=shape)
 
 
-def input_smoothing_layer(pixels: int, noise_std: float, input_noise_std: float) -> NoisyLinear:
-    """Input-space randomized smoothing in a network whose layers share the noise N(0, σ²): a frozen
-    first layer a·I, a = σ/σ_in, no activation. Its noisy output a·x + r = a·(x + r/a) with r/a ~
-    N(0, σ_in²): the next layer sees the input plus Gaussian noise σ_in, scaled by a (which that linear
-    layer absorbs), and the certificate's σ/‖W₁‖₂ is σ_in (Cohen et al. 2019's smoothed classifier)."""
-    layer = NoisyLinear(pixels, pixels)
+def input_smoothing_layer(pixels: int, input_noise_std: float, kind: str = "gaussian") -> NoisyLinear:
+    """Input-space randomized smoothing (Cohen et al. 2019) as a glrnet layer: a frozen identity with
+    its own noise N(0, σ_in²) and no activation, so the next layer sees x + r and the certificate's
+    σ/‖W₁‖₂ is σ_in. The later layers keep their own neuron noise (``noise_std``; tiny for Cohen's
+    classifier, or the GLR networks' σ for the same noisy architecture)."""
+    layer = NoisyLinear(pixels, pixels, noise=make_noise(kind, input_noise_std))
     with torch.no_grad():
-        layer.weight.copy_(torch.eye(pixels) * (noise_std / input_noise_std))
+        layer.weight.copy_(torch.eye(pixels))
         layer.bias.zero_()
     return layer.requires_grad_(False)
 
