@@ -180,3 +180,26 @@ def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
                        (dict(method="forward", activation="threshold"), "smooth activation")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad).validate()
+
+
+def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
+    from pathlib import Path
+
+    from glrnet.cli import main
+    from glrnet.scale import load_scale_spec
+    spec = Path(__file__).parent / "data" / "scale-smoke.toml"
+    assert main(["reproduce", "--spec", str(spec), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    quality = (tmp_path / "out" / "quality.md").read_text()
+    assert "| bp | sigmoid | cross_entropy | 0 / 1.000 | 0 / 1.000 | 1.000 |" in quality
+    assert "| forward | threshold" not in quality            # not applicable: skipped, not run
+    training = (tmp_path / "out" / "training_digits.md").read_text()
+    assert "| combined | threshold | zero_one |" in training and (tmp_path / "out" / "progress_digits.png").exists()
+    packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
+    assert "combined" in packaged["techniques"] and packaged["training"]["seconds"] == 240
+    bad = tmp_path / "bad.toml"
+    bad.write_text(spec.read_text().replace("budget = 8", "budgett = 8"))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) budgett in \[quality\]"):
+        load_scale_spec(bad)
+    bad.write_text(spec.read_text().replace('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]'))
+    with pytest.raises(ValueError, match=r"\[training\] runs take"):
+        load_scale_spec(bad)

@@ -408,6 +408,11 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
     if not spec_file.is_file() and spec_path(str(spec_file)).is_file():
         spec_file = spec_path(str(spec_file))
     from .certification import is_certified_spec, run_certified
+    from .scale import is_scale_spec, run_scale
+    if spec_file.is_file() and is_scale_spec(spec_file):   # the scale study: techniques of its own
+        if seeds is not None:
+            raise ValueError(f"spec {spec_file} is a scale-study spec: it is run for its own seed (no --seeds)")
+        return run_scale(spec_file, out, data_dir=data_dir, device=device, quiet=quiet, only=dataset, export=export)
     if spec_file.is_file() and is_certified_spec(spec_file):   # certified radii: datasets and models of its own
         if seeds is not None:
             raise ValueError(f"spec {spec_file} is a certified-radii spec: it is run for its models' own seeds "

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
 from .activations import get_activation, is_smooth
-from .checkpoint import atomic_write_csv, atomic_write_text, load_checkpoint, save_checkpoint, save_model
+from .checkpoint import (atomic_write_csv, atomic_write_text, load_checkpoint, read_checkpoint_meta, save_checkpoint,
+                         save_model)
 from .data import SPLITS, Dataset, load_dataset
 from .estimators import GLR, Backprop
 from .losses import get_loss
@@ -105,6 +106,8 @@ class TrainConfig:
     weight_noise_std: float = 0.05        # σ of that parameter noise; also ES's σ and SPSA's ε
     relative_noise: float | None = None   # σ of every activity-noise layer = this × RMS of its noise-free pre-activation
     norm: str = "none"                    # parameter-free normalisation after every hidden noisy layer: none, layer
+    max_seconds: float | None = None      # stop training after this much training time (checkpoint kept)
+    eval_every: int = 0                   # every this many steps, validation accuracy (OT) into progress.csv
     seed: int = 0
     device: str = "cpu"
 
@@ -153,7 +156,9 @@ class TrainConfig:
                   (self.weight_noise_std > 0, f"weight noise std must be > 0, got {self.weight_noise_std}"),
                   (self.relative_noise is None or self.relative_noise > 0,
                    f"relative noise must be > 0, got {self.relative_noise}"),
-                  (self.norm in NORMS, f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")]
+                  (self.norm in NORMS, f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}"),
+                  (self.max_seconds is None or self.max_seconds > 0, f"max seconds must be > 0, got {self.max_seconds}"),
+                  (self.eval_every >= 0, f"eval every must be ≥ 0 steps, got {self.eval_every}")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -443,7 +448,15 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     batches = range(0, n, cfg.batch_size)
     bar = tqdm(total=len(batches) * (cfg.epochs - start_epoch + 1), desc=desc or cfg.method,
                disable=not progress or rank != 0, unit="batch", dynamic_ncols=True, leave=False)
+    meta_progress = []
+    if resume and ckpt is not None and ckpt.exists():
+        meta_progress = read_checkpoint_meta(ckpt).get("progress", [])
+    progress_rows = list(meta_progress)
+    step = progress_rows[-1]["step"] if progress_rows else (start_epoch - 1) * len(batches)
+    stopped = False
     for epoch in range(start_epoch, cfg.epochs + 1):
+        if stopped:
+            break
         model.train()
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=_seeded(cfg.seed, 1, epoch)).to(device)
@@ -460,6 +473,15 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
                 first_norm()
             running += stats.loss
             bar.update()
+            step += 1
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                with torch.no_grad():
+                    acc = (model(x_val).argmax(1) == y_val).double().mean().item()
+                progress_rows.append({"step": step, "epoch": epoch, "seconds": train_seconds + time.perf_counter() - t0,
+                                      "val_acc_ot": acc})
+            if cfg.max_seconds is not None and train_seconds + time.perf_counter() - t0 >= cfg.max_seconds:
+                stopped = True     # a time budget: this epoch ends here, as if it were the last
+                break
             if progress and rank == 0 and (i % 20 == 19 or start + cfg.batch_size >= n):
                 elapsed = time.perf_counter() - t0
                 done = min(start + cfg.batch_size, n)
@@ -479,7 +501,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
         if not quiet and rank == 0:
             tqdm.write(f"epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f}  {val_name} loss {va['loss']:.4f}  "
                        f"{val_name} acc (OT) {va['acc_ot']:.4f}  {seconds:.1f}s  {n * reps / seconds:.3g} sample-rep/s")
-        sidecar = {"config": asdict(cfg), "epoch": epoch, "history": history, "train_seconds": train_seconds,
+        sidecar = {"config": asdict(cfg), "epoch": cfg.epochs if stopped else epoch, "history": history,
+                   "train_seconds": train_seconds, "progress": progress_rows,
                    "scheduler": sched.state_dict() if sched is not None else None}
         if world > 1:
             sidecar["rank_rng"] = dist_utils.gather_generator_states(gen)
@@ -487,6 +510,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
             out.mkdir(parents=True, exist_ok=True)
             save_checkpoint(ckpt, model, opt, {"estimator": gen}, sidecar)
             atomic_write_csv(out / "history.csv", history, HISTORY_FIELDS)
+            if progress_rows:
+                atomic_write_csv(out / "progress.csv", progress_rows, ["step", "epoch", "seconds", "val_acc_ot"])
 
     bar.close()
     model.eval()
@@ -495,7 +520,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
                     _seeded(cfg.seed, 3, device=device), lap_replications=cfg.lap_replications if cfg.noisy else 0)
     metrics = {"test_accuracy_ot": test["acc_ot"], "test_accuracy_lap": test.get("acc_lap"), "test_loss": test["loss"],
                "curves_on": val_name,
-               "epochs": cfg.epochs, "train_seconds": train_seconds,
+               "epochs": cfg.epochs, "train_seconds": train_seconds, "steps": step,
+               "stopped_by_time": bool(cfg.max_seconds is not None and train_seconds >= cfg.max_seconds),
                "final_train_loss": history[-1]["train_loss"] if history else math.nan,
                "dataset": data.summary(), "world_size": world, "config": asdict(cfg)}
     if writer:

@@ -1,0 +1,335 @@
+"""The scale study (a spec whose ``[experiment]`` has ``kind = "scale"``): which variance technique
+lets GLR train a CNN, measured side by side with the forward-only alternatives and back-propagation.
+
+Every *technique* is a set of training options (:class:`~glrnet.train.TrainConfig`) over the spec's
+``[defaults]``: the estimator's parts (baseline, sampler, injection), the perturbation site
+(``weight_noise``), scale-aware noise (``relative_noise``), normalisation (``norm``), or another
+gradient producer (``method = "es" | "spsa" | "forward" | "bp"``). Two measurements:
+
+1. ``[quality]`` — gradient quality per noisy layer at an equal budget of noisy forward passes per
+   input (K = ``budget``): on one fixed batch and the initial weights, ``samples`` independent
+   estimates of each technique; per layer the noise-to-signal ratio
+
+       NSR = √(tr Cov ĝ) / ‖E ĝ‖,   ‖E ĝ‖² estimated by ‖ḡ‖² − tr Cov ĝ / n (unbiased),
+
+   and the cosine of one estimate with the true gradient of the technique's own objective,
+   E cos ≈ 1/√(1 + NSR²) (exact to first order in 1/n); plus, where back-propagation applies
+   (smooth units, cross-entropy), the cosine of the mean estimate with the BP gradient of the
+   noise-free network. Each technique's own objective: E[L] of the noisy network (GLR), E[L with
+   noise in layer l only] (layer-wise), E[L(θ + e)] (weight site, ES), L (SPSA, forward gradient, BP).
+2. ``[training]`` — accuracy after a fixed training time (``seconds``) per (technique, unit, loss),
+   with the validation accuracy every ``eval_every`` steps (time to accuracy against BP).
+
+``glrnet reproduce --spec scale --data-dir ../shared/data --out results/scale`` writes
+``quality.csv`` / ``quality.md``, ``training.csv`` / ``training.md``, ``progress_<dataset>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .activations import is_smooth
+from .checkpoint import atomic_write_csv, atomic_write_text, write_index
+from .data import load_dataset
+from .distributed import stream_seed
+from .estimators import Backprop, glr_parameters
+from .layers import noisy_layers, rescale_noise_
+from .losses import DIFFERENTIABLE
+from .train import TrainConfig, build_model, build_producer, train
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+SECTIONS = ("experiment", "datasets", "defaults", "techniques", "quality", "training")
+QUALITY_KEYS = ("dataset", "units", "losses", "budget", "samples", "batch", "techniques")
+TRAINING_KEYS = ("seconds", "eval_every", "runs", "thresholds", "epochs")
+
+
+def is_scale_spec(path: Path) -> bool:
+    try:
+        return tomllib.loads(Path(path).read_text()).get("experiment", {}).get("kind") == "scale"
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+
+
+def applicable(cfg: TrainConfig) -> str | None:
+    """Why a technique cannot run on this (unit, loss), or None."""
+    if cfg.method in ("bp", "forward") and not is_smooth(cfg.activation):
+        return f"{cfg.method} needs differentiable units"
+    if cfg.method in ("bp", "forward") and cfg.loss not in DIFFERENTIABLE:
+        return f"{cfg.method} needs a differentiable loss"
+    return None
+
+
+def load_scale_spec(path: str | Path) -> dict:
+    """Read and check a scale spec (every technique × unit × loss validated before anything runs)."""
+    from .certification import _data_options
+    path = Path(path)
+    raw = tomllib.loads(path.read_text())
+
+    def check(table, valid, where):
+        bad = sorted(set(table) - set(valid))
+        if bad:
+            raise ValueError(f"spec {path}: unknown key(s) {', '.join(bad)} in {where}; valid: {', '.join(valid)}")
+
+    check(raw, SECTIONS, "the file (sections)")
+    check(raw.get("quality", {}), QUALITY_KEYS, "[quality]")
+    check(raw.get("training", {}), TRAINING_KEYS, "[training]")
+    datasets = raw.get("datasets", [])
+    if not datasets:
+        raise ValueError(f"spec {path}: a scale spec needs at least one [[datasets]]")
+    techniques = {}
+    for t in raw.get("techniques", []):
+        t = dict(t)
+        if "name" not in t:
+            raise ValueError(f"spec {path}: every [[techniques]] needs a name")
+        name, label = t.pop("name"), t.pop("label", None)
+        opts = {**raw.get("defaults", {}), **t}
+        try:
+            TrainConfig.from_dict({**opts, **_data_options(datasets[0], None)}).validate()
+        except ValueError as e:
+            raise ValueError(f"spec {path}, technique {name!r}: {e}") from None
+        techniques[name] = (label or name, opts)
+    q, tr = raw.get("quality", {}), raw.get("training", {})
+    for name in q.get("techniques", list(techniques)):
+        if name not in techniques:
+            raise ValueError(f"spec {path}: [quality] technique {name!r} is not a [[techniques]] entry")
+    for run in tr.get("runs", []):
+        if len(run) != 3 or run[0] not in techniques:
+            raise ValueError(f"spec {path}: [training] runs take [technique, unit, loss], got {run!r}")
+    return {"name": raw.get("experiment", {}).get("name", path.stem), "notes": raw.get("experiment", {}).get("notes", ""),
+            "datasets": datasets, "techniques": techniques, "quality": q, "training": tr}
+
+
+def _config(opts: dict, data_opts: dict, **over) -> TrainConfig:
+    """The technique's config on a dataset, unvalidated (``applicable`` first, then ``validate``)."""
+    return TrainConfig.from_dict({**opts, **data_opts, **over})
+
+
+def _initial_model(cfg: TrainConfig, data):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(cfg.seed, 0))
+        return build_model(cfg, data.image_shape, data.num_classes)
+
+
+def _one_estimate(producer, model, x, y) -> list[torch.Tensor]:
+    """One gradient estimate per noisy layer, flattened: [(P_l,)] in glr_parameters order."""
+    if isinstance(producer, Backprop):
+        model.zero_grad(set_to_none=True)
+        producer.backward(model, x, y)
+        flat = [p.grad.detach().clone() for group in glr_parameters(model) for p in group]
+    else:
+        flat, _ = producer.estimate(model, x, y)
+    out, it = [], iter(flat)
+    for group in glr_parameters(model):
+        out.append(torch.cat([next(it).reshape(-1) for _ in group]) if group else torch.zeros(0))
+    return out
+
+
+def gradient_quality(cfg: TrainConfig, data, x, y, samples: int) -> dict:
+    """Per noisy layer: NSR, implied cosine, seconds per estimate (and cos to BP where BP applies)."""
+    model = _initial_model(cfg, data)
+    if cfg.relative_noise is not None:
+        rescale_noise_(model, x, cfg.relative_noise)
+    gen = torch.Generator().manual_seed(stream_seed(cfg.seed, 4))
+    producer = build_producer(cfg, gen)
+    _one_estimate(producer, model, x, y)            # warm-up (buffers), not timed
+    t0 = time.perf_counter()
+    draws = [_one_estimate(producer, model, x, y) for _ in range(samples)]
+    seconds = (time.perf_counter() - t0) / samples
+    bp = None
+    if is_smooth(cfg.activation) and cfg.loss in DIFFERENTIABLE:
+        bp = _one_estimate(Backprop(cfg.loss), model, x, y)
+    layers = []
+    names = [f"{type(m).__name__.replace('Noisy', '')}{i}" for i, m in enumerate(noisy_layers(model))]
+    for li in range(len(draws[0])):
+        g = torch.stack([d[li] for d in draws]).double()
+        if g.shape[1] == 0:
+            continue
+        mean, trace = g.mean(0), g.var(0).sum().item() if samples > 1 else 0.0
+        signal2 = max(mean.pow(2).sum().item() - trace / samples, 0.0)
+        nsr = math.sqrt(trace) / math.sqrt(signal2) if signal2 > 0 else math.inf
+        row = {"layer": names[li], "params": g.shape[1], "nsr": nsr,
+               "cos_true": 1 / math.sqrt(1 + nsr**2) if math.isfinite(nsr) else 0.0,
+               "cos_bp": math.nan}
+        if bp is not None:
+            row["cos_bp"] = torch.nn.functional.cosine_similarity(mean, bp[li].double(), dim=0).item()
+        layers.append(row)
+    return {"layers": layers, "seconds_per_estimate": seconds}
+
+
+def run_scale(spec_file: str | Path, out: str | Path, data_dir: str | None = None, device: str = "cpu",
+              quiet: bool = False, only: str | None = None, export: str | Path | None = None) -> dict:
+    """Run a scale spec into ``out`` (module docstring); ``only``: the [[datasets]] of that dataset."""
+    from .certification import _data_options
+    from .experiments import export_results
+    t_start = time.perf_counter()
+    spec = load_scale_spec(spec_file)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "spec.toml", Path(spec_file).read_text())
+    techniques, q, tr = spec["techniques"], spec["quality"], spec["training"]
+    datasets = {d["name"]: d for d in spec["datasets"]}
+    loaded = {}
+
+    def data_of(name):
+        if name not in loaded:
+            d = datasets[name]
+            o = _data_options(d, data_dir)
+            loaded[name] = (o, load_dataset(o["dataset"], o["data_dir"], o["image_size"], o["val_fraction"],
+                                            subset=o["subset"], split=o["split"]).to(device))
+        return loaded[name]
+
+    summary = {"spec": spec["name"]}
+    # ---- 1. gradient quality at equal budget
+    qname = q.get("dataset", spec["datasets"][0]["name"])
+    if q and (only is None or only in (qname, datasets[qname]["dataset"])):
+        o, data = data_of(qname)
+        B = int(q.get("batch", 32))
+        x, y = data.x_train[:B], data.y_train[:B]
+        rows = []
+        cache_file = out / "quality_cache.json"      # finished combinations, keyed by everything they depend on
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        for unit in q.get("units", ["threshold", "sigmoid"]):
+            for loss in q.get("losses", ["cross_entropy"]):
+                for name in q.get("techniques", list(techniques)):
+                    label, opts = techniques[name]
+                    cfg = _config(opts, o, activation=unit, loss=loss, replications=int(q.get("budget", 100)),
+                                  device=device)
+                    if applicable(cfg) is not None:
+                        continue
+                    cfg.validate()
+                    t0 = time.perf_counter()
+                    key = json.dumps([q, opts, o, unit, loss], sort_keys=True, default=str)
+                    res = cache.get(key) or gradient_quality(cfg, data, x, y, int(q.get("samples", 60)))
+                    cache[key] = res
+                    atomic_write_text(cache_file, json.dumps(cache))
+                    for r in res["layers"]:
+                        rows.append({"technique": name, "unit": unit, "loss": loss, **r,
+                                     "seconds_per_estimate": res["seconds_per_estimate"]})
+                    if not quiet:
+                        print(f"[quality] {name} {unit} {loss}: NSR "
+                              + ", ".join(f"{r['layer']} {r['nsr']:.3g}" for r in res["layers"])
+                              + f" ({res['seconds_per_estimate'] * 1000:.0f} ms/estimate, "
+                                f"{time.perf_counter() - t0:.0f}s)", flush=True)
+                    atomic_write_csv(out / "quality.csv", rows, list(rows[0]))
+        atomic_write_text(out / "quality.md", _quality_table(spec, rows, qname, B))
+        summary["quality_rows"] = len(rows)
+    # ---- 2. accuracy after a fixed training time
+    for dname, d in datasets.items():
+        if only is not None and only not in (dname, d["dataset"]):
+            continue
+        runs = tr.get("runs", [])
+        if not runs:
+            break
+        o, data = data_of(dname)
+        rows = []
+        for tech, unit, loss in runs:
+            label, opts = techniques[tech]
+            cfg = _config(opts, o, activation=unit, loss=loss, max_seconds=float(tr.get("seconds", 300)),
+                          eval_every=int(tr.get("eval_every", 100)), epochs=int(tr.get("epochs", 100)), device=device)
+            if applicable(cfg) is not None:
+                continue
+            cfg.validate()
+            run_dir = out / dname / "runs" / f"{tech}-{unit}-{loss}"
+            m = train(cfg, run_dir, resume=True, quiet=True, data=data, progress=not quiet,
+                      desc=f"{dname}/{tech}-{unit}-{loss}")
+            progress = _read_progress(run_dir / "progress.csv")
+            row = {"dataset": dname, "technique": tech, "unit": unit, "loss": loss,
+                   "test_ot": m["test_accuracy_ot"], "test_lap": m["test_accuracy_lap"],
+                   "steps": m.get("steps"), "train_s": m["train_seconds"],
+                   "best_val_ot": max((p["val_acc_ot"] for p in progress), default=math.nan)}
+            for thr in tr.get("thresholds", [0.5, 0.8, 0.9]):
+                hit = next((p["seconds"] for p in progress if p["val_acc_ot"] >= thr), None)
+                row[f"s_to_{thr:g}"] = math.nan if hit is None else hit
+            rows.append(row)
+            if not quiet:
+                print(f"[training] {dname} {tech} {unit} {loss}: test OT {row['test_ot']:.4f}"
+                      + (f" LAP {row['test_lap']:.4f}" if row["test_lap"] is not None else "")
+                      + f" after {row['train_s']:.0f}s ({row['steps']} steps)", flush=True)
+            atomic_write_csv(out / f"training_{dname}.csv", rows, list(rows[0]))
+        atomic_write_text(out / f"training_{dname}.md", _training_table(spec, rows, dname, tr))
+        _figure_progress(out / f"progress_{dname}.png", out / dname / "runs", rows, dname)
+    summary["seconds"] = time.perf_counter() - t_start
+    atomic_write_text(out / ("summary.json" if only is None else f"summary-{only}.json"),
+                      json.dumps(summary, indent=1))
+    write_index(out, f"glrnet reproduce: spec {spec['name']}")
+    if export is not None:
+        export_results(out, export)
+    if not quiet:
+        print(f"[scale] done in {summary['seconds']:.0f}s; outputs in {out}")
+    return summary
+
+
+def _read_progress(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    keys = lines[0].split(",")
+    return [{k: float(v) for k, v in zip(keys, line.split(","))} for line in lines[1:]]
+
+
+def _quality_table(spec, rows, dname, batch) -> str:
+    q = spec["quality"]
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    lines = [f"# Gradient quality per layer at an equal budget ({dname}, one batch of {batch}, initial weights)", "",
+             f"K = {q.get('budget', 100)} noisy forward passes per input for every technique (ES: population K; SPSA: "
+             f"K/2 directions × 2; forward gradient: K tangents); {q.get('samples', 60)} independent estimates each. "
+             "NSR = √(tr Cov ĝ)/‖E ĝ‖ per layer (signal corrected for the finite sample); cos = 1/√(1 + NSR²), "
+             "the expected cosine of one estimate with the true gradient of the technique's own objective; "
+             "cos BP: the mean estimate against the BP gradient of the noise-free network (smooth units, CE only).", "",
+             "| technique | unit | loss | " + " | ".join(f"{l} NSR / cos" for l in layers) + " | cos BP (last layer) | ms / estimate |",
+             "|---|---|---|" + "---|" * (len(layers) + 2)]
+    combos = list(dict.fromkeys((r["technique"], r["unit"], r["loss"]) for r in rows))
+    for tech, unit, loss in combos:
+        rs = {r["layer"]: r for r in rows if (r["technique"], r["unit"], r["loss"]) == (tech, unit, loss)}
+        cells = [f"{rs[l]['nsr']:.3g} / {rs[l]['cos_true']:.3f}" if l in rs else "–" for l in layers]
+        last = rs[layers[-1]] if layers[-1] in rs else None
+        cos_bp = "–" if last is None or last["cos_bp"] != last["cos_bp"] else f"{last['cos_bp']:.3f}"
+        ms = next(iter(rs.values()))["seconds_per_estimate"] * 1000
+        lines.append(f"| {spec['techniques'][tech][0]} | {unit} | {loss} | " + " | ".join(cells)
+                     + f" | {cos_bp} | {ms:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _training_table(spec, rows, dname, tr) -> str:
+    thr = tr.get("thresholds", [0.5, 0.8, 0.9])
+    lines = [f"# Accuracy after {tr.get('seconds', 300):g} s of training ({dname})", "",
+             "One process, one thread of this 2-core CPU per run (other jobs may have shared the machine: "
+             "the wall times are upper bounds). Validation accuracy (OT) every "
+             f"{tr.get('eval_every', 100)} steps; seconds of training until it first reaches each threshold.", "",
+             "| technique | unit | loss | test OT | test LAP | best val OT | steps | "
+             + " | ".join(f"s to {t:g}" for t in thr) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(thr)]
+    for r in rows:
+        lap = "–" if r["test_lap"] is None else f"{r['test_lap']:.3f}"
+        lines.append(f"| {spec['techniques'][r['technique']][0]} | {r['unit']} | {r['loss']} | {r['test_ot']:.3f} | "
+                     f"{lap} | {r['best_val_ot']:.3f} | {r['steps']} | "
+                     + " | ".join("–" if r[f"s_to_{t:g}"] != r[f"s_to_{t:g}"] else f"{r[f's_to_{t:g}']:.0f}"
+                                  for t in thr) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _figure_progress(path: Path, runs: Path, rows: list[dict], dname: str) -> None:
+    from .plots import _save, _styles, plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (color, marker), r in zip(_styles(len(rows)), rows):
+        p = _read_progress(runs / f"{r['technique']}-{r['unit']}-{r['loss']}" / "progress.csv")
+        if p:
+            ax.plot([q["seconds"] for q in p], [q["val_acc_ot"] for q in p], color=color, lw=1.2,
+                    label=f"{r['technique']} · {r['unit']} · {r['loss']}")
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("validation accuracy (OT)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{dname}: accuracy against training time", fontsize=9)
+    ax.legend(fontsize=6, frameon=False, ncol=2)
+    _save(fig, path)
