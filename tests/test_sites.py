@@ -168,6 +168,8 @@ def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
     model = build_model(cfg, (8, 8), 10)
     assert [m.site for m in model.noisy_layers] == ["weight", "activity"]
     assert any(isinstance(m, torch.nn.GroupNorm) and not m.affine for m in model)
+    kinds = [type(m).__name__ for m in build_model(TrainConfig(arch="lenet", hidden=[]), (28, 28), 10)]
+    assert kinds == ["NoisyConv2d", "MaxPool2d", "NoisyConv2d", "MaxPool2d", "Flatten", "NoisyLinear"]
     common = dict(dataset="digits", subset=200, epochs=1, replications=8, eval_replications=4, lap_replications=8)
     for method in ("es", "spsa", "forward"):
         train(TrainConfig(**common, method=method), tmp_path / method, quiet=True)

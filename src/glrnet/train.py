@@ -279,10 +279,10 @@ def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: in
                 raise ValueError(f"--arch: res:{c}:{k} needs {c} input channels, the layer before gives {channels}")
             mods.append(Residual(NoisyConv2d(c, c, k, padding=k // 2, activation=cfg.activation),
                                  NoisyConv2d(c, c, k, padding=k // 2, activation=cfg.activation)))
-        if kind in ("conv", "res") and cfg.norm == "layer":   # over (C, H, W), no parameters
-            mods.append(torch.nn.GroupNorm(1, channels, affine=False))
         else:
             mods.append((torch.nn.MaxPool2d if kind == "maxpool" else torch.nn.AvgPool2d)(nums[0]))
+        if kind in ("conv", "res") and cfg.norm == "layer":   # over (C, H, W), no parameters
+            mods.append(torch.nn.GroupNorm(1, channels, affine=False))
     mods.append(torch.nn.Flatten())
     with torch.no_grad():
         try:
