@@ -205,3 +205,35 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
     bad.write_text(spec.read_text().replace('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]'))
     with pytest.raises(ValueError, match=r"\[training\] runs take"):
         load_scale_spec(bad)
+
+
+def test_local_losses_estimate_each_blocks_own_objective(float64):
+    """Block b's estimate is unbiased for ∇ E[L(head_b) | noise in block b only], the pathwise gradient
+    through the network truncated at head b with noise in block b's layers alone."""
+    from glrnet.layers import Injection, Layout, LocalLosses, noisy_forward, probe
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(glrnet.NoisyConv2d(1, 2, 3, activation="sigmoid"), torch.nn.MaxPool2d(2)),
+              torch.nn.Sequential(glrnet.NoisyConv2d(2, 2, 2, activation="sigmoid"))]
+    heads = [torch.nn.Sequential(torch.nn.Flatten(), glrnet.NoisyLinear(18, 3)),
+             torch.nn.Sequential(torch.nn.Flatten(), glrnet.NoisyLinear(8, 3))]
+    net = LocalLosses(blocks, heads)
+    x, y = torch.rand(3, 1, 8, 8), torch.randint(0, 3, (3,))
+    glr = glr_samples(net, x, y, n=120, replications=600)
+    sizes = [sum(p.numel() for p in m.parameters()) for m in glrnet.layers.noisy_layers(net)]
+    cols = torch.split(glr, sizes, dim=1)          # conv0, conv1, head0, head1 (module order)
+    gen = torch.Generator().manual_seed(9)
+    for b, owned in ((0, (0, 2)), (1, (1, 3))):
+        run = net.truncated(b)
+        pr = probe(run, x)
+        mine = {id(m) for m in net.block_layers(b)}
+        layout = Layout(pr, [i for i in pr.order if id(pr.layers[i]) in mine])
+        params = [p for m in net.block_layers(b) for p in m.parameters()]
+        path = []
+        for _ in range(120):
+            r = layout.fill_(glrnet.samplers.IID(), torch.empty(600, 3, layout.width), gen)
+            out = noisy_forward(run, x, Injection(pr.layers, 600, 3, layout.views(r)), layout.first)
+            loss = torch.nn.functional.cross_entropy(out, y.repeat(600))
+            path.append(flat_grads(torch.autograd.grad(loss, params)))
+        mine_cols = torch.cat([cols[owned[0]], cols[owned[1]]], 1)
+        print(b, assert_means_equal(mine_cols, torch.stack(path)))
+    assert torch.equal(net(x), net.truncated(1)(x))         # the prediction is the last head's

@@ -8,7 +8,8 @@ from .activations import ACTIVATIONS, Sigmoid, get_activation
 from .data import Dataset, load_dataset
 from .estimators import GLR, Backprop, GradStats, NonFiniteLossError
 from .losses import LOSSES, cross_entropy, get_loss, zero_one
-from .layers import Injection, NoisyConv2d, NoisyLayer, NoisyLinear, NoisyMLP, NoisySequential, Residual, noisy_layers
+from .layers import (Injection, LocalLosses, NoisyConv2d, NoisyLayer, NoisyLinear, NoisyMLP, NoisySequential, Residual,
+                     noisy_layers)
 from .model import predict, predict_proba
 from .noise import Logistic, make_noise
 
@@ -20,6 +21,6 @@ except PackageNotFoundError:                  # run from a source tree that is n
 
 __all__ = [
     "ACTIVATIONS", "Backprop", "Dataset", "GLR", "GradStats", "LOSSES", "Logistic", "NoisyConv2d", "NoisyLayer", "NoisyLinear", "NoisyMLP", "NoisySequential",
-    "NonFiniteLossError", "Sigmoid", "Injection", "Residual", "noisy_layers", "cross_entropy", "get_activation", "get_loss", "load_dataset", "make_noise",
+    "NonFiniteLossError", "Sigmoid", "Injection", "Residual", "LocalLosses", "noisy_layers", "cross_entropy", "get_activation", "get_loss", "load_dataset", "make_noise",
     "predict", "predict_proba", "zero_one",
 ]

@@ -105,6 +105,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="σ of the parameter noise (weight site; also ES's σ and SPSA's ε)")
     g.add_argument("--relative-noise", type=float, default=None, help="scale-aware noise: before every step, σ of "
                    "each activity-noise layer = this × the RMS of its noise-free pre-activation on the batch")
+    g.add_argument("--local-losses", action="store_true", help="convolutional archs: a linear head per block, "
+                   "each block trained by GLR from its own head's loss with noise in that block only (Ren et al. "
+                   "2023; changes the objective)")
     g.add_argument("--norm", choices=["none", "layer"], default=d.norm, help="parameter-free normalisation "
                    "(LayerNorm / GroupNorm(1) without affine) after every hidden noisy layer")
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=d.baseline,

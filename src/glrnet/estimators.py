@@ -234,7 +234,7 @@ class GLR:
         glr_parameters(model)
         pr = probe(model, bind(model, x))
         x = check_batch(model, x, y, classes=pr.classes)   # one pass over the inputs, labels checked too
-        sets = [pr.order] if self.injection == "all" else [[i] for i in pr.order]
+        sets = self._layer_sets(model, x, pr)       # [(module run, its probe, active layers, → model's index)]
         local = self._local_replications()
         if local % len(sets):
             raise ValueError(f"layerwise injection spends replications = {self.replications} evenly over "
@@ -248,11 +248,11 @@ class GLR:
         self._check_split(per_batch, "replications per layer set and variance batch" if batches > 1 or
                           len(sets) > 1 else "replications")
         subs, loss_sum, nonfinite, chunks = [], 0.0, 0, 0
-        for active in sets:
-            layout = Layout(pr, active)
+        for run, run_pr, active, to_model in sets:
+            layout = Layout(run_pr, active)
             for _ in range(batches):
-                sums, n = self._accumulate(model, x, y, layout, per_batch)
-                subs.append((active, self._finalize(sums, pr)))
+                sums, n = self._accumulate(run, x, y, layout, per_batch)
+                subs.append((active, {to_model[i]: g for i, g in self._finalize(sums, run_pr).items()}))
                 loss_sum = loss_sum + sums.loss_per_input.sum()
                 nonfinite = nonfinite + sums.nonfinite
                 chunks += n
@@ -281,6 +281,31 @@ class GLR:
                     f"(replication, input) pairs during GLR estimation; parameters and their .grad are untouched")
         return grads, GradStats(loss=totals[0] / n_pairs, replications=self.replications, chunks=chunks,
                                 variance=variance if return_variance else None)
+
+    def _layer_sets(self, model: nn.Module, x: Tensor, pr: Probe) -> list:
+        """The sub-estimates: (module to run, its probe, its noisy layers that carry noise, their index in
+        ``pr``). ``injection="all"``: one, the whole model; ``"layerwise"``: one per noisy layer. A
+        :class:`~glrnet.layers.LocalLosses` model: one per block (or per layer of it, layerwise), each run
+        on the network truncated at that block's head, so that its loss is the head's (Ren et al. 2023)."""
+        from .layers import LocalLosses
+        local = model
+        if isinstance(model, nn.Sequential) and len(model) == 1:      # e.g. NoisySequential(LocalLosses(...))
+            local = model[0]
+        if not isinstance(local, LocalLosses):
+            ident = {i: i for i in pr.order}
+            groups = [pr.order] if self.injection == "all" else [[i] for i in pr.order]
+            return [(model, pr, g, ident) for g in groups]
+        index = {id(m): i for i, m in enumerate(pr.layers)}
+        sets = []
+        for b in range(len(local.blocks)):
+            run = local.truncated(b)
+            run_pr = probe(run, x)
+            mine = {id(m) for m in local.block_layers(b)}
+            active = [i for i in run_pr.order if id(run_pr.layers[i]) in mine]
+            to_model = {i: index[id(run_pr.layers[i])] for i in active}
+            for g in [active] if self.injection == "all" else [[i] for i in active]:
+                sets.append((run, run_pr, g, to_model))
+        return sets
 
     # ------------------------------------------------------------------ one sub-estimate
     def _accumulate(self, model: nn.Module, x: Tensor, y: Tensor, layout: Layout, replications: int):

@@ -420,6 +420,36 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+class LocalLosses(nn.Module):
+    """Blocks, each with an auxiliary head (Ren, Kornblith, Liao & Hinton 2023): the output is the last
+    head on the last block; GLR trains block b (and head b) from head b's loss alone, with noise in
+    block b only (:class:`~glrnet.GLR` runs one sub-estimate per block on :meth:`truncated`). This
+    changes the objective — Σ_b E[L(head_b) | noise in block b] instead of E[L] — and is labelled so.
+    ``forward`` evaluates every head (the intermediate outputs are discarded), so a noisy pass reaches
+    every noisy layer."""
+
+    def __init__(self, blocks: Sequence[nn.Module], heads: Sequence[nn.Module]):
+        super().__init__()
+        if len(blocks) != len(heads) or not blocks:
+            raise ValueError(f"LocalLosses needs one head per block, got {len(blocks)} blocks and {len(heads)} heads")
+        self.blocks, self.heads = nn.ModuleList(blocks), nn.ModuleList(heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = None
+        for block, head in zip(self.blocks, self.heads):
+            x = block(x)
+            out = head(x)
+        return out
+
+    def truncated(self, b: int) -> nn.Sequential:
+        """Blocks 0..b then head b: the network whose loss trains block b."""
+        return nn.Sequential(*self.blocks[:b + 1], self.heads[b])
+
+    def block_layers(self, b: int) -> list[NoisyLayer]:
+        """The noisy layers block b's loss trains: those of block b and of its head."""
+        return noisy_layers(self.blocks[b]) + noisy_layers(self.heads[b])
+
+
 # deterministic modules a saved model may contain: name → (class, the constructor arguments kept)
 _DETERMINISTIC = {"MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation")),
                   "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding")),
@@ -438,6 +468,9 @@ def module_config(m: nn.Module, noise: bool = False) -> dict:
         return {"type": "Residual", "body": [module_config(c, noise) for c in m.body]}
     if type(m) is nn.Sequential:
         return {"type": "Sequential", "modules": [module_config(c, noise) for c in m]}
+    if type(m) is LocalLosses:
+        return {"type": "LocalLosses", "blocks": [module_config(c, noise) for c in m.blocks],
+                "heads": [module_config(c, noise) for c in m.heads]}
     name = type(m).__name__
     if name not in _DETERMINISTIC or type(m) is not _DETERMINISTIC[name][0]:
         raise ValueError(f"cannot describe module {name} for saving; supported: NoisyLinear, NoisyConv2d, "
@@ -458,6 +491,8 @@ def module_from_config(d: dict) -> nn.Module:
         return Residual(*(module_from_config(c) for c in d["body"]))
     if kind == "Sequential":
         return nn.Sequential(*(module_from_config(c) for c in d["modules"]))
+    if kind == "LocalLosses":
+        return LocalLosses([module_from_config(c) for c in d["blocks"]], [module_from_config(c) for c in d["heads"]])
     if kind in _DETERMINISTIC:
         return _DETERMINISTIC[kind][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
     raise ValueError(f"unknown module type {kind!r} in a saved model")

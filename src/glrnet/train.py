@@ -106,6 +106,7 @@ class TrainConfig:
     weight_noise_std: float = 0.05        # σ of that parameter noise; also ES's σ and SPSA's ε
     relative_noise: float | None = None   # σ of every activity-noise layer = this × RMS of its noise-free pre-activation
     norm: str = "none"                    # parameter-free normalisation after every hidden noisy layer: none, layer
+    local_losses: bool = False            # conv archs: a linear head per block, each block trained from its own loss
     max_seconds: float | None = None      # stop training after this much training time (checkpoint kept)
     eval_every: int = 0                   # every this many steps, validation accuracy (OT) into progress.csv
     seed: int = 0
@@ -158,7 +159,8 @@ class TrainConfig:
                    f"relative noise must be > 0, got {self.relative_noise}"),
                   (self.norm in NORMS, f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}"),
                   (self.max_seconds is None or self.max_seconds > 0, f"max seconds must be > 0, got {self.max_seconds}"),
-                  (self.eval_every >= 0, f"eval every must be ≥ 0 steps, got {self.eval_every}")]
+                  (self.eval_every >= 0, f"eval every must be ≥ 0 steps, got {self.eval_every}"),
+                  (not self.local_losses or self.arch != "mlp", "local losses need a convolutional --arch")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -297,7 +299,27 @@ def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: in
             mods.append(torch.nn.LayerNorm(width, elementwise_affine=False))
         flat = width
     mods.append(NoisyLinear(flat, num_classes, activation=cfg.output_activation))
+    if cfg.local_losses:
+        return NoisySequential(_local_losses(mods, shape, num_classes, cfg), noise=noise, input_shape=shape)
     return NoisySequential(*mods, noise=noise, input_shape=shape)
+
+
+def _local_losses(mods: list, shape: tuple[int, ...], num_classes: int, cfg: TrainConfig):
+    """The stack as LocalLosses blocks: a block starts at every convolution or residual block; each but
+    the last gets the head Flatten → NoisyLinear(·, classes); the last block's head is the classifier
+    (flatten and the dense layers)."""
+    from .layers import LocalLosses
+    flat_at = next(i for i, m in enumerate(mods) if isinstance(m, torch.nn.Flatten))
+    starts = [i for i, m in enumerate(mods[:flat_at]) if isinstance(m, (NoisyConv2d, Residual))]
+    blocks = [torch.nn.Sequential(*mods[a:b]) for a, b in zip(starts, starts[1:] + [flat_at])]
+    heads, h = [], torch.zeros(1, *shape)
+    with torch.no_grad():
+        for block in blocks[:-1]:
+            h = block(h)
+            heads.append(torch.nn.Sequential(torch.nn.Flatten(), NoisyLinear(h[0].numel(), num_classes,
+                                                                             activation=cfg.output_activation)))
+    heads.append(torch.nn.Sequential(*mods[flat_at:]))
+    return LocalLosses(blocks, heads)
 
 
 def input_smoothing_layer(pixels: int, input_noise_std: float, kind: str = "gaussian") -> NoisyLinear:
