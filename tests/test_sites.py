@@ -197,7 +197,7 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
     training = (tmp_path / "out" / "training_digits.md").read_text()
     assert "| combined | threshold | zero_one |" in training and (tmp_path / "out" / "progress_digits.png").exists()
     packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
-    assert "combined" in packaged["techniques"] and packaged["training"]["seconds"] == 240
+    assert "combined" in packaged["techniques"] and packaged["training"]["seconds"] == 180
     bad = tmp_path / "bad.toml"
     bad.write_text(spec.read_text().replace("budget = 8", "budgett = 8"))
     with pytest.raises(ValueError, match=r"unknown key\(s\) budgett in \[quality\]"):

@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "figure.")
     b.add_argument("--run", required=True, nargs="+", help="run folder(s) to attack")
     add_data_options(b, required_dataset=True)
-    b.add_argument("--eps", default=",".join(f"{e:g}" for e in DEFAULT_EPS), help="comma-separated L∞ budgets")
+    b.add_argument("--eps", default=",".join(f"{e:g}" for e in DEFAULT_EPS), help="comma-separated budgets ε (L∞, or L2 with --norm L2)")
     b.add_argument("--headline", type=float, default=None, help="ε of the transfer and convergence checks "
                    "(default: the middle of --eps)")
     b.add_argument("--source", default=None, help="a run folder of a network to transfer FGSM from")

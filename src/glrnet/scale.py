@@ -285,14 +285,17 @@ def _quality_table(spec, rows, dname, batch) -> str:
              f"K = {q.get('budget', 100)} noisy forward passes per input for every technique (ES: population K; SPSA: "
              f"K/2 directions × 2; forward gradient: K tangents); {q.get('samples', 60)} independent estimates each. "
              "NSR = √(tr Cov ĝ)/‖E ĝ‖ per layer (signal corrected for the finite sample); cos = 1/√(1 + NSR²), "
-             "the expected cosine of one estimate with the true gradient of the technique's own objective; "
+             "the expected cosine of one estimate with the true gradient of the technique's own objective "
+             "(\"> √n\": the mean of the n estimates does not resolve the signal, ‖ḡ‖² ≤ tr Cov/n); "
              "cos BP: the mean estimate against the BP gradient of the noise-free network (smooth units, CE only).", "",
              "| technique | unit | loss | " + " | ".join(f"{l} NSR / cos" for l in layers) + " | cos BP (last layer) | ms / estimate |",
              "|---|---|---|" + "---|" * (len(layers) + 2)]
     combos = list(dict.fromkeys((r["technique"], r["unit"], r["loss"]) for r in rows))
     for tech, unit, loss in combos:
         rs = {r["layer"]: r for r in rows if (r["technique"], r["unit"], r["loss"]) == (tech, unit, loss)}
-        cells = [f"{rs[l]['nsr']:.3g} / {rs[l]['cos_true']:.3f}" if l in rs else "–" for l in layers]
+        bound = math.sqrt(int(q.get("samples", 60)))   # a signal below the noise of the mean: NSR ≳ √n
+        cells = ["–" if l not in rs else f"{rs[l]['nsr']:.3g} / {rs[l]['cos_true']:.3f}" if math.isfinite(rs[l]["nsr"])
+                 else f"> {bound:.1f} / < {1 / math.sqrt(1 + bound**2):.2f}" for l in layers]
         last = rs[layers[-1]] if layers[-1] in rs else None
         cos_bp = "–" if last is None or last["cos_bp"] != last["cos_bp"] else f"{last['cos_bp']:.3f}"
         ms = next(iter(rs.values()))["seconds_per_estimate"] * 1000
