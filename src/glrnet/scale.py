@@ -209,7 +209,8 @@ def run_scale(spec_file: str | Path, out: str | Path, data_dir: str | None = Non
                         continue
                     cfg.validate()
                     t0 = time.perf_counter()
-                    key = json.dumps([q, opts, o, unit, loss], sort_keys=True, default=str)
+                    setting = {k: v for k, v in q.items() if k != "techniques"}   # what this estimate depends on
+                    key = json.dumps([setting, opts, o, unit, loss], sort_keys=True, default=str)
                     res = cache.get(key) or gradient_quality(cfg, data, x, y, int(q.get("samples", 60)))
                     cache[key] = res
                     atomic_write_text(cache_file, json.dumps(cache))
