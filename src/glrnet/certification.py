@@ -188,14 +188,10 @@ def run_certified(spec_file: str | Path, out: str | Path, data_dir: str | None =
     """Run a certified-radii spec end to end into ``out`` (see the module docstring). ``only``: run just
     the [[datasets]] entries of that dataset (e.g. two processes, one per dataset, into one ``out``);
     ``out/certified.md`` gathers every dataset's section found in ``out``."""
-    from .experiments import export_results
+    from .experiments import export_results, output_folder
     t_start = time.perf_counter()
     spec = load_certified_spec(spec_file)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "spec.toml", Path(spec_file).read_text())
+    out = output_folder(out, spec_file)
     st, eps, attack_images, check_eps = _settings(spec.robustness, spec_file)
     summary = {"spec": spec.name, "datasets": {}}
     chosen = [d for d in spec.datasets if only is None or only in (d["dataset"], d["name"])]

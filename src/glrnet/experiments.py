@@ -394,6 +394,17 @@ def export_results(out: str | Path, dest: str | Path) -> list[Path]:
     return copied
 
 
+def output_folder(out: str | Path, spec_file: str | Path | None = None) -> Path:
+    """``out`` created (a clear ``ValueError`` if it names a file), with a copy of the spec it runs."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if spec_file is not None:
+        atomic_write_text(out / "spec.toml", Path(spec_file).read_text())
+    return out
+
+
 def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = None, data_dir: str | None = None,
               quick: bool = False, device: str = "cpu", quiet: bool = False, robustness: bool = True,
               export: str | Path | None = None, seeds: list[int] | None = None) -> dict:

@@ -169,14 +169,10 @@ def run_scale(spec_file: str | Path, out: str | Path, data_dir: str | None = Non
               quiet: bool = False, only: str | None = None, export: str | Path | None = None) -> dict:
     """Run a scale spec into ``out`` (module docstring); ``only``: the [[datasets]] of that dataset."""
     from .certification import _data_options
-    from .experiments import export_results
+    from .experiments import export_results, output_folder
     t_start = time.perf_counter()
     spec = load_scale_spec(spec_file)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "spec.toml", Path(spec_file).read_text())
+    out = output_folder(out, spec_file)
     techniques, q, tr = spec["techniques"], spec["quality"], spec["training"]
     datasets = {d["name"]: d for d in spec["datasets"]}
     loaded = {}

@@ -257,18 +257,12 @@ def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: in
         if cfg.input_noise_std is None and cfg.norm == "none":
             return NoisyMLP([pixels, *cfg.hidden, num_classes], activation=cfg.activation, noise=noise,
                             output_activation=cfg.output_activation)
-        mods = [] if cfg.input_noise_std is None else [input_smoothing_layer(pixels, cfg.input_noise_std, cfg.noise)]
-        width = pixels
-        for h in cfg.hidden:
-            mods.append(NoisyLinear(width, h, activation=cfg.activation))
-            if cfg.norm == "layer":
-                mods.append(torch.nn.LayerNorm(h, elementwise_affine=False))
-            width = h
-        mods.append(NoisyLinear(width, num_classes, activation=cfg.output_activation))
-        for m in mods[1:] if cfg.input_noise_std is not None else mods:
+        first = [] if cfg.input_noise_std is None else [input_smoothing_layer(pixels, cfg.input_noise_std, cfg.noise)]
+        dense = _dense_layers(pixels, num_classes, cfg)      # built second: the initial weights' draw order
+        for m in dense:
             if isinstance(m, NoisyLinear):
-                m.noise = noise
-        return NoisySequential(*mods, input_shape=(pixels,))
+                m.noise = noise       # the input-smoothing layer keeps its own
+        return NoisySequential(*first, *dense, input_shape=(pixels,))
     mods, channels = [], 1
     shape = (1, *image_shape)
     for kind, nums in parse_arch(cfg.arch):
@@ -293,15 +287,22 @@ def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: in
             raise ValueError(f"--arch {cfg.arch}: its convolutions and pooling do not fit {cfg.dataset}'s "
                              f"{'×'.join(map(str, image_shape))} images ({str(e).splitlines()[0]}); use larger "
                              "images (--image-size), smaller kernels, or less pooling") from None
-    for width in cfg.hidden:
-        mods.append(NoisyLinear(flat, width, activation=cfg.activation))
-        if cfg.norm == "layer":
-            mods.append(torch.nn.LayerNorm(width, elementwise_affine=False))
-        flat = width
-    mods.append(NoisyLinear(flat, num_classes, activation=cfg.output_activation))
+    mods += _dense_layers(flat, num_classes, cfg)
     if cfg.local_losses:
         return NoisySequential(_local_losses(mods, shape, num_classes, cfg), noise=noise, input_shape=shape)
     return NoisySequential(*mods, noise=noise, input_shape=shape)
+
+
+def _dense_layers(width: int, num_classes: int, cfg: TrainConfig) -> list:
+    """The noisy linear layers of widths ``cfg.hidden`` (each followed by a LayerNorm without affine
+    with ``norm = "layer"``), then the output layer."""
+    mods = []
+    for h in cfg.hidden:
+        mods.append(NoisyLinear(width, h, activation=cfg.activation))
+        if cfg.norm == "layer":
+            mods.append(torch.nn.LayerNorm(h, elementwise_affine=False))
+        width = h
+    return mods + [NoisyLinear(width, num_classes, activation=cfg.output_activation)]
 
 
 def _local_losses(mods: list, shape: tuple[int, ...], num_classes: int, cfg: TrainConfig):
