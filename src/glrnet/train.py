@@ -506,15 +506,15 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
                     acc = (model(x_val).argmax(1) == y_val).double().mean().item()
                 progress_rows.append({"step": step, "epoch": epoch, "seconds": train_seconds + time.perf_counter() - t0,
                                       "budget_seconds": budget_used + clock() - c0, "val_acc_ot": acc})
-            if cfg.max_seconds is not None and budget_used + clock() - c0 >= cfg.max_seconds:
-                stopped = True     # a time budget: this epoch ends here, as if it were the last
-                break
-        budget_used += clock() - c0
             if progress and rank == 0 and (i % 20 == 19 or start + cfg.batch_size >= n):
                 elapsed = time.perf_counter() - t0
                 done = min(start + cfg.batch_size, n)
                 bar.set_postfix(epoch=f"{epoch}/{cfg.epochs}", loss=f"{running.item() / (i + 1):.4f}",
                                 rep_per_s=f"{done * reps / elapsed:.3g}", refresh=False)
+            if cfg.max_seconds is not None and budget_used + clock() - c0 >= cfg.max_seconds:
+                stopped = True     # a time budget: this epoch ends here, as if it were the last
+                break
+        budget_used += clock() - c0
         if sched is not None:
             sched.step()
         seconds = time.perf_counter() - t0
