@@ -124,7 +124,8 @@ def _one_estimate(producer, model, x, y) -> list[torch.Tensor]:
     if isinstance(producer, Backprop):
         model.zero_grad(set_to_none=True)
         producer.backward(model, x, y)
-        flat = [p.grad.detach().clone() for group in glr_parameters(model) for p in group]
+        flat = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()   # e.g. a local-loss head
+                for group in glr_parameters(model) for p in group]
     else:
         flat, _ = producer.estimate(model, x, y)
     out, it = [], iter(flat)
