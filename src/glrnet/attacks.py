@@ -201,6 +201,16 @@ def _apgd(ctx: AttackContext, x, y, eps, arg):
                 ctx.st.norm)
 
 
+def _pgd(ctx: AttackContext, x, y, eps, arg):
+    """PGD with a fixed step (2.5 ε / steps) and a random start on the EOT classifier: no step-size
+    adaptation, so the noise of EOT estimates cannot shrink its steps (APGD's can, in the L2 ball)."""
+    loss, surrogate = arg.rstrip("]").split("[")
+    clf = ctx.classifier(surrogate)
+    st = ctx.st
+    return pgd(clf, x, y, eps, st.steps, restarts=st.restarts, generator=ctx.generator, norm=st.norm,
+               success_fn=lambda z, t: clf(z).argmax(-1) != t)
+
+
 def _spsa(ctx: AttackContext, x, y, eps, arg):
     model, st, gen = ctx.model, ctx.st, ctx.generator
     lap = lambda z: predict_proba(model, z, "lap", st.spsa_queries_k, generator=gen, antithetic=True)  # noqa: E731
@@ -233,7 +243,8 @@ def _random(ctx: AttackContext, x, y, eps, arg):
 #: attack family → callable (context, x, y, ε, argument) → adversarial images, or per-image
 #: correctness {"ot", "lap"} for attacks that score several candidates themselves. A plan entry
 #: is "family" or "family-argument" (e.g. ``apgd-ce[gauss]``: APGD, CE loss, Gaussian surrogate).
-ATTACKS = {"transfer-fgsm": _transfer_fgsm, "fgsm": _fgsm, "apgd": _apgd, "spsa": _spsa, "random": _random}
+ATTACKS = {"transfer-fgsm": _transfer_fgsm, "fgsm": _fgsm, "apgd": _apgd, "pgd": _pgd, "spsa": _spsa,
+           "random": _random}
 
 
 def resolve_attack(name: str):
@@ -251,6 +262,8 @@ def attack_plan(model: NoisySequential, noisy: bool, st) -> list[str]:
     if not noisy:
         return ["fgsm"] + [f"apgd-{loss}[exact]" for loss in st.losses] + ["spsa", "random"]
     names = ["fgsm"] + [f"apgd-{loss}[{s}]" for s in surrogates_for(model) for loss in st.losses]
+    if st.norm == "L2":   # APGD's step-size rule reacts to the EOT noise in the L2 ball: a fixed-step PGD too
+        names += [f"pgd-ce[{s}]" for s in surrogates_for(model)]
     return names + ["apgd-ce[ot]", "spsa", "random"]
 
 

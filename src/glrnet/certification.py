@@ -218,11 +218,16 @@ def run_certified(spec_file: str | Path, out: str | Path, data_dir: str | None =
             model, _ = load_model(folder / "models" / name / "model.safetensors", device)
             models[name] = (model, cfg.noisy)
             t2 = time.perf_counter()
-            per = {}
-            for pi, predictor in enumerate(spec.certify["predictors"]):
-                gen = torch.Generator(device=device).manual_seed(stream_seed(int(spec.certify["seed"]), 30, mi, pi))
-                per[predictor] = certify(model, x, n0=int(spec.certify["n0"]), n=int(spec.certify["samples"]),
-                                         alpha=float(spec.certify["alpha"]), predictor=predictor, generator=gen)
+            per = _cached_certificates(folder / "certificates" / f"{name}.json", folder / "models" / name,
+                                       spec.certify, mi, n_cert)
+            if per is None:
+                per = {}
+                for pi, predictor in enumerate(spec.certify["predictors"]):
+                    gen = torch.Generator(device=device).manual_seed(stream_seed(int(spec.certify["seed"]), 30, mi, pi))
+                    per[predictor] = certify(model, x, n0=int(spec.certify["n0"]), n=int(spec.certify["samples"]),
+                                             alpha=float(spec.certify["alpha"]), predictor=predictor, generator=gen)
+                _save_certificates(folder / "certificates" / f"{name}.json", folder / "models" / name, spec.certify,
+                                   mi, n_cert, per)
             certs[name] = per
             timings[name] = {"train_s": metrics["train_seconds"], "certify_s": time.perf_counter() - t2}
             for predictor, cert in per.items():
@@ -285,6 +290,34 @@ def run_certified(spec_file: str | Path, out: str | Path, data_dir: str | None =
         print((out / "certified.md").read_text())
         print(f"[certified] done in {total:.0f}s; outputs in {out}")
     return summary
+
+
+def _certificate_key(run: Path, settings: dict, index: int, images: int) -> str:
+    """What a model's certificates depend on: its weights (digest), the [certify] settings, its stream."""
+    import hashlib
+    digest = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
+    return json.dumps([digest, settings, index, images], sort_keys=True)
+
+
+def _cached_certificates(path: Path, run: Path, settings: dict, index: int, images: int) -> dict | None:
+    """The certificates computed before for exactly these weights and settings, else None."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("key") != _certificate_key(run, settings, index, images):
+        return None
+    return {p: Certificate(torch.tensor(c["prediction"]), torch.tensor(c["radius"], dtype=torch.float64),
+                           torch.tensor(c["p_lower"], dtype=torch.float64),
+                           torch.tensor(c["p_upper_other"], dtype=torch.float64), c["sigma"], c["first_layer_norm"],
+                           p, c["alpha"], c["samples"]) for p, c in saved["certificates"].items()}
+
+
+def _save_certificates(path: Path, run: Path, settings: dict, index: int, images: int, per: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"key": _certificate_key(run, settings, index, images), "certificates": {
+        p: {"prediction": c.prediction.tolist(), "radius": c.radius.tolist(), "p_lower": c.p_lower.tolist(),
+            "p_upper_other": c.p_upper_other.tolist(), "sigma": c.sigma, "first_layer_norm": c.first_layer_norm,
+            "alpha": c.alpha, "samples": c.samples} for p, c in per.items()}}))
 
 
 def _write_certificates(path: Path, per: dict[str, Certificate], y) -> None:
