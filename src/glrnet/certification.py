@@ -266,7 +266,8 @@ def run_certified(spec_file: str | Path, out: str | Path, data_dir: str | None =
                                                     f"{spec.name} / {d['name']} (L2)", quiet, after_model=after)
             timings["attacks_s"] = time.perf_counter() - t3
             empirical = _empirical(robust_rows, checks, models)
-        section = _dataset_table(spec, d, rows, empirical, checks, data, n_cert, attack_images, st, timings)
+        section = _dataset_table(spec, d, rows, empirical, checks, data, n_cert, attack_images, st, timings,
+                                 check_eps if check_eps is not None else list(spec.radii))
         atomic_write_text(folder / "certified.md", section)
         from .plots import figure_certified
         figure_certified(folder / "certified_accuracy.png", {n: c["vote"] for n, c in certs.items() if "vote" in c}
@@ -348,7 +349,7 @@ def _empirical(rows: list[dict], checks: list[dict], models: dict) -> dict:
 
 
 def _dataset_table(spec: CertifiedSpec, d: dict, rows, empirical, checks, data, n_cert, attack_images, st,
-                   timings) -> str:
+                   timings, escalated_at) -> str:
     radii = spec.radii
     c = spec.certify
     lines = [f"## {d['name']}: {data.summary()}", "",
@@ -356,8 +357,9 @@ def _dataset_table(spec: CertifiedSpec, d: dict, rows, empirical, checks, data, 
              f"{n_cert} test images; radius σ/‖W₁‖₂ · Φ⁻¹(p̲_A) (vote, Clopper–Pearson) or σ/‖W₁‖₂ · (Φ⁻¹(p̲_A) − "
              f"Φ⁻¹(p̄_B))/2 (LAP, Hoeffding). Clean accuracy: LAP (K from the run) on the whole test set. "
              f"Empirical: the L2 adaptive worst case on the first {min(attack_images, n_cert)} of them "
-             f"(robustness.md: APGD-L2 through every surrogate with EOT {st.eot_samples}, SPSA, random "
-             f"directions; escalated at ε = {', '.join(f'{r:g}' for r in radii)}), for the same predictor.", "",
+             f"(robustness.md: APGD-L2 and PGD-L2 through every surrogate with EOT {st.eot_samples}, SPSA, "
+             f"random directions; escalated at ε = {', '.join(f'{r:g}' for r in escalated_at)}), for the same "
+             "predictor.", "",
              "| model | predictor | clean (LAP) | σ/‖W₁‖₂ | abstain | "
              + " | ".join(f"certified r={r:g}" for r in radii) + " | "
              + " | ".join(f"empirical ε={r:g}" for r in radii) + " | train s |",
