@@ -75,6 +75,9 @@ def test_weight_site_saves_loads_and_predicts(tmp_path):
     torch.testing.assert_close(p, glrnet.predict_proba(model, x, "lap", 200, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="unknown perturbation site"):
         glrnet.NoisyLinear(2, 2, site="synapse")
+    from glrnet.surrogates import surrogates_for
+    assert surrogates_for(back) == ["exact"]            # no likelihood-ratio input gradient without unit noise first
+    assert surrogates_for(mlp(("activity", "weight"))[0]) == ["exact", "lr"]
 
 
 def smoothed_gradient_samples(model, x, y, sigma, n, seed=7):

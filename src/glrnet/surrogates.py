@@ -46,11 +46,14 @@ def surrogates_for(model: NoisySequential) -> list[str]:
     ``lr``: no derivative of φ at all: the likelihood-ratio estimate of ∇ₓ E[softmax].
     """
     acts = {a for a in model.activations() if a is not None}
+    from .layers import probe
+    pr = probe(model, model._example()) if getattr(model, "input_shape", None) else None
+    lr = [] if pr is not None and pr.layers[pr.order[0]].site != "activity" else ["lr"]   # needs unit noise first
     if all(is_smooth(a) for a in acts):
-        return ["exact", "lr"]
+        return ["exact"] + lr
     if "threshold" in acts:
-        return ["gauss", "sigmoid:1", "sigmoid:4", "ste", "lr"]
-    return ["gauss", "ste", "lr"]
+        return ["gauss", "sigmoid:1", "sigmoid:4", "ste"] + lr
+    return ["gauss", "ste"] + lr
 
 
 class _Surrogate(torch.autograd.Function):
