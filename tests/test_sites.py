@@ -3,6 +3,7 @@ finite differences, alone and beside activity noise, dense and convolutional), t
 alternatives with GLR's interface (ES, SPSA, forward gradients: each unbiased for what it
 estimates), scale-aware noise and parameter-free normalisation."""
 
+import json
 import math
 
 import pytest
@@ -163,6 +164,18 @@ def test_relative_noise_sets_sigma_from_the_noise_free_preactivation():
     assert float(model[1].noise.stddev) == pytest.approx(stds[1])
 
 
+def test_relative_weight_noise_tracks_the_weights_scale():
+    model, x, _ = mlp(("weight", "activity"))
+    before = float(model[1].noise.stddev)
+    stds = rescale_noise_(model, x, weight_ratio=0.25)
+    assert list(stds) == [0]                                      # the activity layer keeps its σ
+    assert stds[0] == pytest.approx(0.25 * model[0].weight.pow(2).mean().sqrt().item(), rel=1e-6)
+    assert float(model[1].noise.stddev) == before
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    assert rescale_noise_(model, x, 0.5, 0.25)[0] == pytest.approx(3 * stds[0], rel=1e-6)
+
+
 def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
     from glrnet.checkpoint import load_model
     from glrnet.train import TrainConfig, build_model, train
@@ -171,6 +184,8 @@ def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
     model = build_model(cfg, (8, 8), 10)
     assert [m.site for m in model.noisy_layers] == ["weight", "activity"]
     assert any(isinstance(m, torch.nn.GroupNorm) and not m.affine for m in model)
+    first = build_model(TrainConfig(arch="lenet", hidden=[], weight_noise="first").validate(), (28, 28), 10)
+    assert [m.site for m in first.noisy_layers] == ["weight", "activity", "activity"]
     kinds = [type(m).__name__ for m in build_model(TrainConfig(arch="lenet", hidden=[]), (28, 28), 10)]
     assert kinds == ["NoisyConv2d", "MaxPool2d", "NoisyConv2d", "MaxPool2d", "Flatten", "NoisyLinear"]
     common = dict(dataset="digits", subset=200, epochs=1, replications=8, eval_replications=4, lap_replications=8)
@@ -182,6 +197,7 @@ def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
     assert len({float(m.noise.stddev) for m in model.noisy_layers}) == 2     # each layer its own σ, saved
     for bad, match in ((dict(weight_noise="some"), "unknown weight noise"), (dict(norm="batch"), "unknown norm"),
                        (dict(relative_noise=0.0), "relative noise must be > 0"),
+                       (dict(relative_weight_noise=0.5), "needs GLR with weight-site layers"),
                        (dict(method="forward", activation="threshold"), "smooth activation")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad).validate()
@@ -199,14 +215,27 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
     assert "| forward | threshold" not in quality            # not applicable: skipped, not run
     training = (tmp_path / "out" / "training_digits.md").read_text()
     assert "| combined | threshold | zero_one |" in training and (tmp_path / "out" / "progress_digits.png").exists()
+    long = (tmp_path / "out" / "long" / "training_digits.md").read_text()     # the named section, on its own
+    assert "| bp | sigmoid | cross_entropy |" in long and "| zero_one |" not in long
+    final = (tmp_path / "out" / "long" / "quality_final_digits.md").read_text()   # GLR runs only, each K
+    assert "| combined | threshold | cross_entropy | 4 |" in final and "| 8 |" in final and "| bp |" not in final
+    assert json.loads((tmp_path / "out" / "long" / "digits" / "runs" / "bp-sigmoid-cross_entropy" / "metrics.json")
+                      .read_text())["config"]["epochs"] == 2
     packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
-    assert "combined" in packaged["techniques"] and packaged["training"]["seconds"] == 180
+    assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
+    assert [t.get("name") for t in packaged["training"]] == [None, "hour", "hour-resnet"]
     bad = tmp_path / "bad.toml"
     bad.write_text(spec.read_text().replace("budget = 8", "budgett = 8"))
     with pytest.raises(ValueError, match=r"unknown key\(s\) budgett in \[quality\]"):
         load_scale_spec(bad)
     bad.write_text(spec.read_text().replace('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]'))
     with pytest.raises(ValueError, match=r"\[training\] runs take"):
+        load_scale_spec(bad)
+    bad.write_text(spec.read_text().replace('name = "long"', ''))
+    with pytest.raises(ValueError, match=r"needs its own name"):
+        load_scale_spec(bad)
+    bad.write_text(spec.read_text().replace('datasets = ["digits"]', 'datasets = ["mnist"]'))
+    with pytest.raises(ValueError, match=r"datasets name 'mnist', which is not a \[\[datasets\]\] name"):
         load_scale_spec(bad)
 
 

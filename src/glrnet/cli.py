@@ -98,13 +98,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "(forward gradients, activity perturbation; smooth units)")
     g.add_argument("--replications", type=int, default=d.replications, help="K noisy replications per input (es, "
                    "spsa, forward: forward passes per input and step)")
-    g.add_argument("--weight-noise", choices=["none", "conv", "all"], default=d.weight_noise,
+    g.add_argument("--weight-noise", choices=["none", "first", "conv", "all"], default=d.weight_noise,
                    help="perturbation site: which noisy layers carry their noise on their parameters (weight "
                         "site, one draw per replication) instead of their units")
     g.add_argument("--weight-noise-std", type=float, default=d.weight_noise_std,
                    help="σ of the parameter noise (weight site; also ES's σ and SPSA's ε)")
     g.add_argument("--relative-noise", type=float, default=None, help="scale-aware noise: before every step, σ of "
                    "each activity-noise layer = this × the RMS of its noise-free pre-activation on the batch")
+    g.add_argument("--relative-weight-noise", type=float, default=None, help="scale-aware weight noise: before "
+                   "every step, σ of each weight-noise layer = this × the RMS of its weight")
     g.add_argument("--local-losses", action="store_true", help="convolutional archs: a linear head per block, "
                    "each block trained by GLR from its own head's loss with noise in that block only (Ren et al. "
                    "2023; changes the objective)")

@@ -377,28 +377,36 @@ class Layout:
 
 
 @torch.no_grad()
-def rescale_noise_(model: nn.Module, x: Tensor, ratio: float) -> dict[int, float]:
-    """Scale-aware noise: give every activity-site noisy layer the noise of its family with standard
-    deviation ``ratio`` × the RMS of its noise-free pre-activation on the batch ``x`` (weight-site
-    layers keep theirs). Called before each estimate, σ is then a function of (θ, batch) alone, held
-    fixed during the estimate: the GLR estimate stays unbiased for ∇θ E[L] at that σ. Returns
-    {layer index: new σ}."""
+def rescale_noise_(model: nn.Module, x: Tensor | None, ratio: float | None = None,
+                   weight_ratio: float | None = None) -> dict[int, float]:
+    """Scale-aware noise. ``ratio``: give every activity-site noisy layer the noise of its family with
+    standard deviation ``ratio`` × the RMS of its noise-free pre-activation on the batch ``x``;
+    ``weight_ratio``: every weight-site layer σ = ``weight_ratio`` × the RMS of its weight (kernel), so
+    that the parameter noise keeps its size relative to weights that grow (a threshold unit is
+    invariant to the scale of its weights; an absolute σ would shrink relative to them). Called before
+    each estimate, σ is then a function of (θ, batch) alone, held fixed during the estimate: the GLR
+    estimate stays unbiased for ∇θ E[L] at that σ. Returns {layer index: new σ}."""
     from .noise import family
     layers = noisy_layers(model)
-    x = model.bind(x) if hasattr(model, "bind") else x
-    with Injection(layers, 1, x.shape[0], record=True) as inj:
-        model(x)
+    targets = {}
+    if weight_ratio is not None:
+        for i, layer in enumerate(layers):
+            if layer.site == "weight":
+                targets[i] = weight_ratio * layer.weight.double().pow(2).mean().sqrt().item()
+    if ratio is not None:
+        x = model.bind(x) if hasattr(model, "bind") else x
+        with Injection(layers, 1, x.shape[0], record=True) as inj:
+            model(x)
+        for i, z in inj.preactivations.items():
+            if layers[i].site == "activity":
+                targets[i] = ratio * z.double().pow(2).mean().sqrt().item()
     out = {}
-    for i, z in inj.preactivations.items():
-        layer = layers[i]
-        if layer.site != "activity":
-            continue
-        fam = family(layer.noise)
+    for i, std in sorted(targets.items()):
+        fam = family(layers[i].noise)
         if fam is None:
-            raise ValueError(f"relative noise: noise {layer.noise} has no registered family to rebuild at a new σ")
-        std = max(ratio * z.double().pow(2).mean().sqrt().item(), 1e-6)
-        layer.noise = fam.from_std(std)
-        out[i] = std
+            raise ValueError(f"relative noise: noise {layers[i].noise} has no registered family to rebuild at a new σ")
+        layers[i].noise = fam.from_std(max(std, 1e-6))
+        out[i] = max(std, 1e-6)
     return out
 
 

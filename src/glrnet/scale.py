@@ -49,7 +49,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 SECTIONS = ("experiment", "datasets", "defaults", "techniques", "quality", "training")
 QUALITY_KEYS = ("dataset", "units", "losses", "budget", "samples", "batch", "techniques")
-TRAINING_KEYS = ("seconds", "clock", "eval_every", "runs", "thresholds", "epochs")
+TRAINING_KEYS = ("name", "datasets", "seconds", "clock", "eval_every", "runs", "thresholds", "epochs",
+                 "final_quality", "final_samples")
 
 
 def is_scale_spec(path: Path) -> bool:
@@ -81,7 +82,13 @@ def load_scale_spec(path: str | Path) -> dict:
 
     check(raw, SECTIONS, "the file (sections)")
     check(raw.get("quality", {}), QUALITY_KEYS, "[quality]")
-    check(raw.get("training", {}), TRAINING_KEYS, "[training]")
+    trainings = raw.get("training", [])
+    trainings = [trainings] if isinstance(trainings, dict) else list(trainings)   # [training] or [[training]]
+    names = [t.get("name", "") for t in trainings]
+    for t in trainings:
+        check(t, TRAINING_KEYS, "[training]" + (f" {t['name']!r}" if t.get("name") else ""))
+    if len(set(names)) != len(names):
+        raise ValueError(f"spec {path}: every [[training]] needs its own name (at most one without), got {names}")
     datasets = raw.get("datasets", [])
     if not datasets:
         raise ValueError(f"spec {path}: a scale spec needs at least one [[datasets]]")
@@ -97,15 +104,19 @@ def load_scale_spec(path: str | Path) -> dict:
         except ValueError as e:
             raise ValueError(f"spec {path}, technique {name!r}: {e}") from None
         techniques[name] = (label or name, opts)
-    q, tr = raw.get("quality", {}), raw.get("training", {})
+    q = raw.get("quality", {})
     for name in q.get("techniques", list(techniques)):
         if name not in techniques:
             raise ValueError(f"spec {path}: [quality] technique {name!r} is not a [[techniques]] entry")
-    for run in tr.get("runs", []):
-        if len(run) != 3 or run[0] not in techniques:
-            raise ValueError(f"spec {path}: [training] runs take [technique, unit, loss], got {run!r}")
+    for tr in trainings:
+        for dname in tr.get("datasets", []):
+            if dname not in [d.get("name") for d in datasets]:
+                raise ValueError(f"spec {path}: [training] datasets name {dname!r}, which is not a [[datasets]] name")
+        for run in tr.get("runs", []):
+            if len(run) != 3 or run[0] not in techniques:
+                raise ValueError(f"spec {path}: [training] runs take [technique, unit, loss], got {run!r}")
     return {"name": raw.get("experiment", {}).get("name", path.stem), "notes": raw.get("experiment", {}).get("notes", ""),
-            "datasets": datasets, "techniques": techniques, "quality": q, "training": tr}
+            "datasets": datasets, "techniques": techniques, "quality": q, "training": trainings}
 
 
 def _config(opts: dict, data_opts: dict, **over) -> TrainConfig:
@@ -134,11 +145,12 @@ def _one_estimate(producer, model, x, y) -> list[torch.Tensor]:
     return out
 
 
-def gradient_quality(cfg: TrainConfig, data, x, y, samples: int) -> dict:
-    """Per noisy layer: NSR, implied cosine, seconds per estimate (and cos to BP where BP applies)."""
-    model = _initial_model(cfg, data)
-    if cfg.relative_noise is not None:
-        rescale_noise_(model, x, cfg.relative_noise)
+def gradient_quality(cfg: TrainConfig, data, x, y, samples: int, model=None) -> dict:
+    """Per noisy layer: NSR, implied cosine, seconds per estimate (and cos to BP where BP applies);
+    at the initial weights of ``cfg``, or at ``model``'s (e.g. a trained network)."""
+    model = _initial_model(cfg, data) if model is None else model
+    if cfg.relative_noise is not None or cfg.relative_weight_noise is not None:
+        rescale_noise_(model, x, cfg.relative_noise, cfg.relative_weight_noise)
     gen = torch.Generator().manual_seed(stream_seed(cfg.seed, 4))
     producer = build_producer(cfg, gen)
     _one_estimate(producer, model, x, y)            # warm-up (buffers), not timed
@@ -222,42 +234,13 @@ def run_scale(spec_file: str | Path, out: str | Path, data_dir: str | None = Non
                     atomic_write_csv(out / "quality.csv", rows, list(rows[0]))
         atomic_write_text(out / "quality.md", _quality_table(spec, rows, qname, B))
         summary["quality_rows"] = len(rows)
-    # ---- 2. accuracy after a fixed training time
-    for dname, d in datasets.items():
-        if only is not None and only not in (dname, d["dataset"]):
-            continue
-        runs = tr.get("runs", [])
-        if not runs:
-            break
-        o, data = data_of(dname)
-        rows = []
-        for tech, unit, loss in runs:
-            label, opts = techniques[tech]
-            cfg = _config(opts, o, activation=unit, loss=loss, max_seconds=float(tr.get("seconds", 300)),
-                          budget_clock=tr.get("clock", "cpu"),
-                          eval_every=int(tr.get("eval_every", 100)), epochs=int(tr.get("epochs", 100)), device=device)
-            if applicable(cfg) is not None:
-                continue
-            cfg.validate()
-            run_dir = out / dname / "runs" / f"{tech}-{unit}-{loss}"
-            m = train(cfg, run_dir, resume=True, quiet=True, data=data, progress=not quiet,
-                      desc=f"{dname}/{tech}-{unit}-{loss}")
-            progress = _read_progress(run_dir / "progress.csv")
-            row = {"dataset": dname, "technique": tech, "unit": unit, "loss": loss,
-                   "test_ot": m["test_accuracy_ot"], "test_lap": m["test_accuracy_lap"],
-                   "steps": m.get("steps"), "train_s": m["train_seconds"], "budget_s": m.get("budget_seconds"),
-                   "best_val_ot": max((p["val_acc_ot"] for p in progress), default=math.nan)}
-            for thr in tr.get("thresholds", [0.5, 0.8, 0.9]):
-                hit = next((p["budget_seconds"] for p in progress if p["val_acc_ot"] >= thr), None)
-                row[f"s_to_{thr:g}"] = math.nan if hit is None else hit
-            rows.append(row)
-            if not quiet:
-                print(f"[training] {dname} {tech} {unit} {loss}: test OT {row['test_ot']:.4f}"
-                      + (f" LAP {row['test_lap']:.4f}" if row["test_lap"] is not None else "")
-                      + f" after {row['train_s']:.0f}s ({row['steps']} steps)", flush=True)
-            atomic_write_csv(out / f"training_{dname}.csv", rows, list(rows[0]))
-        atomic_write_text(out / f"training_{dname}.md", _training_table(spec, rows, dname, tr))
-        _figure_progress(out / f"progress_{dname}.png", out / dname / "runs", rows, dname)
+    # ---- 2. accuracy after a fixed training time (each [[training]]: a named one into out/<name>/)
+    for tr in spec["training"]:
+        for dname, d in datasets.items():
+            if (only is None or only in (dname, d["dataset"])) and tr.get("runs") \
+                    and dname in tr.get("datasets", [dname]):
+                _train_section(spec, tr, out / tr["name"] if tr.get("name") else out, dname, *data_of(dname),
+                               device, quiet)
     summary["seconds"] = time.perf_counter() - t_start
     atomic_write_text(out / ("summary.json" if only is None else f"summary-{only}.json"),
                       json.dumps(summary, indent=1))
@@ -267,6 +250,85 @@ def run_scale(spec_file: str | Path, out: str | Path, data_dir: str | None = Non
     if not quiet:
         print(f"[scale] done in {summary['seconds']:.0f}s; outputs in {out}")
     return summary
+
+
+def _train_section(spec: dict, tr: dict, out: Path, dname: str, o: dict, data, device: str, quiet: bool) -> None:
+    """One [training] section on one dataset: each run to its time budget (resumable), then the tables."""
+    rows = []
+    for tech, unit, loss in tr.get("runs", []):
+        label, opts = spec["techniques"][tech]
+        cfg = _config(opts, o, activation=unit, loss=loss, max_seconds=float(tr.get("seconds", 300)),
+                      budget_clock=tr.get("clock", "cpu"), eval_every=int(tr.get("eval_every", 100)),
+                      epochs=int(opts.get("epochs", tr.get("epochs", 100))), device=device)   # a technique's own wins
+        if applicable(cfg) is not None:
+            continue
+        cfg.validate()
+        run_dir = out / dname / "runs" / f"{tech}-{unit}-{loss}"
+        m = train(cfg, run_dir, resume=True, quiet=True, data=data, progress=not quiet,
+                  desc=f"{dname}/{tech}-{unit}-{loss}")
+        progress = _read_progress(run_dir / "progress.csv")
+        row = {"dataset": dname, "technique": tech, "unit": unit, "loss": loss,
+               "test_ot": m["test_accuracy_ot"], "test_lap": m["test_accuracy_lap"],
+               "steps": m.get("steps"), "train_s": m["train_seconds"], "budget_s": m.get("budget_seconds"),
+               "best_val_ot": max((p["val_acc_ot"] for p in progress), default=math.nan)}
+        for thr in tr.get("thresholds", [0.5, 0.8, 0.9]):
+            hit = next((p["budget_seconds"] for p in progress if p["val_acc_ot"] >= thr), None)
+            row[f"s_to_{thr:g}"] = math.nan if hit is None else hit
+        rows.append(row)
+        if not quiet:
+            print(f"[training] {dname} {tech} {unit} {loss}: test OT {row['test_ot']:.4f}"
+                  + (f" LAP {row['test_lap']:.4f}" if row["test_lap"] is not None else "")
+                  + f" after {row['train_s']:.0f}s ({row['steps']} steps)", flush=True)
+        atomic_write_csv(out / f"training_{dname}.csv", rows, list(rows[0]))
+    if rows:
+        atomic_write_text(out / f"training_{dname}.md", _training_table(spec, rows, dname, tr))
+        _figure_progress(out / f"progress_{dname}.png", out / dname / "runs", rows, dname)
+    if rows and tr.get("final_quality"):
+        _final_quality(spec, tr, out, dname, o, data, device, quiet)
+
+
+def _final_quality(spec: dict, tr: dict, out: Path, dname: str, o: dict, data, device: str, quiet: bool) -> None:
+    """What limits a trained run: per-layer NSR at its final weights, at each budget K of
+    ``final_quality`` (NSR ∝ 1/√K tells how many noisy passes a useful step would need). Cached per
+    (run, K) beside the run, since a run's weights do not change once it is finished."""
+    from .checkpoint import load_model
+    samples = int(tr.get("final_samples", 32))
+    x, y = data.x_train[:32], data.y_train[:32]
+    rows = []
+    for tech, unit, loss in tr.get("runs", []):
+        label, opts = spec["techniques"][tech]
+        run_dir = out / dname / "runs" / f"{tech}-{unit}-{loss}"
+        if opts.get("method", "glr") == "bp" or not (run_dir / "model.safetensors").is_file():
+            continue
+        for K in tr["final_quality"]:
+            cache = run_dir / f"quality_final_K{K}.json"
+            if cache.is_file():
+                res = json.loads(cache.read_text())
+            else:
+                cfg = _config(opts, o, activation=unit, loss=loss, replications=int(K), device=device).validate()
+                model, _ = load_model(run_dir / "model.safetensors", device)
+                res = gradient_quality(cfg, data, x, y, samples, model=model)
+                atomic_write_text(cache, json.dumps(res))
+            rows += [{"technique": tech, "unit": unit, "loss": loss, "K": K, **r,
+                      "seconds_per_estimate": res["seconds_per_estimate"]} for r in res["layers"]]
+            if not quiet:
+                print(f"[final quality] {dname} {tech} K={K}: NSR "
+                      + ", ".join(f"{r['layer']} {r['nsr']:.3g}" for r in res["layers"]), flush=True)
+    if not rows:
+        return
+    atomic_write_csv(out / f"quality_final_{dname}.csv", rows, list(rows[0]))
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    lines = [f"# Gradient quality at the trained weights ({dname}; one batch of 32, {samples} estimates each)", "",
+             "Per noisy layer NSR = √(tr Cov ĝ)/‖E ĝ‖ and cos = 1/√(1 + NSR²) at the end of each run, for each "
+             "budget K of noisy forward passes per input (the run trained at the K of its technique).", "",
+             "| technique | unit | loss | K | " + " | ".join(f"{l} NSR / cos" for l in layers) + " | ms / estimate |",
+             "|---|---|---|---|" + "---|" * (len(layers) + 1)]
+    for key in dict.fromkeys((r["technique"], r["unit"], r["loss"], r["K"]) for r in rows):
+        rs = {r["layer"]: r for r in rows if (r["technique"], r["unit"], r["loss"], r["K"]) == key}
+        cells = ["–" if l not in rs else f"{rs[l]['nsr']:.3g} / {rs[l]['cos_true']:.3f}" for l in layers]
+        ms = next(iter(rs.values()))["seconds_per_estimate"] * 1000
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + f" | {ms:.0f} |")
+    atomic_write_text(out / f"quality_final_{dname}.md", "\n".join(lines) + "\n")
 
 
 def _read_progress(path: Path) -> list[dict]:

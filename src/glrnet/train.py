@@ -43,7 +43,7 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.o
 SCHEDULES = ("constant", "cosine", "step")
 METHODS = ("glr", "bp", "es", "spsa", "forward")   # forward-only alternatives: glrnet.alternatives
 PROJECTIONS = ("spectral", "stiefel")   # how --max-first-norm c constrains W₁ (glrnet.certify)
-WEIGHT_NOISE = ("none", "conv", "all")   # which noisy layers perturb their parameters (site "weight")
+WEIGHT_NOISE = ("none", "first", "conv", "all")   # which noisy layers perturb their parameters (site "weight")
 NORMS = ("none", "layer")                # "layer": LayerNorm / GroupNorm(1) without affine after hidden layers
 
 
@@ -102,9 +102,10 @@ class TrainConfig:
     max_first_norm: float | None = None   # project the first noisy layer's operator norm onto ≤ this after each step
     first_norm_projection: str = "spectral"   # "spectral": ‖W₁‖₂ ≤ c; "stiefel": every singular value = c
     input_noise_std: float | None = None  # input-space smoothing: a frozen identity first layer with noise σ_in
-    weight_noise: str = "none"            # which noisy layers carry their noise on their parameters: none, conv, all
+    weight_noise: str = "none"            # which noisy layers carry their noise on their parameters: none, first, conv, all
     weight_noise_std: float = 0.05        # σ of that parameter noise; also ES's σ and SPSA's ε
     relative_noise: float | None = None   # σ of every activity-noise layer = this × RMS of its noise-free pre-activation
+    relative_weight_noise: float | None = None   # σ of every weight-noise layer = this × RMS of its weight
     norm: str = "none"                    # parameter-free normalisation after every hidden noisy layer: none, layer
     local_losses: bool = False            # conv archs: a linear head per block, each block trained from its own loss
     max_seconds: float | None = None      # stop training after this much training time (checkpoint kept)
@@ -158,6 +159,10 @@ class TrainConfig:
                   (self.weight_noise_std > 0, f"weight noise std must be > 0, got {self.weight_noise_std}"),
                   (self.relative_noise is None or self.relative_noise > 0,
                    f"relative noise must be > 0, got {self.relative_noise}"),
+                  (self.relative_weight_noise is None or self.relative_weight_noise > 0,
+                   f"relative weight noise must be > 0, got {self.relative_weight_noise}"),
+                  (self.relative_weight_noise is None or (self.method == "glr" and self.weight_noise != "none"),
+                   "relative weight noise needs GLR with weight-site layers (--weight-noise conv or all)"),
                   (self.norm in NORMS, f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}"),
                   (self.max_seconds is None or self.max_seconds > 0, f"max seconds must be > 0, got {self.max_seconds}"),
                   (self.eval_every >= 0, f"eval every must be ≥ 0 steps, got {self.eval_every}"),
@@ -246,9 +251,11 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     model = _build_model(cfg, image_shape, num_classes)
     if cfg.weight_noise != "none":
         wnoise = make_noise(cfg.noise, cfg.weight_noise_std)
-        for m in model.noisy_layers:
-            if m.weight.requires_grad and (cfg.weight_noise == "all" or isinstance(m, NoisyConv2d)):
-                m.site, m.noise = "weight", wnoise
+        trainable = [m for m in model.noisy_layers if m.weight.requires_grad]
+        chosen = {"first": trainable[:1], "conv": [m for m in trainable if isinstance(m, NoisyConv2d)],
+                  "all": trainable}[cfg.weight_noise]
+        for m in chosen:   # "first": the first trainable layer only (few parameters: ES-style NSR ≈ √(P/K) stays small)
+            m.site, m.noise = "weight", wnoise
     return model
 
 
@@ -492,8 +499,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
             idx = order[start:start + cfg.batch_size]
             xb, yb = dist_utils.shard_batch(data.x_train[idx], data.y_train[idx], cfg)
             opt.zero_grad(set_to_none=True)
-            if cfg.relative_noise is not None:   # σ of each layer from this batch's noise-free pass (θ, batch only)
-                rescale_noise_(model, xb, cfg.relative_noise)
+            if cfg.relative_noise is not None or cfg.relative_weight_noise is not None:
+                rescale_noise_(model, xb, cfg.relative_noise, cfg.relative_weight_noise)   # σ from (θ, batch) only
             stats = producer.backward(model, xb, yb)
             opt.step()
             if first_norm is not None:
