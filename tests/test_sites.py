@@ -223,7 +223,7 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
                       .read_text())["config"]["epochs"] == 2
     packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
     assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
-    assert [t.get("name") for t in packaged["training"]] == [None, "hour", "hour-resnet"]
+    assert [t.get("name") for t in packaged["training"]] == [None, "alone", "hour", "hour-resnet"]
     bad = tmp_path / "bad.toml"
     bad.write_text(spec.read_text().replace("budget = 8", "budgett = 8"))
     with pytest.raises(ValueError, match=r"unknown key\(s\) budgett in \[quality\]"):

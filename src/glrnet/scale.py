@@ -18,7 +18,12 @@ gradient producer (``method = "es" | "spsa" | "forward" | "bp"``). Two measureme
    noise-free network. Each technique's own objective: E[L] of the noisy network (GLR), E[L with
    noise in layer l only] (layer-wise), E[L(θ + e)] (weight site, ES), L (SPSA, forward gradient, BP).
 2. ``[training]`` — accuracy after a fixed training time (``seconds``) per (technique, unit, loss),
-   with the validation accuracy every ``eval_every`` steps (time to accuracy against BP).
+   with the validation accuracy every ``eval_every`` steps (time to accuracy against BP). A spec may
+   have several: ``[[training]]`` tables, each but one with a ``name`` (its outputs go into
+   ``out/<name>/``) and optionally ``datasets`` (the [[datasets]] names it runs on); a technique's own
+   ``epochs`` wins over the section's (a cosine schedule spans the technique's epochs).
+   ``final_quality = [K, ...]``: after the runs, the per-layer NSR at each run's trained weights at
+   those budgets (what limits a run at its end, and how it scales with K).
 
 ``glrnet reproduce --spec scale --data-dir ../shared/data --out results/scale`` writes
 ``quality.csv`` / ``quality.md``, ``training.csv`` / ``training.md``, ``progress_<dataset>.png``.
