@@ -162,7 +162,7 @@ class TrainConfig:
                   (self.relative_weight_noise is None or self.relative_weight_noise > 0,
                    f"relative weight noise must be > 0, got {self.relative_weight_noise}"),
                   (self.relative_weight_noise is None or (self.method == "glr" and self.weight_noise != "none"),
-                   "relative weight noise needs GLR with weight-site layers (--weight-noise conv or all)"),
+                   "relative weight noise needs GLR with weight-site layers (--weight-noise first, conv or all)"),
                   (self.norm in NORMS, f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}"),
                   (self.max_seconds is None or self.max_seconds > 0, f"max seconds must be > 0, got {self.max_seconds}"),
                   (self.eval_every >= 0, f"eval every must be ≥ 0 steps, got {self.eval_every}"),
