@@ -225,18 +225,15 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
     assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
     assert [t.get("name") for t in packaged["training"]] == [None, "alone", "hour", "hour-resnet"]
     bad = tmp_path / "bad.toml"
-    bad.write_text(spec.read_text().replace("budget = 8", "budgett = 8"))
-    with pytest.raises(ValueError, match=r"unknown key\(s\) budgett in \[quality\]"):
-        load_scale_spec(bad)
-    bad.write_text(spec.read_text().replace('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]'))
-    with pytest.raises(ValueError, match=r"\[training\] runs take"):
-        load_scale_spec(bad)
-    bad.write_text(spec.read_text().replace('name = "long"', ''))
-    with pytest.raises(ValueError, match=r"needs its own name"):
-        load_scale_spec(bad)
-    bad.write_text(spec.read_text().replace('datasets = ["digits"]', 'datasets = ["mnist"]'))
-    with pytest.raises(ValueError, match=r"datasets name 'mnist', which is not a \[\[datasets\]\] name"):
-        load_scale_spec(bad)
+    for old, new, match in (("budget = 8", "budgett = 8", r"unknown key\(s\) budgett in \[quality\]"),
+                            ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',
+                             r"\[training\] runs take"),
+                            ('name = "long"', "", r"needs its own name"),
+                            ('datasets = ["digits"]', 'datasets = ["mnist"]',
+                             r"datasets name 'mnist', which is not a \[\[datasets\]\] name")):
+        bad.write_text(spec.read_text().replace(old, new))
+        with pytest.raises(ValueError, match=match):
+            load_scale_spec(bad)
 
 
 def test_local_losses_estimate_each_blocks_own_objective(float64):

@@ -305,13 +305,15 @@ def _final_quality(spec: dict, tr: dict, out: Path, dname: str, o: dict, data, d
         run_dir = out / dname / "runs" / f"{tech}-{unit}-{loss}"
         if opts.get("method", "glr") == "bp" or not (run_dir / "model.safetensors").is_file():
             continue
+        model = None                  # loaded once per run, only if some K is not cached
         for K in tr["final_quality"]:
             cache = run_dir / f"quality_final_K{K}.json"
             if cache.is_file():
                 res = json.loads(cache.read_text())
             else:
                 cfg = _config(opts, o, activation=unit, loss=loss, replications=int(K), device=device).validate()
-                model, _ = load_model(run_dir / "model.safetensors", device)
+                if model is None:
+                    model, _ = load_model(run_dir / "model.safetensors", device)
                 res = gradient_quality(cfg, data, x, y, samples, model=model)
                 atomic_write_text(cache, json.dumps(res))
             rows += [{"technique": tech, "unit": unit, "loss": loss, "K": K, **r,
