@@ -70,19 +70,20 @@ def cnn():
     return tiny_cnn()
 
 
-def weight_site(build, which=(nn.Conv2d, nn.Linear), first_only=False):
-    """The same problem with the noise of some layers on their parameters (``site = "weight"``)."""
+def weight_site(build, which=(nn.Conv2d, nn.Linear), first_only=False, site="weight"):
+    """The same problem with the noise of some layers on their parameters (``site = "weight"`` or "flipout")."""
     def make():
         model, x, y = build()
         layers = [m for m in glrnet.layers.noisy_layers(model) if isinstance(m, which)]
         for m in layers[:1] if first_only else layers:
-            m.site = "weight"
+            m.site = site
         return model, x, y
     return make
 
 
 MODELS = {"mlp": mlp, "cnn": cnn, "residual": residual_cnn, "mlp-weight": weight_site(mlp, first_only=True),
-          "cnn-weight": weight_site(cnn, which=nn.Conv2d)}
+          "cnn-weight": weight_site(cnn, which=nn.Conv2d), "mlp-flipout": weight_site(mlp, site="flipout"),
+          "cnn-flipout": weight_site(cnn, which=nn.Conv2d, site="flipout")}
 
 
 def replay_reference(model, x, y, est, rec):
@@ -124,6 +125,21 @@ def test_fast_path_equals_reference_on_the_same_noise(float64, model_name, sampl
         assert len(fast) == len(ref) == len(list(model.parameters()))
         for f, r in zip(fast, ref):
             torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_chunks_of_one_replication_under_the_chunked_baseline(float64, model_name):
+    """A chunk of k = 1 has B rows in every layer: only its first noisy layer's input is shared by the
+    chunks (a regression: the others' inputs were once taken as shared, i.e. from the last chunk)."""
+    from test_cnn import tiny_cnn
+    model, x, y = small_problem([5, 4, 4, 3], batch=16) if model_name == "mlp" else tiny_cnn(batch=16)
+    rec = Recording(get_sampler("iid"))        # B = 16: any chunk draws whole blocks of 16, so k = 1 is allowed
+    est = glrnet.GLR(replications=8, baseline=True, sampler=rec, memory_budget_mb=1e-6, prefetch=False,
+                     generator=torch.Generator().manual_seed(3))
+    fast, stats = est.estimate(model, x, y)
+    assert stats.chunks == 8
+    for f, r in zip(fast, replay_reference(model, x, y, est, rec)):
+        torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12)
 
 
 def test_the_reference_is_the_formula_for_a_linear_layer(float64):

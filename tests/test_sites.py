@@ -31,7 +31,8 @@ def glr_samples(model, x, y, n, seed=1, **kw):
 
 
 @pytest.mark.parametrize("sampler,baseline", [("iid", True), ("iid", False), ("antithetic", True), ("qmc", False)])
-@pytest.mark.parametrize("sites", [("weight", "weight"), ("weight", "activity")], ids=["weight", "mixed"])
+@pytest.mark.parametrize("sites", [("weight", "weight"), ("weight", "activity"), ("flipout", "flipout"),
+                                   ("flipout", "activity")], ids=["weight", "mixed", "flipout", "flipout-mixed"])
 def test_weight_site_unbiased_vs_pathwise(float64, sites, sampler, baseline):
     model, x, y = mlp(sites)
     glr = glr_samples(model, x, y, n=120, replications=512, sampler=sampler, baseline=baseline)
@@ -40,21 +41,23 @@ def test_weight_site_unbiased_vs_pathwise(float64, sites, sampler, baseline):
     assert not means_equal(0.8 * glr, path)[0]          # the test can tell a 20 % bias
 
 
-def test_weight_site_convolutions_unbiased_vs_pathwise(float64):
+@pytest.mark.parametrize("site", ["weight", "flipout"])
+def test_weight_site_convolutions_unbiased_vs_pathwise(float64, site):
     from test_cnn import tiny_cnn
     net, x, y = tiny_cnn()
     for m in glrnet.layers.noisy_layers(net):
         if isinstance(m, torch.nn.Conv2d):
-            m.site, m.noise = "weight", Normal(0.0, 0.3)
+            m.site, m.noise = site, Normal(0.0, 0.3)
     glr = glr_samples(net, x, y, n=120, replications=400)
     path = pathwise_samples(net, x, y, n=120, replications=400)
     print(assert_means_equal(glr, path))
     assert not means_equal(0.8 * glr, path)[0]
 
 
-def test_weight_site_threshold_zero_one_unbiased_vs_finite_differences(float64):
+@pytest.mark.parametrize("site", ["weight", "flipout"])
+def test_weight_site_threshold_zero_one_unbiased_vs_finite_differences(float64, site):
     from test_estimator import fd_and_glr_columns
-    model, x, y = mlp(("weight", "activity"), stds=(1.0, 1.0), activation="threshold", seed=3, batch=4)
+    model, x, y = mlp((site, "activity"), stds=(1.0, 1.0), activation="threshold", seed=3, batch=4)
     with torch.no_grad():
         model[0].weight.mul_(3.0)
     n, k = 100, 1024
@@ -64,12 +67,55 @@ def test_weight_site_threshold_zero_one_unbiased_vs_finite_differences(float64):
     assert (glr_sel.mean(0).abs() / (glr_sel.std(0) / math.sqrt(n))).max() > 5
 
 
-def test_weight_site_saves_loads_and_predicts(tmp_path):
+@pytest.mark.parametrize("layer", [glrnet.NoisyLinear(5, 3), glrnet.NoisyConv2d(4, 6, 3, padding=1, groups=2),
+                                   glrnet.NoisyConv2d(3, 2, 2, stride=2, bias=False)], ids=["linear", "grouped", "conv"])
+def test_flipout_effect_is_the_layer_at_per_input_sign_flipped_parameters(float64, layer):
+    """layer(hₙ ⊙ ς; e) ⊙ ρ = layer(hₙ; θ + e ⊙ Mₖₙ) − layer(hₙ; θ), parameter by parameter, and the batch
+    contraction ``flip_sum`` is Σₙ aₙ Mₙ."""
+    layer = layer.double()
+    k, B = 3, 4
+    h = torch.rand(B, *((5,) if isinstance(layer, torch.nn.Linear) else (layer.in_channels, 6, 6)))
+    r = torch.randn(k, B, layer.parameter_count + layer.flip_width)
+    e, rho, vs = layer.flip_split(r)
+    assert set(rho.unique().tolist()) | set(vs.unique().tolist()) == {-1.0, 1.0}
+    got = layer.flip_effect(h, e, rho, vs, k, B)
+    mask = layer.flip_mask(rho, vs)
+    for kk in range(k):
+        for n in range(B):
+            params = [p + d for p, d in zip(layer.parameters(), layer.split_parameters(e[kk] * mask[kk, n]))]
+            names = [name for name, _ in layer.named_parameters()]
+            want = torch.func.functional_call(layer, dict(zip(names, params)), (h[n:n + 1],)) - layer(h[n:n + 1])
+            torch.testing.assert_close(got[kk, n], want[0])
+    a = torch.randn(k, B)
+    torch.testing.assert_close(layer.flip_sum(a, rho, vs), torch.einsum("kb,kbp->kp", a, mask))
+
+
+def test_flipout_needs_symmetric_noise_and_averages_over_the_batch(float64):
+    """Flipout refuses a noise a sign flip would change. Its own-perturbation variance is Σₙ‖gₙ‖² against
+    the shared perturbation's ‖Σₙ gₙ‖² (gₙ: input n's gradient), to first order; on a batch whose inputs
+    agree (one input 32 times) the ratio is 1/B + 2/(P + 2) ≈ 0.15 (B = 32, P = 15), at the same K, σ and
+    unbiased target."""
+    model, x, y = mlp(("flipout", "activity"))
+    model[0].noise = torch.distributions.Gumbel(0.0, 1.0)
+    with pytest.raises(ValueError, match="site 'flipout', which needs noise symmetric"):
+        glrnet.GLR(replications=4).estimate(model, x, y)
+    traces = {}
+    for site in ("weight", "flipout"):
+        model, x, y = mlp((site, "activity"), stds=(0.3, 0.01), batch=1)
+        g = glr_samples(model, x.repeat(32, 1), y.repeat(32), n=60, replications=32, baseline=True)
+        traces[site] = g[:, :model[0].parameter_count].var(0).sum().item()
+    # a variance trace from 60 draws has relative SE ≈ √(2/59) ≈ 0.18, the ratio ≈ 0.26: 0.35 is > 4 SE above
+    # the expected 0.15, and an estimator that does not average over the batch (ratio ~1) fails it
+    assert traces["flipout"] < 0.35 * traces["weight"], traces
+
+
+@pytest.mark.parametrize("site", ["weight", "flipout"])
+def test_weight_site_saves_loads_and_predicts(tmp_path, site):
     from glrnet.checkpoint import load_model, save_model
-    model, x, _ = mlp(("weight", "activity"))
+    model, x, _ = mlp((site, "activity"))
     save_model(tmp_path / "m.safetensors", model)
     back, _ = load_model(tmp_path / "m.safetensors")
-    assert [m.site for m in back.noisy_layers] == ["weight", "activity"]
+    assert [m.site for m in back.noisy_layers] == [site, "activity"]
     assert [float(m.noise.stddev) for m in back.noisy_layers] == [pytest.approx(0.3), pytest.approx(0.5)]
     g = torch.Generator().manual_seed(0)
     p = glrnet.predict_proba(back, x, "lap", 200, generator=g)
@@ -186,6 +232,8 @@ def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
     assert any(isinstance(m, torch.nn.GroupNorm) and not m.affine for m in model)
     first = build_model(TrainConfig(arch="lenet", hidden=[], weight_noise="first").validate(), (28, 28), 10)
     assert [m.site for m in first.noisy_layers] == ["weight", "activity", "activity"]
+    flip = build_model(TrainConfig(arch="lenet", hidden=[], weight_noise="conv", flipout=True).validate(), (28, 28), 10)
+    assert [m.site for m in flip.noisy_layers] == ["flipout", "flipout", "activity"]
     kinds = [type(m).__name__ for m in build_model(TrainConfig(arch="lenet", hidden=[]), (28, 28), 10)]
     assert kinds == ["NoisyConv2d", "MaxPool2d", "NoisyConv2d", "MaxPool2d", "Flatten", "NoisyLinear"]
     common = dict(dataset="digits", subset=200, epochs=1, replications=8, eval_replications=4, lap_replications=8)
@@ -198,6 +246,8 @@ def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
     for bad, match in ((dict(weight_noise="some"), "unknown weight noise"), (dict(norm="batch"), "unknown norm"),
                        (dict(relative_noise=0.0), "relative noise must be > 0"),
                        (dict(relative_weight_noise=0.5), "needs GLR with weight-site layers"),
+                       (dict(flipout=True), "flipout needs GLR with weight-site layers"),
+                       (dict(flipout=True, weight_noise="conv", method="es"), "flipout needs GLR"),
                        (dict(method="forward", activation="threshold"), "smooth activation")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad).validate()
@@ -223,7 +273,7 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
                       .read_text())["config"]["epochs"] == 2
     packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
     assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
-    assert [t.get("name") for t in packaged["training"]] == [None, "alone", "hour", "hour-resnet"]
+    assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight"]
     bad = tmp_path / "bad.toml"
     for old, new, match in (("budget = 8", "budgett = 8", r"unknown key\(s\) budgett in \[quality\]"),
                             ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',

@@ -101,6 +101,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-noise", choices=["none", "first", "conv", "all"], default=d.weight_noise,
                    help="perturbation site: which noisy layers carry their noise on their parameters (weight "
                         "site, one draw per replication) instead of their units")
+    g.add_argument("--flipout", action="store_true", help="weight site with flipout: each input of a batch sees "
+                   "the replication's parameter noise with its own random signs on rows and columns (Wen et al. "
+                   "2018), so the noise averages over the batch; needs --weight-noise and symmetric noise")
     g.add_argument("--weight-noise-std", type=float, default=d.weight_noise_std,
                    help="σ of the parameter noise (weight site; also ES's σ and SPSA's ε)")
     g.add_argument("--relative-noise", type=float, default=None, help="scale-aware noise: before every step, σ of "

@@ -28,7 +28,9 @@ is tested equal to the reference on the same noise. The parts it composes:
 * a perturbation site per layer (``layer.site``): ``"activity"`` (noise on the output units, the
   seed's neurons) or ``"weight"`` (noise eₖ on the layer's parameters, one draw per replication
   shared by the batch: ∇θ E[L(θ + e)] = E[L · s(e)], the evolution-strategies likelihood ratio;
-  valid for any φ, and its dimension is the parameter count, not the unit count);
+  valid for any φ, and its dimension is the parameter count, not the unit count), or ``"flipout"``
+  (that perturbation with per-input random signs on rows and columns, Wen et al. 2018: each input's
+  noise is again i.i.d. f, but different inputs' are uncorrelated, so the noise averages over the batch);
 * an injection: ``"all"`` (every noisy layer noisy in every replication: the seed's
   estimator, unbiased for ∇E[L]) or ``"layerwise"`` (each replication noisy in one layer only:
   K/n replications per layer, unbiased for layer l's parameters for ∇E[L with noise in l only]).
@@ -107,10 +109,15 @@ def reference_estimate(model: nn.Module, x: Tensor, y: Tensor, loss, noise: dict
         surrogate = 0.0
         for i, r in noise.items():
             layer = layers[i]
+            theta = torch.cat([p.reshape(-1) for p in layer.parameters(recurse=False)])
             if layer.site == "weight":    # θ + eₖ: ∇θ E[L] = E[L s(e)], eₖ shared by replication k's inputs
                 s = score(layer.noise, r.reshape(K, -1, r.shape[-1])[:, 0])            # (K, P)
-                theta = torch.cat([p.reshape(-1) for p in layer.parameters(recurse=False)])
                 surrogate = surrogate + (w.sum(1) @ s * theta).sum()
+                continue
+            if layer.site == "flipout":   # θ + eₖ ⊙ Mₖₙ for input n: its score s(eₖ) ⊙ Mₖₙ
+                e, rho, vs = layer.flip_split(r)
+                s = score(layer.noise, e).unsqueeze(1) * layer.flip_mask(rho, vs)       # (K, B, P)
+                surrogate = surrogate + (torch.einsum("kb,kbp->p", w, s) * theta).sum()
                 continue
             cotangent = w.reshape(K, B, *[1] * (r.dim() - 2)) * score(layer.noise, r)   # w ⊙ s(r)
             z = layer.affine(inj.inputs[i].detach())                      # layer(stop_grad(h))
@@ -343,19 +350,15 @@ class GLR:
             for i, r in layout.views(noise).items():
                 layer, unit, h = pr.layers[i], pr.shapes[i], inj.inputs[i]
                 keep = _trainable_mask(layer)
-                if layer.site == "weight":   # Σₖ (Σᵢ aₖᵢ) s(eₖ): one perturbation per replication
-                    e = r[:, 0]
-                    s = e if linear is not None else score(layer.noise, e)          # (k, P)
-                    if c:
-                        if i not in sums.score_per_input:
-                            sums.score_per_input[i] = torch.zeros(s.shape[1], dtype=x.dtype, device=x.device)
-                        sums.score_per_input[i].add_(s.sum(0), alpha=score_scale)
-                    g = layer.split_parameters(a.sum(1) @ s)
+                if layer.site != "activity":
+                    g = self._weight_site_sums(layer, i, r, a, c, score_scale, linear is not None, sums)
                     for acc, gi in zip(sums.grads[i], (g for g, kp in zip(g, keep) if kp)):
                         acc.add_(gi)
                     continue
                 s = (r if linear is not None else score(layer.noise, r)).reshape(k, B, *unit)
-                shared = h.shape[0] == B
+                # the input is shared by the replications (computed before the batch grew), and so by the
+                # chunks; a chunk of k = 1 has B rows everywhere, so only its first noisy layer's is shared
+                shared = h.shape[0] == B and (k > 1 or i == layout.active[0])
                 if c:
                     if i not in sums.score_per_input:
                         sums.score_per_input[i] = torch.zeros(B, *unit, dtype=x.dtype, device=x.device)
@@ -382,6 +385,26 @@ class GLR:
             sums.loss_per_input = self._combine_loss_sums(sums.loss_per_input, x)
         return sums, len(sizes)
 
+    @staticmethod
+    def _weight_site_sums(layer, i: int, r: Tensor, a: Tensor, c: float, score_scale: float, linear: bool,
+                          sums: _Sums) -> list[Tensor]:
+        """A weight-site layer's Σₖ (Σᵢ aₖᵢ) s(eₖ) (flipout: Σₖ s(eₖ) ⊙ Σᵢ aₖᵢ Mₖᵢ), per parameter; with the
+        chunked baseline (c ≠ 0) it also accumulates the score sums its correction needs."""
+        if layer.site == "weight":     # one perturbation per replication
+            e = r[:, 0]
+            s = e if linear else score(layer.noise, e)                                   # (k, P)
+            if c:
+                acc = sums.score_per_input.setdefault(i, torch.zeros(s.shape[1], dtype=s.dtype, device=s.device))
+                acc.add_(s.sum(0), alpha=score_scale)
+            return layer.split_parameters(a.sum(1) @ s)
+        e, rho, vs = layer.flip_split(r)
+        s = e if linear else score(layer.noise, e)
+        if c:                          # per input: Σₖ s(eₖ) ⊙ Mₖᵢ, (B, P)
+            acc = sums.score_per_input.setdefault(i, torch.zeros(r.shape[1], s.shape[1], dtype=s.dtype,
+                                                                 device=s.device))
+            acc.add_(torch.einsum("kp,kbp->bp", s, layer.flip_mask(rho, vs)), alpha=score_scale)
+        return layer.split_parameters((s * layer.flip_sum(a, rho, vs)).sum(0))
+
     def _finalize(self, sums: _Sums, pr: Probe) -> dict[int, list[Tensor]]:
         """Σ w · (layer gradient under s) per layer: subtract the c·Sᵢ part of w (chunked baseline)."""
         if not sums.c:
@@ -391,6 +414,8 @@ class GLR:
             layer = pr.layers[i]
             if layer.site == "weight":        # Σₖ Σᵢ c Sᵢ s(eₖ) = c (Σᵢ Sᵢ) Σₖ s(eₖ)
                 correction = layer.split_parameters(S.sum() * sums.score_per_input[i])
+            elif layer.site == "flipout":     # Σᵢ c Sᵢ Σₖ s(eₖ) ⊙ Mₖᵢ
+                correction = layer.split_parameters(S @ sums.score_per_input[i])
             elif i in sums.shared_inputs:
                 sw = S.reshape(-1, *[1] * (sums.score_per_input[i].dim() - 1)) * sums.score_per_input[i]
                 correction = layer.glr_grads(sums.shared_inputs[i], sw)

@@ -29,10 +29,12 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from .activations import ActivationLike, activation_name, get_activation
-from .noise import describe, make_noise, same_noise, validate_noise
+from .noise import describe, is_symmetric, make_noise, same_noise, validate_noise
 
 DEFAULT_NOISE_STD = 2.0
-SITES = ("activity", "weight")   # where a noisy layer's noise enters: its output units, or its parameters
+SITES = ("activity", "weight", "flipout")   # where a noisy layer's noise enters: its output units, or its
+#   parameters (one perturbation per replication, shared by the batch; flipout: that perturbation with
+#   per-input random signs on its rows and columns, so that the inputs of a batch see decorrelated noise)
 
 
 def default_noise() -> Distribution:
@@ -79,6 +81,52 @@ class NoisyLayer:
         layer(h; θ + eₖ) − layer(h; θ) = layer(h; eₖ) (the layer is affine in θ); (k, B, *units). ``h``:
         (B, *in) (shared by all replications) or (k·B, *in)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ flipout site
+    # Flipout (Wen, Vicol, Ba, Tran, Grosse, ICLR 2018): input n of replication k sees the parameter
+    # noise eₖ ⊙ Mₖₙ, with Mₖₙ[o, c] = ρₖₙ[o] ςₖₙ[c] for random signs ρ (per output unit or channel) and
+    # ς (per input unit or channel); the bias gets eₖ ⊙ ρₖₙ. For a symmetric f, eₖ ⊙ Mₖₙ is again i.i.d.
+    # f, so each input's loss has the weight-site likelihood ratio s(eₖ ⊙ Mₖₙ) = s(eₖ) ⊙ Mₖₙ, while
+    # different inputs' perturbations are uncorrelated: the estimate's noise now averages over the batch.
+    # Its effect is two cheap products, layer(h ⊙ ς; eₖ) ⊙ ρ. A flipout layer's noise slice is
+    # P + O + C wide: eₖ in row 0's first P values, the signs of the other O + C values of each row.
+    @property
+    def flip_width(self) -> int:
+        """O + C: output units (channels) plus input units (channels) of the flipout signs."""
+        w = self.weight
+        return w.shape[0] + w.shape[1] * getattr(self, "groups", 1)
+
+    def flip_split(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A flipout slice (k, B, P + O + C) as eₖ (k, P), ρ (k, B, O) and ς (k, B, C) in {−1, +1}."""
+        P, O = self.parameter_count, self.weight.shape[0]
+        signs = r[..., P:].ge(0).to(r.dtype).mul_(2).sub_(1)
+        return r[:, 0, :P], signs[..., :O], signs[..., O:]
+
+    def flip_mask(self, rho: Tensor, vs: Tensor) -> Tensor:
+        """Mₖₙ (..., P) for signs ρ (..., O), ς (..., C): the sign of each parameter's noise for that input
+        (a grouped convolution's weight [o, j] reads input channel j of o's group)."""
+        w, g = self.weight, getattr(self, "groups", 1)
+        lead, O, Cg = rho.shape[:-1], w.shape[0], w.shape[1]
+        m = rho.reshape(*lead, g, O // g, 1) * vs.reshape(*lead, g, 1, Cg)           # (..., g, O/g, C/g)
+        m = m.reshape(*lead, O, Cg, *[1] * (w.dim() - 2)).expand(*lead, *w.shape).reshape(*lead, -1)
+        return torch.cat([m, rho], -1) if self.bias is not None else m
+
+    def flip_sum(self, a: Tensor, rho: Tensor, vs: Tensor) -> Tensor:
+        """Σₙ aₖₙ Mₖₙ (k, P) for weights a (k, B): ``flip_mask`` contracted over the batch without forming it."""
+        w, g = self.weight, getattr(self, "groups", 1)
+        k, B, O, Cg = a.shape[0], a.shape[1], w.shape[0], w.shape[1]
+        m = torch.einsum("kb,kbgo,kbgc->kgoc", a, rho.reshape(k, B, g, O // g), vs.reshape(k, B, g, Cg))
+        m = m.reshape(k, O, Cg, *[1] * (w.dim() - 2)).expand(k, *w.shape).reshape(k, -1)
+        return torch.cat([m, torch.einsum("kb,kbo->ko", a, rho)], -1) if self.bias is not None else m
+
+    def flip_effect(self, h: Tensor, e: Tensor, rho: Tensor, vs: Tensor, k: int, batch: int) -> Tensor:
+        """Flipout site: layer(hₙ; eₖ ⊙ Mₖₙ) = layer(hₙ ⊙ ς; eₖ) ⊙ ρ, (k, B, *units); ``h`` as in ``weight_effect``."""
+        hk = h.reshape(-1, batch, *h.shape[1:])                                  # (1 or k, B, *in)
+        extra = [1] * (h.dim() - 2)
+        hs = (hk * vs.reshape(k, batch, -1, *extra)).reshape(k * batch, *h.shape[1:])
+        out = self.weight_effect(hs, e, k, batch)
+        return out * rho.reshape(k, batch, -1, *[1] * (out.dim() - 3))
+
     def affine(self, h: Tensor) -> Tensor:
         """z = layer(h): the torch layer's own forward, without noise or activation."""
         return super().forward(h)  # the torch base class (nn.Linear / nn.Conv2d) after this mixin
@@ -246,6 +294,8 @@ class Injection:
         else:
             if layer.site == "weight":   # parameter noise eₖ (row 0 of its slice), as its effect on v
                 r = layer.weight_effect(h, r.reshape(k, -1, r.shape[-1])[:, 0], k, B)
+            elif layer.site == "flipout":
+                r = layer.flip_effect(h, *layer.flip_split(r.reshape(k, B, r.shape[-1])), k, B)
             r = r.reshape(k, B, *unit)
             if rows == B and k > 1:   # the batch grows here: z is computed once per input
                 v = (z.unsqueeze(0) + r).reshape(k * B, *unit)
@@ -270,9 +320,12 @@ class Probe:
     classes: int                      # width of the output
 
     def width(self, i: int) -> int:
-        """Noise values per (replication, input) of layer i: its units, or (weight site) its P parameters."""
+        """Noise values per (replication, input) of layer i: its units, or (weight site) its P parameters
+        (flipout: P + O + C, the parameters and the signs)."""
         layer = self.layers[i]
-        return layer.parameter_count if layer.site == "weight" else math.prod(self.shapes[i])
+        if layer.site == "activity":
+            return math.prod(self.shapes[i])
+        return layer.parameter_count + (layer.flip_width if layer.site == "flipout" else 0)
 
 
 @torch.no_grad()
@@ -345,7 +398,9 @@ class Layout:
     A weight-site layer's slice is P wide (its parameters) and only its row b = 0 is used: one
     perturbation of the parameters per replication, shared by the batch (as in evolution
     strategies). The other B − 1 rows are drawn and unused, which keeps every sampler's
-    construction (antithetic pairs, QMC nets over the replications) unchanged."""
+    construction (antithetic pairs, QMC nets over the replications) unchanged. A flipout layer's
+    slice is P + O + C wide: the signs of the last O + C values of every row are that input's flips
+    (under the antithetic sampler a pair flips them too, so its weights stay antithetic, its bias not)."""
 
     def __init__(self, pr: Probe, active: Sequence[int] | None = None):
         self.probe = pr
@@ -356,6 +411,10 @@ class Layout:
             offset += pr.width(i)
         self.width = offset
         self.shared = layer_noise([pr.layers[i] for i in self.active])
+        for i in self.active:
+            if pr.layers[i].site == "flipout" and not is_symmetric(pr.layers[i].noise):
+                raise ValueError(f"noisy layer {i} has site 'flipout', which needs noise symmetric about 0 "
+                                 f"(a sign flip must keep its law); got {pr.layers[i].noise}")
 
     @property
     def first(self) -> NoisyLayer:
@@ -391,7 +450,7 @@ def rescale_noise_(model: nn.Module, x: Tensor | None, ratio: float | None = Non
     targets = {}
     if weight_ratio is not None:
         for i, layer in enumerate(layers):
-            if layer.site == "weight":
+            if layer.site != "activity":
                 targets[i] = weight_ratio * layer.weight.double().pow(2).mean().sqrt().item()
     if ratio is not None:
         x = model.bind(x) if hasattr(model, "bind") else x

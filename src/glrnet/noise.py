@@ -175,6 +175,13 @@ def validate_noise(dist: Distribution) -> Distribution:
     return dist
 
 
+def is_symmetric(dist: Distribution) -> bool:
+    """Whether f(r) = f(−r), checked on a grid of ±(0.1 … 10) standard deviations."""
+    t = torch.logspace(-1, 1, 9, dtype=torch.float64) * float(dist.stddev)
+    return bool(torch.allclose(dist.log_prob(t.to(torch.get_default_dtype())).double(),
+                               dist.log_prob(-t.to(torch.get_default_dtype())).double(), rtol=1e-5, atol=1e-6))
+
+
 def _has_icdf(dist: Distribution) -> bool:
     try:
         dist.icdf(torch.tensor(0.5))

@@ -104,6 +104,7 @@ class TrainConfig:
     input_noise_std: float | None = None  # input-space smoothing: a frozen identity first layer with noise σ_in
     weight_noise: str = "none"            # which noisy layers carry their noise on their parameters: none, first, conv, all
     weight_noise_std: float = 0.05        # σ of that parameter noise; also ES's σ and SPSA's ε
+    flipout: bool = False                 # those layers' parameter noise with per-input sign flips (site "flipout")
     relative_noise: float | None = None   # σ of every activity-noise layer = this × RMS of its noise-free pre-activation
     relative_weight_noise: float | None = None   # σ of every weight-noise layer = this × RMS of its weight
     norm: str = "none"                    # parameter-free normalisation after every hidden noisy layer: none, layer
@@ -163,6 +164,8 @@ class TrainConfig:
                    f"relative weight noise must be > 0, got {self.relative_weight_noise}"),
                   (self.relative_weight_noise is None or (self.method == "glr" and self.weight_noise != "none"),
                    "relative weight noise needs GLR with weight-site layers (--weight-noise first, conv or all)"),
+                  (not self.flipout or (self.method == "glr" and self.weight_noise != "none"),
+                   "flipout needs GLR with weight-site layers (--weight-noise first, conv or all)"),
                   (self.norm in NORMS, f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}"),
                   (self.max_seconds is None or self.max_seconds > 0, f"max seconds must be > 0, got {self.max_seconds}"),
                   (self.eval_every >= 0, f"eval every must be ≥ 0 steps, got {self.eval_every}"),
@@ -255,7 +258,7 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
         chosen = {"first": trainable[:1], "conv": [m for m in trainable if isinstance(m, NoisyConv2d)],
                   "all": trainable}[cfg.weight_noise]
         for m in chosen:   # "first": the first trainable layer only (few parameters: ES-style NSR ≈ √(P/K) stays small)
-            m.site, m.noise = "weight", wnoise
+            m.site, m.noise = "flipout" if cfg.flipout else "weight", wnoise
     return model
 
 
