@@ -1,15 +1,20 @@
 """Per-input gradient alignment of a sigmoid LeNet at initialisation (noise-free BP, MNIST batch of 32):
-A = Σₙ‖gₙ‖² / ‖Σₙ gₙ‖², to first order flipout's own-perturbation variance over the shared site's."""
+A = Σₙ‖gₙ‖² / ‖Σₙ gₙ‖², to first order flipout's own-perturbation variance over the shared site's.
+
+    python docs/results/scale/align.py [../shared/data/mnist]
+"""
+import sys
+
 import torch
-from glrnet.train import TrainConfig, build_model
+from glrnet.train import TrainConfig
 from glrnet.data import load_dataset
 from glrnet.scale import _initial_model
-data = load_dataset("mnist", "../shared/data/mnist", None, 0.1)
+data = load_dataset("mnist", sys.argv[1] if len(sys.argv) > 1 else "../shared/data/mnist", None, 0.1)
 x, y = data.x_train[:32], data.y_train[:32]
 for norm in ("none", "layer"):
     cfg = TrainConfig(arch="lenet", hidden=[], activation="sigmoid", norm=norm).validate()
     model = _initial_model(cfg, data)
-    layers = [m for m in model.noisy_layers]
+    layers = list(model.noisy_layers)
     per = []
     for n in range(32):
         out = model(x[n:n+1])
