@@ -356,9 +356,9 @@ class GLR:
                         acc.add_(gi)
                     continue
                 s = (r if linear is not None else score(layer.noise, r)).reshape(k, B, *unit)
-                # the input is shared by the replications (computed before the batch grew), and so by the
-                # chunks; a chunk of k = 1 has B rows everywhere, so only its first noisy layer's is shared
-                shared = h.shape[0] == B and (k > 1 or i == layout.active[0])
+                # the input is computed once per input and no noise reached it: shared by the replications
+                # and the chunks (a chunk of k = 1 has B rows everywhere: rows alone do not tell)
+                shared = h.shape[0] == B and i in inj.noise_free_inputs
                 if c:
                     if i not in sums.score_per_input:
                         sums.score_per_input[i] = torch.zeros(B, *unit, dtype=x.dtype, device=x.device)

@@ -248,7 +248,9 @@ class Injection:
     ``noise[i]`` (k, B, *units) is added in noisy layer ``layers[i]`` (layers without an entry
     stay noise-free). With ``record``, the input h each noisy layer saw is kept in
     ``inputs[i]`` — (B, *in) if it came before the batch grew, else (k·B, *in) — and the
-    execution order and unit shapes in ``order`` / ``shapes``. ``surrogate(v, z, layer)``, if given,
+    execution order and unit shapes in ``order`` / ``shapes``, and in ``noise_free_inputs`` the layers
+    whose input no noise had reached (the same for every replication and every chunk of them).
+    ``surrogate(v, z, layer)``, if given,
     replaces φ(v) (the attacks' BPDA gradients; z: the pre-activation without noise).
     """
 
@@ -261,6 +263,7 @@ class Injection:
         self.shapes: dict[int, tuple[int, ...]] = {}
         self.order: list[int] = []
         self.preactivations: dict[int, Tensor] = {}
+        self.noise_free_inputs: set[int] = set()   # layers whose input no noise had reached yet
 
     def __enter__(self):
         self._token = _ACTIVE.set(self)
@@ -287,6 +290,8 @@ class Injection:
         r = self.noise.get(i)
         if self.record:
             self.inputs[i] = h
+        if not any(j in self.noise for j in self.order[:-1]):   # no noisy layer ran before this one
+            self.noise_free_inputs.add(i)
         if r is None:
             if self.record:
                 self.preactivations[i] = z
