@@ -7,7 +7,9 @@ On this project's shared 2-core machine the same measurement drifts by 20-30 % b
 processes, so a one-shot comparison of two commits says little; alternating processes and
 taking the median of each side's per-process medians does. Each process times the default
 ``glrnet.GLR(replications=K, baseline=False)`` and ``baseline=True`` estimates of the seed's
-196-20-10 MLP (K = 10000, B = 25) and of LeNet (K = 100, B = 32), sigmoid units.
+196-20-10 MLP (K = 10000, B = 25) and of LeNet (K = 100, B = 32), sigmoid units, and of the
+threshold LeNet with weight noise (σ_w = 0.05) on both convolutions (K = 96, B = 32: the scale
+study's ``weight-conv`` runs). ``--only TEXT``: the cases whose name contains TEXT.
 """
 
 from __future__ import annotations
@@ -22,16 +24,21 @@ from pathlib import Path
 
 CHILD = r'''
 import json, statistics, sys, time, torch, glrnet
-def lenet():
+def lenet(act="sigmoid", site="activity"):
+    w = dict(site=site, noise=torch.distributions.Normal(0.0, 0.05)) if site != "activity" else {}
     return glrnet.NoisySequential(
-        glrnet.NoisyConv2d(1, 6, 5, activation="sigmoid"), torch.nn.MaxPool2d(2),
-        glrnet.NoisyConv2d(6, 16, 5, activation="sigmoid"), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        glrnet.NoisyConv2d(1, 6, 5, activation=act, **w), torch.nn.MaxPool2d(2),
+        glrnet.NoisyConv2d(6, 16, 5, activation=act, **w), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
         glrnet.NoisyLinear(256, 10), noise=torch.distributions.Normal(0.0, 2.0), input_shape=(1, 28, 28))
 torch.manual_seed(0)
-cases = {"mlp 196-20-10 K=10000 B=25": (glrnet.NoisyMLP([196, 20, 10]), torch.rand(25, 196), 10000),
-         "lenet K=100 B=32": (lenet(), torch.rand(32, 1, 28, 28), 100)}
+cases = {"mlp 196-20-10 K=10000 B=25": (lambda: glrnet.NoisyMLP([196, 20, 10]), (25, 196), 10000),
+         "lenet K=100 B=32": (lenet, (32, 1, 28, 28), 100),
+         "lenet threshold weight-site K=96 B=32": (lambda: lenet("threshold", "weight"), (32, 1, 28, 28), 96)}
 out = {}
-for name, (model, x, K) in cases.items():
+for name, (make, shape, K) in cases.items():
+    if ONLY not in name:
+        continue
+    model, x = make(), torch.rand(*shape)
     y = torch.randint(0, 10, (x.shape[0],))
     for baseline in (False, True):
         est = glrnet.GLR(replications=K, baseline=baseline)
@@ -51,12 +58,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default="", help="only the cases whose name contains this text")
     args = ap.parse_args()
     this = str(Path(__file__).resolve().parents[1] / "src")
     runs = {"previous": [], "this": []}
     for _ in range(args.rounds):
         for side, src in (("previous", args.previous), ("this", this)):
-            res = subprocess.run([sys.executable, "-c", CHILD.replace("REPEATS", str(args.repeats))], check=True,
+            res = subprocess.run([sys.executable, "-c", CHILD.replace("REPEATS", str(args.repeats)).replace("ONLY", repr(args.only))], check=True,
                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src})
             runs[side].append(json.loads(res.stdout.strip().splitlines()[-1]))
     rows = []

@@ -68,6 +68,40 @@ def test_weight_site_threshold_zero_one_unbiased_vs_finite_differences(float64, 
 
 
 @pytest.mark.parametrize("layer", [glrnet.NoisyLinear(5, 3), glrnet.NoisyConv2d(4, 6, 3, padding=1, groups=2),
+                                   glrnet.NoisyConv2d(3, 2, 2, stride=2, bias=False),
+                                   glrnet.NoisyConv2d(2, 4, 3, stride=2, padding=1, dilation=2)],
+                         ids=["linear", "grouped", "conv", "conv-strided-dilated"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-input", "per-replication-input"])
+def test_weight_effect_and_perturbed_are_the_layer_at_perturbed_parameters(float64, layer, shared):
+    """``weight_effect(h, e)``[k, n] = layer(hₙ; θ + eₖ) − layer(hₙ; θ) and ``perturbed``[k, n] = layer(hₙ; θ + eₖ),
+    for an input shared by the k replications (B rows: the first noisy layer) or one per replication (k·B
+    rows); and a noisy forward pass through weight-site layers (which takes ``perturbed`` under no_grad,
+    the effect otherwise) gives the same outputs with and without autograd."""
+    layer = layer.double()
+    k, B = 3, 4
+    shape = (5,) if isinstance(layer, torch.nn.Linear) else (layer.in_channels, 7, 7)
+    h = torch.rand(B if shared else k * B, *shape)
+    e = torch.randn(k, layer.parameter_count)
+    effect, whole = layer.weight_effect(h, e, k, B), layer.perturbed(h, e, k, B)
+    names = [name for name, _ in layer.named_parameters()]
+    for kk in range(k):
+        hk = h if shared else h[kk * B:(kk + 1) * B]
+        params = [p + d for p, d in zip(layer.parameters(), layer.split_parameters(e[kk]))]
+        want = torch.func.functional_call(layer, dict(zip(names, params)), (hk,))
+        torch.testing.assert_close(whole[kk], want)
+        torch.testing.assert_close(effect[kk], want - layer(hk))
+    torch.manual_seed(0)
+    net = glrnet.NoisySequential(glrnet.NoisyConv2d(2, 3, 3, activation="sigmoid", site="weight"),
+                                 glrnet.NoisyConv2d(3, 2, 3, activation="sigmoid", site="weight"), torch.nn.Flatten(),
+                                 glrnet.NoisyLinear(18, 3, site="weight"), input_shape=(2, 7, 7)).double()
+    x = torch.rand(B, 2, 7, 7)
+    noise = net.sample_noise(k, B, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast = net(x, noise)
+    torch.testing.assert_close(fast, net(x, noise))
+
+
+@pytest.mark.parametrize("layer", [glrnet.NoisyLinear(5, 3), glrnet.NoisyConv2d(4, 6, 3, padding=1, groups=2),
                                    glrnet.NoisyConv2d(3, 2, 2, stride=2, bias=False)], ids=["linear", "grouped", "conv"])
 def test_flipout_effect_is_the_layer_at_per_input_sign_flipped_parameters(float64, layer):
     """layer(hₙ ⊙ ς; e) ⊙ ρ = layer(hₙ; θ + e ⊙ Mₖₙ) − layer(hₙ; θ), parameter by parameter, and the batch
@@ -273,7 +307,8 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
                       .read_text())["config"]["epochs"] == 2
     packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
     assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
-    assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight"]
+    assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight",
+                                                              "hour-resnet-weight"]
     bad = tmp_path / "bad.toml"
     for old, new, match in (("budget = 8", "budgett = 8", r"unknown key\(s\) budgett in \[quality\]"),
                             ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',

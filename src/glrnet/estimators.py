@@ -111,7 +111,7 @@ def reference_estimate(model: nn.Module, x: Tensor, y: Tensor, loss, noise: dict
             layer = layers[i]
             theta = torch.cat([p.reshape(-1) for p in layer.parameters(recurse=False)])
             if layer.site == "weight":    # θ + eₖ: ∇θ E[L] = E[L s(e)], eₖ shared by replication k's inputs
-                s = score(layer.noise, r.reshape(K, -1, r.shape[-1])[:, 0])            # (K, P)
+                s = score(layer.noise, layer.weight_noise(r))                          # (K, P)
                 surrogate = surrogate + (w.sum(1) @ s * theta).sum()
                 continue
             if layer.site == "flipout":   # θ + eₖ ⊙ Mₖₙ for input n: its score s(eₖ) ⊙ Mₖₙ
@@ -391,7 +391,7 @@ class GLR:
         """A weight-site layer's Σₖ (Σᵢ aₖᵢ) s(eₖ) (flipout: Σₖ s(eₖ) ⊙ Σᵢ aₖᵢ Mₖᵢ), per parameter; with the
         chunked baseline (c ≠ 0) it also accumulates the score sums its correction needs."""
         if layer.site == "weight":     # one perturbation per replication
-            e = r[:, 0]
+            e = layer.weight_noise(r)
             s = e if linear else score(layer.noise, e)                                   # (k, P)
             if c:
                 acc = sums.score_per_input.setdefault(i, torch.zeros(s.shape[1], dtype=s.dtype, device=s.device))

@@ -135,9 +135,19 @@ class NoisyLayer:
         return v if self.activation is None else self.activation(v)
 
     def forward(self, h: Tensor) -> Tensor:
-        z = self.affine(h)
         injection = _ACTIVE.get()
-        return self.act(z) if injection is None else injection.apply(self, h, z)
+        return self.act(self.affine(h)) if injection is None else injection.apply(self, h)
+
+    def weight_noise(self, r: Tensor) -> Tensor:
+        """Weight site: the parameter noise eₖ (k, P) of each replication, from its noise slice (k, B, P)
+        (row 0: one perturbation per replication, shared by the batch)."""
+        return r.reshape(r.shape[0], -1, r.shape[-1])[:, 0]
+
+    def perturbed(self, h: Tensor, e: Tensor, k: int, batch: int) -> Tensor:
+        """layer(h; θ + eₖ) for each replication k, (k, B, *units): ``weight_effect`` at θ + e (the layer
+        is affine in θ), one pass where the noise-free output and the effect would take two."""
+        theta = torch.cat([p.reshape(-1) for p in self.parameters(recurse=False)])
+        return self.weight_effect(h, e + theta, k, batch)
 
     def glr_grads(self, h: Tensor, g: Tensor) -> list[Tensor]:
         """[∂/∂weight, ∂/∂bias] of Σₙ ⟨gₙ, layer(hₙ)⟩ for inputs h (N, *in), cotangents g (N, *out)."""
@@ -194,16 +204,30 @@ class NoisyConv2d(NoisyLayer, nn.Conv2d):
         self._setup(activation, noise, site)
 
     def weight_effect(self, h, e, k, batch):
-        # the k kernels as the groups of one grouped convolution: replication k's channels see kernel eₖ
         dw, *db = self.split_parameters(e)
+        kernels, bias = dw.reshape(k * self.out_channels, -1), db[0].reshape(-1, 1) if db else None
+        F = torch.nn.functional
+        if h.shape[0] == batch and self.groups == 1:
+            # the input is shared: its patches (C·kh·kw, B·L) once, then one matrix product with all k·O
+            # kernels (an ordinary convolution with k·O output channels is several times slower on a CPU)
+            cols = F.unfold(h, self.kernel_size, self.dilation, self.padding, self.stride)     # (B, C·kh·kw, L)
+            out = kernels @ cols.transpose(0, 1).reshape(cols.shape[1], -1)                  # (k·O, B·L)
+            if bias is not None:
+                out += bias
+            H, W = (self._out_size(h.shape[-2 + d], d) for d in (0, 1))
+            return out.reshape(k, self.out_channels, batch, H, W).transpose(1, 2)          # (k, B, O, H', W'), a view
+        # the k kernels as the groups of one grouped convolution: replication k's channels see kernel eₖ
         if h.shape[0] == batch:
-            hk = h.repeat(1, k, 1, 1)                                          # (B, k·C, H, W)
+            hk = h.repeat(1, k, 1, 1)                                                          # (B, k·C, H, W)
         else:
             hk = h.reshape(k, batch, *h.shape[1:]).transpose(0, 1).reshape(batch, k * self.in_channels, *h.shape[2:])
-        out = torch.nn.functional.conv2d(hk, dw.reshape(k * self.out_channels, *dw.shape[2:]), None, self.stride,
-                                         self.padding, self.dilation, k * self.groups)
-        out = out.reshape(batch, k, self.out_channels, *out.shape[2:]).transpose(0, 1)   # (k, B, O, H', W')
-        return out + db[0][:, None, :, None, None] if db else out
+        out = F.conv2d(hk, kernels.reshape(k * self.out_channels, *dw.shape[2:]),
+                       None if bias is None else bias.reshape(-1), self.stride, self.padding, self.dilation,
+                       k * self.groups)
+        return out.reshape(batch, k, self.out_channels, *out.shape[2:]).transpose(0, 1)   # (k, B, O, H', W'), a view
+
+    def _out_size(self, n: int, d: int) -> int:
+        return (n + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1) // self.stride[d] + 1
 
     def glr_grads(self, h, g):
         gw = torch.nn.grad.conv2d_weight(h, self.weight.shape, g, self.stride, self.padding, self.dilation,
@@ -272,44 +296,54 @@ class Injection:
     def __exit__(self, *exc):
         _ACTIVE.reset(self._token)
 
-    def apply(self, layer: NoisyLayer, h: Tensor, z: Tensor) -> Tensor:
+    def apply(self, layer: NoisyLayer, h: Tensor) -> Tensor:
+        """φ(layer(h) + r) for ``layer``'s noise r (weight site: layer(h; θ + eₖ)), recording what was asked."""
         i = self.index.get(id(layer))
         if i is None:  # a noisy layer of another model
-            return layer.act(z)
+            return layer.act(layer.affine(h))
         if i in self.shapes:
             raise RuntimeError(f"noisy layer {i} ({type(layer).__name__}) ran twice in one forward pass; "
                                "a noisy layer may be applied once per pass (use two layers)")
         k, B = self.k, self.batch
-        rows = z.shape[0]
+        rows = h.shape[0]
         if rows not in (B, k * B):
             raise RuntimeError(f"noisy layer {i} got a batch of {rows} rows; expected {B} inputs or "
                                f"{k}·{B} replications")
-        unit = tuple(z.shape[1:])
-        self.shapes[i] = unit
-        self.order.append(i)
         r = self.noise.get(i)
         if self.record:
             self.inputs[i] = h
-        if not any(j in self.noise for j in self.order[:-1]):   # no noisy layer ran before this one
+        if not any(j in self.noise for j in self.order):   # no noisy layer ran before this one
             self.noise_free_inputs.add(i)
+        self.order.append(i)
+        grad = torch.is_grad_enabled()
+        if r is not None and layer.site == "weight" and rows == k * B and not grad and self.surrogate is None:
+            # each replication's own input through its own parameters θ + eₖ: one pass, no noise-free z
+            v = layer.perturbed(h, layer.weight_noise(r), k, B)
+            self.shapes[i] = unit = tuple(v.shape[2:])
+            return layer.act(v.reshape(rows, *unit))
+        z = layer.affine(h)
+        self.shapes[i] = unit = tuple(z.shape[1:])
         if r is None:
             if self.record:
                 self.preactivations[i] = z
             v = z
         else:
-            if layer.site == "weight":   # parameter noise eₖ (row 0 of its slice), as its effect on v
-                r = layer.weight_effect(h, r.reshape(k, -1, r.shape[-1])[:, 0], k, B)
+            if layer.site == "weight":   # parameter noise eₖ, as its effect layer(h; eₖ) on v
+                r = layer.weight_effect(h, layer.weight_noise(r), k, B)
             elif layer.site == "flipout":
                 r = layer.flip_effect(h, *layer.flip_split(r.reshape(k, B, r.shape[-1])), k, B)
             r = r.reshape(k, B, *unit)
             if rows == B and k > 1:   # the batch grows here: z is computed once per input
-                v = (z.unsqueeze(0) + r).reshape(k * B, *unit)
+                if grad or self.surrogate is not None:
+                    v = (z.unsqueeze(0) + r).reshape(k * B, *unit)
+                else:                 # one pass into replication-major rows, whatever r's memory order
+                    v = torch.add(z.unsqueeze(0), r, out=z.new_empty((k, B, *unit))).reshape(k * B, *unit)
                 if self.surrogate is not None:
                     z = z.unsqueeze(0).expand(k, B, *unit).reshape(k * B, *unit)
             elif self.surrogate is not None or z.requires_grad:
                 v = z + r.reshape(rows, *unit)
             else:
-                v = z.add_(r.reshape(rows, *unit))
+                v = z.reshape(k, B, *unit).add_(r).reshape(rows, *unit)
         if self.surrogate is not None and layer.activation is not None:
             return self.surrogate(v, z, layer)
         return layer.act(v)
@@ -402,8 +436,9 @@ class Layout:
 
     A weight-site layer's slice is P wide (its parameters) and only its row b = 0 is used: one
     perturbation of the parameters per replication, shared by the batch (as in evolution
-    strategies). The other B − 1 rows are drawn and unused, which keeps every sampler's
-    construction (antithetic pairs, QMC nets over the replications) unchanged. A flipout layer's
+    strategies). Only that row is drawn (the sampler fills a (k, 1, P) buffer, so antithetic pairs
+    and QMC nets over the replications are built as for any slice); the other B − 1 rows are
+    never read. A flipout layer's
     slice is P + O + C wide: the signs of the last O + C values of every row are that input's flips
     (under the antithetic sampler a pair flips them too, so its weights stay antithetic, its bias not)."""
 
@@ -426,13 +461,16 @@ class Layout:
         return self.probe.layers[self.active[0]]
 
     def fill_(self, sampler, out: Tensor, generator) -> Tensor:
-        """Fill ``out`` (k, B, W): one draw when every active layer has the same noise, else per layer."""
-        if self.shared is not None:
+        """Fill ``out`` (k, B, W): one draw when every active layer has the same noise and none is a weight
+        site, else per layer (a weight-site layer: its row 0 only)."""
+        layers = self.probe.layers
+        if self.shared is not None and all(layers[i].site != "weight" for i in self.active):
             return sampler.fill_(self.shared, out, generator)
         for i in self.active:
-            o = self.offsets[i]
-            part = torch.empty_like(out[..., o:o + self.probe.width(i)])
-            out[..., o:o + self.probe.width(i)] = sampler.fill_(self.probe.layers[i].noise, part, generator)
+            o, w = self.offsets[i], self.probe.width(i)
+            rows = 1 if layers[i].site == "weight" else out.shape[1]
+            part = torch.empty_like(out[:, :rows, o:o + w])
+            out[:, :rows, o:o + w] = sampler.fill_(layers[i].noise, part, generator)
         return out
 
     def views(self, flat: Tensor) -> dict[int, Tensor]:
@@ -685,6 +723,9 @@ class NoisySequential(nn.Sequential):
         r = torch.empty(*shape, layout.width, dtype=p.dtype, device=p.device)
         flat = r.reshape(shape[0] if shape else 1, -1, r.shape[-1])
         layout.fill_(Antithetic() if antithetic else IID(), flat, generator)   # each layer its own noise
+        for i, part in layout.views(flat).items():    # a weight site's row 0 for every input (only it is read)
+            if layout.probe.layers[i].site == "weight":
+                part[:, 1:] = part[:, :1]
         return r
 
     def first_preactivation(self, x: Tensor) -> Tensor:
