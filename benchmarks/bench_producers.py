@@ -4,7 +4,7 @@
                                          [--out benchmarks/results_producers_cpu.json]
 
 GLR with activity noise (the seed's estimator, and with the baseline), GLR with weight noise on
-the convolutions, layer-wise injection, local losses, ES (population K), SPSA (K/2 directions),
+the convolutions (all layers noisy in every replication, and layer-wise), layer-wise injection, local losses, ES (population K), SPSA (K/2 directions),
 forward gradients (K tangents) and back-propagation: the same budget of K forward passes per
 input. Round-robin over the producers, ``--repeats`` rounds; the median per producer and its ratio
 to one noise-free forward pass of the batch replicated K times (the machine's floor for K noisy
@@ -27,6 +27,7 @@ PRODUCERS = {
     "glr (activity, plain)": dict(baseline=False),
     "glr + baseline": dict(baseline=True),
     "glr weight-noise convs + baseline": dict(baseline=True, weight_noise="conv"),
+    "glr weight-noise convs + layer-wise + baseline": dict(baseline=True, weight_noise="conv", injection="layerwise"),
     "glr layer-wise + baseline": dict(baseline=True, injection="layerwise"),
     "glr local losses + baseline": dict(baseline=True, local_losses=True),
     "es": dict(method="es", weight_noise_std=0.02),

@@ -18,7 +18,9 @@ from test_estimator import pathwise_samples, small_problem, total_variance
 
 
 class Recording(Sampler):
-    """Wraps a sampler and keeps a copy of every chunk it fills (to replay it to the reference)."""
+    """Wraps a sampler and keeps a copy of every chunk of noise drawn with it (to replay it to the
+    reference): the whole (k, B, W) buffer a ``Layout`` filled, however many calls that took (a
+    weight-site layer's slice is drawn on its own, row 0 only)."""
 
     def __init__(self, inner):
         self.inner, self.name, self.chunks = inner, inner.name, []
@@ -38,9 +40,20 @@ class Recording(Sampler):
         return self.inner.group_ids(k, device)
 
     def fill_(self, dist, out, generator):
-        self.inner.fill_(dist, out, generator)
-        self.chunks.append(out.clone())
-        return out
+        return self.inner.fill_(dist, out, generator)
+
+
+@pytest.fixture(autouse=True)
+def record_layout_fills(monkeypatch):
+    """``Layout.fill_`` with a :class:`Recording` sampler keeps a copy of the buffer it filled."""
+    fill = Layout.fill_
+
+    def recording_fill(layout, sampler, out, generator):
+        res = fill(layout, sampler, out, generator)
+        if isinstance(sampler, Recording):
+            sampler.chunks.append(res.clone())
+        return res
+    monkeypatch.setattr(Layout, "fill_", recording_fill)
 
 
 def residual_cnn(activation="sigmoid", seed=0, batch=3):
