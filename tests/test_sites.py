@@ -308,7 +308,7 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
     packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
     assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
     assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight",
-                                                              "hour-layerwise", "hour-resnet-layerwise"]
+                                                              "hour-layerwise", "hour-resnet-layerwise", "relative-weight"]
     bad = tmp_path / "bad.toml"
     for old, new, match in (("budget = 8", "budgett = 8", r"unknown key\(s\) budgett in \[quality\]"),
                             ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',
