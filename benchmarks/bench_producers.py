@@ -4,8 +4,8 @@
                                          [--out benchmarks/results_producers_cpu.json]
 
 GLR with activity noise (the seed's estimator, and with the baseline), GLR with weight noise on
-the convolutions (all layers noisy in every replication, and layer-wise), layer-wise injection, local losses, ES (population K), SPSA (K/2 directions),
-forward gradients (K tangents) and back-propagation: the same budget of K forward passes per
+the convolutions (all layers noisy in every replication, and layer-wise), layer-wise injection, local
+losses, ES (population K), SPSA (K/2 directions), forward gradients (K tangents) and back-propagation: the same budget of K forward passes per
 input. Round-robin over the producers, ``--repeats`` rounds; the median per producer and its ratio
 to one noise-free forward pass of the batch replicated K times (the machine's floor for K noisy
 passes) and to the BP step.

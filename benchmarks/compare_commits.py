@@ -64,7 +64,8 @@ def main() -> None:
     runs = {"previous": [], "this": []}
     for _ in range(args.rounds):
         for side, src in (("previous", args.previous), ("this", this)):
-            res = subprocess.run([sys.executable, "-c", CHILD.replace("REPEATS", str(args.repeats)).replace("ONLY", repr(args.only))], check=True,
+            child = CHILD.replace("REPEATS", str(args.repeats)).replace("ONLY", repr(args.only))
+            res = subprocess.run([sys.executable, "-c", child], check=True,
                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src})
             runs[side].append(json.loads(res.stdout.strip().splitlines()[-1]))
     rows = []
