@@ -9,7 +9,9 @@ taking the median of each side's per-process medians does. Each process times th
 ``glrnet.GLR(replications=K, baseline=False)`` and ``baseline=True`` estimates of the seed's
 196-20-10 MLP (K = 10000, B = 25) and of LeNet (K = 100, B = 32), sigmoid units, and of the
 threshold LeNet with weight noise (σ_w = 0.05) on both convolutions (K = 96, B = 32: the scale
-study's ``weight-conv`` runs). ``--only TEXT``: the cases whose name contains TEXT.
+study's ``weight-conv`` runs), and the threshold LeNet each tree's ``--arch lenet`` builds with that weight noise
+and layer-wise injection (the ``weight-layerwise`` runs); wall and CPU time (a helper thread's counts).
+``--only TEXT``: the cases whose name contains TEXT.
 """
 
 from __future__ import annotations
@@ -34,20 +36,28 @@ torch.manual_seed(0)
 cases = {"mlp 196-20-10 K=10000 B=25": (lambda: glrnet.NoisyMLP([196, 20, 10]), (25, 196), 10000),
          "lenet K=100 B=32": (lenet, (32, 1, 28, 28), 100),
          "lenet threshold weight-site K=96 B=32": (lambda: lenet("threshold", "weight"), (32, 1, 28, 28), 96)}
+def built(**kw):   # the LeNet each tree's own `--arch lenet` builds (its pooling modules included)
+    from glrnet.train import TrainConfig, build_model
+    return build_model(TrainConfig(arch="lenet", hidden=[], activation="threshold", **kw), (28, 28), 10)
+cases["built lenet threshold weight-layerwise K=96 B=32"] = (
+    lambda: built(weight_noise="conv", weight_noise_std=0.05), (32, 1, 28, 28), 96, dict(injection="layerwise"))
 out = {}
-for name, (make, shape, K) in cases.items():
+for name, (make, shape, K, *kw) in cases.items():
     if ONLY not in name:
         continue
     model, x = make(), torch.rand(*shape)
     y = torch.randint(0, 10, (x.shape[0],))
     for baseline in (False, True):
-        est = glrnet.GLR(replications=K, baseline=baseline)
+        est = glrnet.GLR(replications=K, baseline=baseline, **(kw[0] if kw else {}))
         for _ in range(2):
             est.estimate(model, x, y)
-        ts = []
+        ts, cpu = [], []
         for _ in range(REPEATS):
-            t = time.perf_counter(); est.estimate(model, x, y); ts.append(time.perf_counter() - t)
+            t, c = time.perf_counter(), time.process_time()
+            est.estimate(model, x, y)
+            ts.append(time.perf_counter() - t); cpu.append(time.process_time() - c)
         out[f"{name}, baseline={baseline}"] = statistics.median(ts)
+        out[f"{name}, baseline={baseline}, CPU time"] = statistics.median(cpu)
 print(json.dumps(out))
 '''
 

@@ -149,3 +149,21 @@ def test_likelihood_ratio_input_gradient_of_a_cnn_is_unbiased(float64):
         (g,) = torch.autograd.grad((out @ c).mean(0).sum(), xr)
         path.append(g.reshape(-1))
     print(assert_means_equal(lr, torch.stack(path)))
+
+
+@pytest.mark.parametrize("shape,kernel,stride", [((3, 4, 8, 8), 2, None), ((3, 4, 9, 7), 2, None),
+                                                 ((2, 3, 10, 10), 3, None), ((2, 3, 10, 10), (2, 3), None),
+                                                 ((2, 3, 8, 8), 3, 2), ((2, 3, 8, 8), 1, None)])
+def test_maxpool_is_torchs_maxpool(shape, kernel, stride):
+    """glrnet's MaxPool2d (the elementwise maximum of strided views where windows do not overlap) gives
+    torch's outputs, NaN included, and torch's gradients (under autograd it is torch's forward)."""
+    from glrnet.layers import MaxPool2d
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    x[0, 0, 0, 0] = float("nan")
+    ours, theirs = MaxPool2d(kernel, stride), torch.nn.MaxPool2d(kernel, stride)
+    torch.testing.assert_close(ours(x), theirs(x), equal_nan=True, rtol=0, atol=0)
+    xg = torch.randn(*shape, requires_grad=True)
+    g1, = torch.autograd.grad(ours(xg).sum(), xg)
+    g2, = torch.autograd.grad(theirs(xg).sum(), xg)
+    assert torch.equal(g1, g2)

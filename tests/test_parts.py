@@ -96,16 +96,16 @@ def weight_site(build, which=(nn.Conv2d, nn.Linear), first_only=False, site="wei
 
 MODELS = {"mlp": mlp, "cnn": cnn, "residual": residual_cnn, "mlp-weight": weight_site(mlp, first_only=True),
           "cnn-weight": weight_site(cnn, which=nn.Conv2d), "mlp-flipout": weight_site(mlp, site="flipout"),
-          "cnn-flipout": weight_site(cnn, which=nn.Conv2d, site="flipout")}
+          "cnn-flipout": weight_site(cnn, which=nn.Conv2d, site="flipout"),
+          "mlp-channel": weight_site(mlp, site="channel"), "cnn-channel": weight_site(cnn, which=nn.Conv2d, site="channel")}
 
 
 def replay_reference(model, x, y, est, rec):
     """The reference estimate on exactly the noise the fast path drew (chunks replayed in order)."""
     pr = probe(model, x)
     sets = [pr.order] if est.injection == "all" else [[i] for i in pr.order]
-    per_set = est.replications // len(sets)
     chunks, out = list(rec.chunks), {}
-    for active in sets:
+    for active, per_set in zip(sets, est._per_set(len(sets))):
         layout, taken, parts, groups, offset = Layout(pr, active), 0, [], [], 0
         while taken < per_set:
             c = chunks.pop(0)
@@ -138,6 +138,27 @@ def test_fast_path_equals_reference_on_the_same_noise(float64, model_name, sampl
         assert len(fast) == len(ref) == len(list(model.parameters()))
         for f, r in zip(fast, ref):
             torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn-channel"])
+def test_replications_per_layer_equal_the_reference(float64, model_name):
+    """``replications=[k₁, k₂, k₃]`` (layer-wise): each layer's sub-estimate from its own count, one chunk and
+    many, equal to the reference on the same noise; counts that do not fit are refused by name."""
+    model, x, y = MODELS[model_name]()
+    for budget in (1000.0, 0.002):
+        rec = Recording(get_sampler("antithetic"))
+        est = glrnet.GLR(replications=[16, 64, 32], baseline=True, sampler=rec, injection="layerwise",
+                         memory_budget_mb=budget, prefetch=False, generator=torch.Generator().manual_seed(3))
+        fast, stats = est.estimate(model, x, y)
+        assert stats.replications == 112
+        for f, r in zip(fast, replay_reference(model, x, y, est, rec)):
+            torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"replications per layer \[16, 64\] has 2 entries for 3 noisy layers"):
+        glrnet.GLR(replications=[16, 64], injection="layerwise").estimate(model, x, y)
+    with pytest.raises(ValueError, match="need injection='layerwise'"):
+        glrnet.GLR(replications=[16, 64, 32])
+    with pytest.raises(ValueError, match="positive integers"):
+        glrnet.GLR(replications=[16, 0, 32], injection="layerwise")
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])

@@ -67,6 +67,53 @@ def test_weight_site_threshold_zero_one_unbiased_vs_finite_differences(float64, 
     assert (glr_sel.mean(0).abs() / (glr_sel.std(0) / math.sqrt(n))).max() > 5
 
 
+def pathwise_channel_samples(model, x, y, n, replications, seed=2):
+    """Pathwise (autograd) gradients of what the channel site estimates: for the one channel-site layer, channel
+    c's parameters get ∇θ_c E[L | the replication perturbs channel c] (O times its share of the mean loss's
+    gradient, from the replications that perturbed c); every other parameter ∇θ E[L], all its noise on."""
+    from glrnet.layers import Injection, Layout, noisy_forward, probe
+    from glrnet.samplers import IID
+    pr = probe(model, x)
+    layout, gen = Layout(pr), torch.Generator().manual_seed(seed)
+    (j,) = [i for i, m in enumerate(pr.layers) if m.site == "channel", "hour-channel"]
+    chan, O = pr.layers[j], pr.layers[j].weight.shape[0]
+    params, out = list(model.parameters()), []
+    own = [next(q for q, pp in enumerate(params) if pp is p) for p in chan.parameters()]
+    for _ in range(n):
+        r = layout.fill_(IID(), torch.empty(replications, x.shape[0], layout.width), gen)
+        c = chan.channel_split(layout.views(r)[j])[1]
+        inj = Injection(pr.layers, replications, x.shape[0], layout.views(r))
+        losses = glrnet.get_loss("cross_entropy")(noisy_forward(model, x, inj, layout.first),
+                                                  y.repeat(replications)).reshape(replications, -1).mean(1)
+        total = list(torch.autograd.grad(losses.mean(), params, retain_graph=True))
+        for q in own:
+            total[q] = torch.zeros_like(total[q])
+        for ch in c.unique():
+            g = torch.autograd.grad(losses[c == ch].sum() * O / replications, [params[q] for q in own],
+                                    retain_graph=True)
+            for q, gp in zip(own, g):
+                total[q][ch] += gp[ch]
+        out.append(flat_grads(total))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("sampler", ["iid", "antithetic", "qmc"])
+@pytest.mark.parametrize("problem", ["mlp", "cnn"])
+def test_channel_site_unbiased_for_each_channels_own_objective(float64, problem, sampler):
+    """Site "channel" (one output channel's parameters perturbed per replication, its likelihood ratio × O):
+    unbiased, channel by channel, for ∇θ_c E[L with that channel's noise], and for ∇θ E[L] elsewhere."""
+    if problem == "mlp":
+        model, x, y = mlp(("channel", "activity"))
+    else:
+        from test_cnn import tiny_cnn
+        model, x, y = tiny_cnn()
+        model[0].site, model[0].noise = "channel", Normal(0.0, 0.3)
+    glr = glr_samples(model, x, y, n=120, replications=480, sampler=sampler)
+    path = pathwise_channel_samples(model, x, y, n=120, replications=480)
+    print(assert_means_equal(glr, path))
+    assert not means_equal(0.8 * glr, path)[0]
+
+
 @pytest.mark.parametrize("layer", [glrnet.NoisyLinear(5, 3), glrnet.NoisyConv2d(4, 6, 3, padding=1, groups=2),
                                    glrnet.NoisyConv2d(3, 2, 2, stride=2, bias=False),
                                    glrnet.NoisyConv2d(2, 4, 3, stride=2, padding=1, dilation=2)],
@@ -308,7 +355,8 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
     packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
     assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
     assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight",
-                                                              "hour-layerwise", "hour-resnet-layerwise", "relative-weight"]
+                                                              "hour-layerwise", "hour-resnet-layerwise", "relative-weight",
+                                                              "channel", "hour-channel"]
     bad = tmp_path / "bad.toml"
     for old, new, match in (("budget = 8", "budgett = 8", r"unknown key\(s\) budgett in \[quality\]"),
                             ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',

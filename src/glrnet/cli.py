@@ -31,6 +31,17 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layer-replications takes comma-separated counts like 32,512,32, "
+                                         f"got {text!r}")
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"--layer-replications needs positive counts, got {text!r}")
+    return counts
+
+
 def _hidden(text: str) -> list[int]:
     if text.strip().lower() in ("none", "0", ""):
         return []
@@ -104,6 +115,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flipout", action="store_true", help="weight site with flipout: each input of a batch sees "
                    "the replication's parameter noise with its own random signs on rows and columns (Wen et al. "
                    "2018), so the noise averages over the batch; needs --weight-noise and symmetric noise")
+    g.add_argument("--channelwise", action="store_true", help="weight site, one output channel per replication: "
+                   "each replication perturbs the parameters of one output channel (drawn uniformly), its likelihood "
+                   "ratio × the channel count; where the layer's input is shared (--injection layerwise) far cheaper "
+                   "per replication than perturbing every channel; needs --weight-noise")
     g.add_argument("--weight-noise-std", type=float, default=d.weight_noise_std,
                    help="σ of the parameter noise (weight site; also ES's σ and SPSA's ε)")
     g.add_argument("--relative-noise", type=float, default=None, help="scale-aware noise: before every step, σ of "
@@ -122,6 +137,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--injection", choices=list(INJECTIONS), default=d.injection,
                    help="all: every noisy layer noisy in every replication; layerwise: each replication noisy "
                         "in one layer (K split evenly over the layers)")
+    g.add_argument("--layer-replications", type=_counts, default=None, help="with --injection layerwise: "
+                   "replications per noisy layer in execution order, e.g. 32,512,32 (instead of --replications "
+                   "split evenly)")
     g.add_argument("--bp-noise", action="store_true", help="with --method bp: back-propagate through noisy "
                    "replications (smooth activations only)")
     g.add_argument("--memory-budget-mb", type=float, default=d.memory_budget_mb, help="working-set bound (MB)")

@@ -112,7 +112,8 @@ class DistributedGLR(GLR):
         self.parallel = parallel
         _, self.d_count, _, self.r_count = grid_position(parallel)
         replications = kwargs.get("replications", 1000)
-        if replications % self.r_count:
+        counts = replications if isinstance(replications, (list, tuple)) else [replications]
+        if any(isinstance(k, int) and k % self.r_count for k in counts):
             raise ValueError(f"replications ({replications}) must divide evenly over {self.r_count} "
                              "replication ranks")
         super().__init__(**kwargs)

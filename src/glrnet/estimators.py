@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .activations import activation_name
 from .control_variates import ControlVariate, get_control_variate
-from .layers import Injection, Layout, Probe, noisy_forward, noisy_layers, probe
+from .layers import WEIGHT_SITES, Injection, Layout, Probe, noisy_forward, noisy_layers, probe
 from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
 from .model import bind, check_batch
 from .noise import PREFETCH_CHUNK_MB, Buffers, NoiseStream, linear_score_scale, score
@@ -110,8 +110,8 @@ def reference_estimate(model: nn.Module, x: Tensor, y: Tensor, loss, noise: dict
         for i, r in noise.items():
             layer = layers[i]
             theta = torch.cat([p.reshape(-1) for p in layer.parameters(recurse=False)])
-            if layer.site == "weight":    # θ + eₖ: ∇θ E[L] = E[L s(e)], eₖ shared by replication k's inputs
-                s = score(layer.noise, layer.weight_noise(r))                          # (K, P)
+            if layer.site in WEIGHT_SITES:   # θ + eₖ: ∇θ E[L] = E[L s(e)], eₖ shared by replication k's inputs
+                s = layer.weight_score(r)                    # (K, P); channel site: O·s(eₖ) on channel cₖ
                 surrogate = surrogate + (w.sum(1) @ s * theta).sum()
                 continue
             if layer.site == "flipout":   # θ + eₖ ⊙ Mₖₙ for input n: its score s(eₖ) ⊙ Mₖₙ
@@ -153,7 +153,10 @@ class GLR:
         loss: registered name (``cross_entropy``, ``zero_one``) or callable
             ``(outputs (N, C), targets (N,)) → (N,)``.
         replications: K, noisy replications of every input (the budget of noisy forward passes
-            per input; with ``injection="layerwise"`` split evenly over the n noisy layers, K/n each).
+            per input; with ``injection="layerwise"`` split evenly over the n noisy layers, K/n each);
+            with ``injection="layerwise"`` also a sequence, one count per noisy layer in execution order
+            (per layer of each block for a local-losses model), K their sum: spend replications where a
+            layer's estimate needs them and its replications are cheap.
         baseline: the leave-one-out control variate (leave-group-out for antithetic / QMC
             groups); ``False``: the seed's plain estimator; or a name / ControlVariate.
         sampler: ``"iid"``, ``"antithetic"`` (pairs r, −r), ``"qmc"`` (randomized Sobol nets),
@@ -183,10 +186,19 @@ class GLR:
                  generator: torch.Generator | None = None, check_finite: bool = True, prefetch: bool | str = "auto",
                  variance_batches: int = 10):
         self.loss = get_loss(loss)
-        if not isinstance(replications, int) or isinstance(replications, bool) or replications < 1:
-            raise ValueError(f"replications must be a positive integer, got {replications!r}")
         if injection not in INJECTIONS:
             raise ValueError(f"unknown injection {injection!r}; valid: {', '.join(INJECTIONS)}")
+        self.layer_replications = None
+        if isinstance(replications, (list, tuple)):
+            if injection != "layerwise":
+                raise ValueError(f"replications per layer ({list(replications)}) need injection='layerwise'")
+            if not replications or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                           for k in replications):
+                raise ValueError(f"replications per layer must be positive integers, got {list(replications)!r}")
+            self.layer_replications = tuple(replications)
+            replications = sum(replications)
+        if not isinstance(replications, int) or isinstance(replications, bool) or replications < 1:
+            raise ValueError(f"replications must be a positive integer, got {replications!r}")
         if not memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
         if prefetch not in (True, False, "auto"):
@@ -207,7 +219,8 @@ class GLR:
         return self.control_variate.name != "none"
 
     def __repr__(self) -> str:
-        return (f"GLR(loss={loss_name(self.loss)}, replications={self.replications}, "
+        k = self.replications if self.layer_replications is None else list(self.layer_replications)
+        return (f"GLR(loss={loss_name(self.loss)}, replications={k}, "
                 f"baseline={self.control_variate}, sampler={self.sampler}, injection={self.injection})")
 
     def _check_split(self, k: int, what: str) -> None:
@@ -242,34 +255,33 @@ class GLR:
         pr = probe(model, bind(model, x))
         x = check_batch(model, x, y, classes=pr.classes)   # one pass over the inputs, labels checked too
         sets = self._layer_sets(model, x, pr)       # [(module run, its probe, active layers, → model's index)]
-        local = self._local_replications()
-        if local % len(sets):
-            raise ValueError(f"layerwise injection spends replications = {self.replications} evenly over "
-                             f"{len(sets)} noisy layers: make it a multiple of {len(sets) * self._ranks()}")
-        per_set = local // len(sets)
+        per_sets = self._per_set(len(sets))
         batches = self.variance_batches if return_variance else 1
-        if per_set % batches:
-            raise ValueError(f"return_variance splits {per_set} replications per estimate into "
-                             f"variance_batches = {batches}: make replications a multiple of it")
-        per_batch = per_set // batches
-        self._check_split(per_batch, "replications per layer set and variance batch" if batches > 1 or
-                          len(sets) > 1 else "replications")
-        subs, loss_sum, nonfinite, chunks = [], 0.0, 0, 0
-        for run, run_pr, active, to_model in sets:
+        if any(k % batches for k in per_sets):
+            raise ValueError(f"return_variance splits {per_sets[0] if len(set(per_sets)) == 1 else per_sets} "
+                             f"replications per estimate into variance_batches = {batches}: make replications "
+                             "a multiple of it")
+        for k in per_sets:
+            self._check_split(k // batches, "replications per layer set and variance batch" if batches > 1 or
+                              len(sets) > 1 else "replications")
+        subs, loss_sum, nonfinite, chunks, n_pairs = [], 0.0, 0, 0, 0
+        for (run, run_pr, active, to_model), per_set in zip(sets, per_sets):
             layout = Layout(run_pr, active)
+            per_batch = per_set // batches
+            count = self._ranks() * per_batch * self._global_batch(x)   # (replication, input) pairs per sub-estimate
             for _ in range(batches):
                 sums, n = self._accumulate(run, x, y, layout, per_batch)
-                subs.append((active, {to_model[i]: g for i, g in self._finalize(sums, run_pr).items()}))
+                subs.append((count, {to_model[i]: g for i, g in self._finalize(sums, run_pr).items()}))
                 loss_sum = loss_sum + sums.loss_per_input.sum()
                 nonfinite = nonfinite + sums.nonfinite
                 chunks += n
+                n_pairs += count
         flat = [g for _, sub in subs for i in sorted(sub) for g in sub[i]]
         totals = torch.stack([torch.as_tensor(loss_sum, dtype=x.dtype, device=x.device),
                               torch.as_tensor(nonfinite, device=x.device).to(x.dtype)])
         self._all_reduce(flat + [totals])
-        count = self._ranks() * per_batch * self._global_batch(x)   # (replication, input) pairs per sub-estimate
         per_layer: dict[int, list[list[Tensor]]] = {}
-        for active, sub in subs:
+        for count, sub in subs:
             for i in sub:
                 per_layer.setdefault(i, []).append([g / count for g in sub[i]])
         grads, variance = [], []
@@ -279,7 +291,6 @@ class GLR:
                 grads.append(stack.mean(0))
                 if return_variance:
                     variance.append(stack.var(0) / stack.shape[0])
-        n_pairs = count * len(subs)
         if self.check_finite:
             bad = int(totals[1])
             if bad or not all(torch.isfinite(g).all() for g in grads):
@@ -288,6 +299,23 @@ class GLR:
                     f"(replication, input) pairs during GLR estimation; parameters and their .grad are untouched")
         return grads, GradStats(loss=totals[0] / n_pairs, replications=self.replications, chunks=chunks,
                                 variance=variance if return_variance else None)
+
+    def _per_set(self, n: int) -> list[int]:
+        """Local replications of each of the n sub-estimates (layer sets)."""
+        R = self._ranks()
+        if self.layer_replications is not None:
+            if len(self.layer_replications) != n:
+                raise ValueError(f"replications per layer {list(self.layer_replications)} has "
+                                 f"{len(self.layer_replications)} entries for {n} noisy layers (execution order)")
+            if any(k % R for k in self.layer_replications):
+                raise ValueError(f"replications per layer {list(self.layer_replications)} must each divide "
+                                 f"over the {R} replication ranks")
+            return [k // R for k in self.layer_replications]
+        local = self._local_replications()
+        if local % n:
+            raise ValueError(f"layerwise injection spends replications = {self.replications} evenly over "
+                             f"{n} noisy layers: make it a multiple of {n * R}")
+        return [local // n] * n
 
     def _layer_sets(self, model: nn.Module, x: Tensor, pr: Probe) -> list:
         """The sub-estimates: (module to run, its probe, its noisy layers that carry noise, their index in
@@ -390,9 +418,8 @@ class GLR:
                           sums: _Sums) -> list[Tensor]:
         """A weight-site layer's Σₖ (Σᵢ aₖᵢ) s(eₖ) (flipout: Σₖ s(eₖ) ⊙ Σᵢ aₖᵢ Mₖᵢ), per parameter; with the
         chunked baseline (c ≠ 0) it also accumulates the score sums its correction needs."""
-        if layer.site == "weight":     # one perturbation per replication
-            e = layer.weight_noise(r)
-            s = e if linear else score(layer.noise, e)                                   # (k, P)
+        if layer.site in WEIGHT_SITES:     # one perturbation per replication
+            s = layer.weight_score(r, (lambda e: e) if linear else None)                # (k, P)
             if c:
                 acc = sums.score_per_input.setdefault(i, torch.zeros(s.shape[1], dtype=s.dtype, device=s.device))
                 acc.add_(s.sum(0), alpha=score_scale)
@@ -412,7 +439,7 @@ class GLR:
         out, S = {}, sums.loss_per_input
         for i, gs in sums.grads.items():
             layer = pr.layers[i]
-            if layer.site == "weight":        # Σₖ Σᵢ c Sᵢ s(eₖ) = c (Σᵢ Sᵢ) Σₖ s(eₖ)
+            if layer.site in WEIGHT_SITES:    # Σₖ Σᵢ c Sᵢ s(eₖ) = c (Σᵢ Sᵢ) Σₖ s(eₖ)
                 correction = layer.split_parameters(S.sum() * sums.score_per_input[i])
             elif layer.site == "flipout":     # Σᵢ c Sᵢ Σₖ s(eₖ) ⊙ Mₖᵢ
                 correction = layer.split_parameters(S @ sums.score_per_input[i])
@@ -433,6 +460,8 @@ class GLR:
         if x.device.type != "cpu" or (torch.get_num_threads() < 2 and (os.cpu_count() or 1) < 2):
             return False
         pr, flops = layout.probe, 0
+        if any(pr.layers[i].site in WEIGHT_SITES for i in layout.active):
+            return False                     # one row of noise per replication: never the bottleneck
         for i in layout.active[1:]:          # the first noisy layer runs once per input
             layer, unit = pr.layers[i], pr.shapes[i]
             flops += layer.weight.numel() * (math.prod(unit[1:]) if isinstance(layer, nn.Conv2d) else 1)
@@ -442,11 +471,12 @@ class GLR:
                      prefetch: bool) -> list[int]:
         """Replications per chunk so that the working set stays under the memory budget."""
         extra = 0  # per-input gradients of convolutions under the chunked baseline unfold their inputs
-        if self.baseline:
-            for i in layout.active:
-                layer = layout.probe.layers[i]
-                if isinstance(layer, torch.nn.Conv2d) and layer.site == "activity":
-                    extra += layer.weight[0].numel() * math.prod(layout.probe.shapes[i][1:])
+        for i in layout.active:
+            layer = layout.probe.layers[i]
+            if self.baseline and isinstance(layer, torch.nn.Conv2d) and layer.site == "activity":
+                extra += layer.weight[0].numel() * math.prod(layout.probe.shapes[i][1:])
+            if layer.site == "channel":   # a narrow slice whose layer's outputs are still per replication
+                extra += 4 * math.prod(layout.probe.shapes[i])
         per_replication = max(B, 1) * (6 * layout.width + extra + 8) * itemsize  # noise, scores, v, φ(v), loss
         if prefetch:                            # two chunks in flight, each cache-sized
             budget = min(self.memory_budget_mb / 2, PREFETCH_CHUNK_MB)

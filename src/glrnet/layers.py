@@ -29,12 +29,14 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from .activations import ActivationLike, activation_name, get_activation
-from .noise import describe, is_symmetric, make_noise, same_noise, validate_noise
+from .noise import describe, is_symmetric, make_noise, same_noise, score, validate_noise
 
 DEFAULT_NOISE_STD = 2.0
-SITES = ("activity", "weight", "flipout")   # where a noisy layer's noise enters: its output units, or its
-#   parameters (one perturbation per replication, shared by the batch; flipout: that perturbation with
-#   per-input random signs on its rows and columns, so that the inputs of a batch see decorrelated noise)
+SITES = ("activity", "weight", "flipout", "channel")   # where a noisy layer's noise enters: its output units,
+#   or its parameters (one perturbation per replication, shared by the batch; flipout: that perturbation with
+#   per-input random signs on its rows and columns, so that the inputs of a batch see decorrelated noise;
+#   channel: the parameters of one output channel per replication, the channel drawn uniformly)
+WEIGHT_SITES = ("weight", "channel")   # one parameter perturbation per replication, shared by the batch
 
 
 def default_noise() -> Distribution:
@@ -127,6 +129,37 @@ class NoisyLayer:
         out = self.weight_effect(hs, e, k, batch)
         return out * rho.reshape(k, batch, -1, *[1] * (out.dim() - 3))
 
+    # ------------------------------------------------------------------ channel site
+    # Each replication k perturbs the parameters of one output channel cₖ (a conv's kernel cₖ and its bias;
+    # a linear layer's row cₖ), cₖ uniform over the O channels and eₖ ~ f on that channel's P/O values.
+    # Channel c's likelihood ratio then comes from the replications that perturbed it: the estimate
+    # Σₖ O·1[cₖ = c] wₖ s(eₖ) / K is unbiased for ∇θ_c E[L with noise in channel c only] (as layer-wise
+    # injection is per layer). Same noise per replication as the weight site's, to first order, at a
+    # fraction of its cost where the input is shared: z once, plus one channel's effect per replication.
+    # The slice is P/O + 1 wide: eₖ in row 0's first P/O values, cₖ (as a float) in its last.
+    @property
+    def channel_width(self) -> int:
+        """P/O: the parameters of one output channel (its kernel or row, and its bias)."""
+        return self.weight[0].numel() + (1 if self.bias is not None else 0)
+
+    def channel_split(self, r: Tensor) -> tuple[Tensor, Tensor]:
+        """A channel slice (k, B, P/O + 1) as eₖ (k, P/O) and cₖ (k,), long."""
+        row = r.reshape(r.shape[0], -1, r.shape[-1])[:, 0]
+        return row[:, :-1], row[:, -1].long()
+
+    def channel_scatter(self, e: Tensor, c: Tensor) -> Tensor:
+        """(k, P): eₖ (k, P/O) at channel cₖ's parameters, zero elsewhere (``parameters()`` order)."""
+        k, O, W = e.shape[0], self.weight.shape[0], self.weight[0].numel()
+        full = e.new_zeros(k, O, e.shape[1])
+        full[torch.arange(k, device=e.device), c] = e
+        parts = [full[..., :W].reshape(k, -1)] + ([full[..., W]] if self.bias is not None else [])
+        return torch.cat(parts, -1)
+
+    def channel_effect(self, h: Tensor, e: Tensor, k: int, batch: int) -> Tensor | None:
+        """What eₖ on its channel adds to that channel's pre-activation for a shared input h (B, *in):
+        (k, B, *spatial); None where only the whole-layer path applies (grouped convolutions)."""
+        raise NotImplementedError
+
     def affine(self, h: Tensor) -> Tensor:
         """z = layer(h): the torch layer's own forward, without noise or activation."""
         return super().forward(h)  # the torch base class (nn.Linear / nn.Conv2d) after this mixin
@@ -139,9 +172,21 @@ class NoisyLayer:
         return self.act(self.affine(h)) if injection is None else injection.apply(self, h)
 
     def weight_noise(self, r: Tensor) -> Tensor:
-        """Weight site: the parameter noise eₖ (k, P) of each replication, from its noise slice (k, B, P)
-        (row 0: one perturbation per replication, shared by the batch)."""
+        """Weight (channel) site: the parameter noise eₖ (k, P) of each replication, from its noise slice
+        (k, B, width) (row 0: one perturbation per replication, shared by the batch)."""
+        if self.site == "channel":
+            return self.channel_scatter(*self.channel_split(r))
         return r.reshape(r.shape[0], -1, r.shape[-1])[:, 0]
+
+    def weight_score(self, r: Tensor, score_of=None) -> Tensor:
+        """The likelihood ratio of the parameter noise, (k, P): s(eₖ) (weight site), or O·s(eₖ) on channel
+        cₖ's parameters and 0 elsewhere (channel site). ``score_of``: e ↦ s(e) (default: the noise's
+        score; the Normal fast path passes the identity and scales by 1/σ² later)."""
+        score_of = score_of or (lambda e: score(self.noise, e))
+        if self.site == "channel":
+            e, c = self.channel_split(r)
+            return self.channel_scatter(score_of(e) * self.weight.shape[0], c)
+        return score_of(self.weight_noise(r))
 
     def perturbed(self, h: Tensor, e: Tensor, k: int, batch: int) -> Tensor:
         """layer(h; θ + eₖ) for each replication k, (k, B, *units): ``weight_effect`` at θ + e (the layer
@@ -178,6 +223,10 @@ class NoisyLinear(NoisyLayer, nn.Linear):
         hk = h if h.shape[0] == batch else h.reshape(k, batch, self.in_features)
         out = torch.matmul(hk, dw.transpose(1, 2))                         # (k, B, out)
         return out + db[0].unsqueeze(1) if db else out
+
+    def channel_effect(self, h, e, k, batch):
+        out = e[:, :self.in_features] @ h.T                                   # (k, B)
+        return out + e[:, -1:] if self.bias is not None else out
 
     def glr_grads(self, h, g):
         g2, h2 = g.reshape(-1, self.out_features), h.reshape(-1, self.in_features)
@@ -225,6 +274,17 @@ class NoisyConv2d(NoisyLayer, nn.Conv2d):
                        None if bias is None else bias.reshape(-1), self.stride, self.padding, self.dilation,
                        k * self.groups)
         return out.reshape(batch, k, self.out_channels, *out.shape[2:]).transpose(0, 1)   # (k, B, O, H', W'), a view
+
+    def channel_effect(self, h, e, k, batch):
+        if self.groups != 1:
+            return None
+        cols = torch.nn.functional.unfold(h, self.kernel_size, self.dilation, self.padding, self.stride)
+        W = self.weight[0].numel()
+        out = torch.matmul(e[:, :W], cols.transpose(0, 1).reshape(W, -1))            # (k, B·L)
+        if self.bias is not None:
+            out += e[:, W:]
+        H, Wd = (self._out_size(h.shape[-2 + d], d) for d in (0, 1))
+        return out.reshape(k, batch, H, Wd)
 
     def _out_size(self, n: int, d: int) -> int:
         return (n + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1) // self.stride[d] + 1
@@ -316,7 +376,17 @@ class Injection:
             self.noise_free_inputs.add(i)
         self.order.append(i)
         grad = torch.is_grad_enabled()
-        if r is not None and layer.site == "weight" and rows == k * B and not grad and self.surrogate is None:
+        if r is not None and layer.site == "channel" and rows == B and not grad and self.surrogate is None:
+            # the input is shared: z once, then each replication's channel cₖ gets its effect
+            e, c = layer.channel_split(r)
+            d = layer.channel_effect(h, e, k, B)
+            if d is not None:
+                z = layer.affine(h)
+                self.shapes[i] = unit = tuple(z.shape[1:])
+                v = z.unsqueeze(0).expand(k, B, *unit).contiguous()
+                v[torch.arange(k, device=v.device), :, c] += d
+                return layer.act(v.reshape(k * B, *unit))
+        if r is not None and layer.site in WEIGHT_SITES and rows == k * B and not grad and self.surrogate is None:
             # each replication's own input through its own parameters θ + eₖ: one pass, no noise-free z
             v = layer.perturbed(h, layer.weight_noise(r), k, B)
             self.shapes[i] = unit = tuple(v.shape[2:])
@@ -328,7 +398,7 @@ class Injection:
                 self.preactivations[i] = z
             v = z
         else:
-            if layer.site == "weight":   # parameter noise eₖ, as its effect layer(h; eₖ) on v
+            if layer.site in WEIGHT_SITES:   # parameter noise eₖ, as its effect layer(h; eₖ) on v
                 r = layer.weight_effect(h, layer.weight_noise(r), k, B)
             elif layer.site == "flipout":
                 r = layer.flip_effect(h, *layer.flip_split(r.reshape(k, B, r.shape[-1])), k, B)
@@ -364,6 +434,8 @@ class Probe:
         layer = self.layers[i]
         if layer.site == "activity":
             return math.prod(self.shapes[i])
+        if layer.site == "channel":
+            return layer.channel_width + 1
         return layer.parameter_count + (layer.flip_width if layer.site == "flipout" else 0)
 
 
@@ -464,14 +536,27 @@ class Layout:
         """Fill ``out`` (k, B, W): one draw when every active layer has the same noise and none is a weight
         site, else per layer (a weight-site layer: its row 0 only)."""
         layers = self.probe.layers
-        if self.shared is not None and all(layers[i].site != "weight" for i in self.active):
+        if self.shared is not None and all(layers[i].site not in WEIGHT_SITES for i in self.active):
             return sampler.fill_(self.shared, out, generator)
         for i in self.active:
             o, w = self.offsets[i], self.probe.width(i)
-            rows = 1 if layers[i].site == "weight" else out.shape[1]
+            rows = 1 if layers[i].site in WEIGHT_SITES else out.shape[1]
+            if layers[i].site == "channel":       # the noise on P/O values, then the channel of each replication
+                out[:, :1, o + w - 1] = self.channels(layers[i], sampler, out.shape[0], generator, out.device)
+                w -= 1
             part = torch.empty_like(out[:, :rows, o:o + w])
             out[:, :rows, o:o + w] = sampler.fill_(layers[i].noise, part, generator)
         return out
+
+    @staticmethod
+    def channels(layer: NoisyLayer, sampler, k: int, generator, device) -> Tensor:
+        """cₖ (k, 1) for a channel-site layer: each of the k/m sampler groups (antithetic pairs, QMC nets)
+        one channel, the groups' channels consecutive from a uniform random start (each uniform, and the
+        channels evenly covered within a chunk)."""
+        O, m = layer.weight.shape[0], sampler.group_size
+        start = torch.randint(0, O, (1,), generator=generator, device=device)
+        c = (start + torch.arange(k // m, device=device)) % O
+        return c.repeat_interleave(m).unsqueeze(1).to(layer.weight.dtype)
 
     def views(self, flat: Tensor) -> dict[int, Tensor]:
         """Per active layer, its (k, B, width) slice of ``flat``."""
@@ -560,8 +645,38 @@ class LocalLosses(nn.Module):
         return noisy_layers(self.blocks[b]) + noisy_layers(self.heads[b])
 
 
-# deterministic modules a saved model may contain: name → (class, the constructor arguments kept)
-_DETERMINISTIC = {"MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation")),
+class MaxPool2d(nn.MaxPool2d):
+    """``torch.nn.MaxPool2d`` (same arguments, same outputs) that, for non-overlapping windows without padding
+    and no autograd through it, takes the elementwise maximum of the kh·kw strided views of its input: on a
+    CPU several times faster than torch's kernel on the many small maps of K noisy replications
+    (benchmarks/bench_cnn.py). Anything else is the torch layer's own forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, s = nn.modules.utils._pair(self.kernel_size), nn.modules.utils._pair(self.stride)
+        if (k != s or k == (1, 1) or nn.modules.utils._pair(self.padding) != (0, 0) or self.return_indices
+                or nn.modules.utils._pair(self.dilation) != (1, 1) or self.ceil_mode or x.dim() != 4
+                or (x.requires_grad and torch.is_grad_enabled()) or x.shape[-2] < k[0] or x.shape[-1] < k[1]
+                or _differentiated(x)):
+            return super().forward(x)
+        H, W = x.shape[-2] // k[0], x.shape[-1] // k[1]
+        v = x[..., :H * k[0], :W * k[1]].unflatten(-1, (W, k[1])).unflatten(-3, (H, k[0]))   # (N, C, H, kh, W, kw)
+        views = [v[:, :, :, i, :, j] for i in range(k[0]) for j in range(k[1])]
+        out = torch.maximum(views[0], views[1])
+        for t in views[2:]:
+            torch.maximum(out, t, out=out)
+        return out
+
+
+def _differentiated(x: Tensor) -> bool:
+    """Whether x carries a forward-mode tangent (``torch.func.jvp``, ``torch.autograd.forward_ad``), so that a
+    layer should run torch's own kernels (their derivative rules, ties included)."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return (wrapped is not None and wrapped(x)) or torch.autograd.forward_ad.unpack_dual(x).tangent is not None
+
+
+# deterministic modules a saved model may contain: name → (class, the constructor arguments kept); a saved
+# MaxPool2d loads as glrnet's (the same layer, faster)
+_DETERMINISTIC = {"MaxPool2d": (MaxPool2d, ("kernel_size", "stride", "padding", "dilation")),
                   "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding")),
                   "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
                   "Identity": (nn.Identity, ()),
@@ -582,7 +697,7 @@ def module_config(m: nn.Module, noise: bool = False) -> dict:
         return {"type": "LocalLosses", "blocks": [module_config(c, noise) for c in m.blocks],
                 "heads": [module_config(c, noise) for c in m.heads]}
     name = type(m).__name__
-    if name not in _DETERMINISTIC or type(m) is not _DETERMINISTIC[name][0]:
+    if name not in _DETERMINISTIC or type(m) not in (_DETERMINISTIC[name][0], getattr(nn, name)):
         raise ValueError(f"cannot describe module {name} for saving; supported: NoisyLinear, NoisyConv2d, "
                          f"Residual, Sequential, {', '.join(_DETERMINISTIC)} (save the state_dict yourself)")
     return {"type": name, **{k: _jsonable(getattr(m, k)) for k in _DETERMINISTIC[name][1]}}
@@ -724,7 +839,7 @@ class NoisySequential(nn.Sequential):
         flat = r.reshape(shape[0] if shape else 1, -1, r.shape[-1])
         layout.fill_(Antithetic() if antithetic else IID(), flat, generator)   # each layer its own noise
         for i, part in layout.views(flat).items():    # a weight site's row 0 for every input (only it is read)
-            if layout.probe.layers[i].site == "weight":
+            if layout.probe.layers[i].site in WEIGHT_SITES:
                 part[:, 1:] = part[:, :1]
         return r
 

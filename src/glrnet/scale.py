@@ -218,7 +218,7 @@ def run_scale(spec_file: str | Path, out: str | Path, data_dir: str | None = Non
                 for name in q.get("techniques", list(techniques)):
                     label, opts = techniques[name]
                     cfg = _config(opts, o, activation=unit, loss=loss, replications=int(q.get("budget", 100)),
-                                  device=device)
+                                  layer_replications=None, device=device)    # equal budget: K split evenly
                     if applicable(cfg) is not None:
                         continue
                     cfg.validate()
@@ -311,7 +311,8 @@ def _final_quality(spec: dict, tr: dict, out: Path, dname: str, o: dict, data, d
             if cache.is_file():
                 res = json.loads(cache.read_text())
             else:
-                cfg = _config(opts, o, activation=unit, loss=loss, replications=int(K), device=device).validate()
+                cfg = _config(opts, o, activation=unit, loss=loss, replications=int(K), layer_replications=None,
+                              device=device).validate()
                 if model is None:
                     model, _ = load_model(run_dir / "model.safetensors", device)
                 res = gradient_quality(cfg, data, x, y, samples, model=model)

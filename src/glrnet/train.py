@@ -32,7 +32,7 @@ from .data import SPLITS, Dataset, load_dataset
 from .estimators import GLR, Backprop
 from .losses import get_loss
 from .estimators import INJECTIONS
-from .layers import rescale_noise_
+from .layers import MaxPool2d, rescale_noise_
 from .model import (NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, Residual, forward_replications,
                     noise_draw, predict_proba)
 from .samplers import SAMPLERS
@@ -105,6 +105,8 @@ class TrainConfig:
     weight_noise: str = "none"            # which noisy layers carry their noise on their parameters: none, first, conv, all
     weight_noise_std: float = 0.05        # σ of that parameter noise; also ES's σ and SPSA's ε
     flipout: bool = False                 # those layers' parameter noise with per-input sign flips (site "flipout")
+    channelwise: bool = False             # those layers' parameter noise on one output channel per replication (site "channel")
+    layer_replications: list[int] | None = None   # layer-wise injection: replications per noisy layer (execution order)
     relative_noise: float | None = None   # σ of every activity-noise layer = this × RMS of its noise-free pre-activation
     relative_weight_noise: float | None = None   # σ of every weight-noise layer = this × RMS of its weight
     norm: str = "none"                    # parameter-free normalisation after every hidden noisy layer: none, layer
@@ -166,6 +168,15 @@ class TrainConfig:
                    "relative weight noise needs GLR with weight-site layers (--weight-noise first, conv or all)"),
                   (not self.flipout or (self.method == "glr" and self.weight_noise != "none"),
                    "flipout needs GLR with weight-site layers (--weight-noise first, conv or all)"),
+                  (not self.channelwise or (self.method == "glr" and self.weight_noise != "none"),
+                   "channelwise needs GLR with weight-site layers (--weight-noise first, conv or all)"),
+                  (not (self.channelwise and self.flipout), "choose one of flipout and channelwise"),
+                  (self.layer_replications is None or (self.method == "glr" and self.injection == "layerwise"),
+                   "layer replications need GLR with --injection layerwise"),
+                  (self.layer_replications is None or (isinstance(self.layer_replications, list) and
+                                                       len(self.layer_replications) > 0 and
+                                                       all(isinstance(k, int) and k >= 1 for k in self.layer_replications)),
+                   f"layer replications must be positive integers, got {self.layer_replications!r}"),
                   (self.norm in NORMS, f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}"),
                   (self.max_seconds is None or self.max_seconds > 0, f"max seconds must be > 0, got {self.max_seconds}"),
                   (self.eval_every >= 0, f"eval every must be ≥ 0 steps, got {self.eval_every}"),
@@ -258,7 +269,7 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
         chosen = {"first": trainable[:1], "conv": [m for m in trainable if isinstance(m, NoisyConv2d)],
                   "all": trainable}[cfg.weight_noise]
         for m in chosen:   # "first": the first trainable layer only (few parameters: ES-style NSR ≈ √(P/K) stays small)
-            m.site, m.noise = "flipout" if cfg.flipout else "weight", wnoise
+            m.site, m.noise = "flipout" if cfg.flipout else "channel" if cfg.channelwise else "weight", wnoise
     return model
 
 
@@ -288,7 +299,7 @@ def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: in
             mods.append(Residual(NoisyConv2d(c, c, k, padding=k // 2, activation=cfg.activation),
                                  NoisyConv2d(c, c, k, padding=k // 2, activation=cfg.activation)))
         else:
-            mods.append((torch.nn.MaxPool2d if kind == "maxpool" else torch.nn.AvgPool2d)(nums[0]))
+            mods.append((MaxPool2d if kind == "maxpool" else torch.nn.AvgPool2d)(nums[0]))
         if kind in ("conv", "res") and cfg.norm == "layer":   # over (C, H, W), no parameters
             mods.append(torch.nn.GroupNorm(1, channels, affine=False))
     mods.append(torch.nn.Flatten())
@@ -362,7 +373,8 @@ def build_producer(cfg: TrainConfig, generator: torch.Generator):
         bp = Backprop(cfg.loss, noise=cfg.bp_noise, replications=cfg.replications if cfg.bp_noise else 1,
                       generator=generator)
         return dist_utils.DataParallelBackprop(bp) if dist_utils.world_size() > 1 else bp
-    kwargs = dict(loss=cfg.loss, replications=cfg.replications, baseline=cfg.baseline, sampler=cfg.sampler,
+    kwargs = dict(loss=cfg.loss, replications=cfg.layer_replications or cfg.replications, baseline=cfg.baseline,
+                  sampler=cfg.sampler,
                   injection=cfg.injection, memory_budget_mb=cfg.memory_budget_mb, generator=generator)
     if dist_utils.world_size() > 1:
         return dist_utils.DistributedGLR(parallel=cfg.parallel, **kwargs)
