@@ -54,10 +54,13 @@ def test_weight_site_convolutions_unbiased_vs_pathwise(float64, site):
     assert not means_equal(0.8 * glr, path)[0]
 
 
-@pytest.mark.parametrize("site", ["weight", "flipout"])
-def test_weight_site_threshold_zero_one_unbiased_vs_finite_differences(float64, site):
+@pytest.mark.parametrize("site,activation", [("weight", "threshold"), ("flipout", "threshold"),
+                                             ("weight", "centered:threshold")])
+def test_weight_site_threshold_zero_one_unbiased_vs_finite_differences(float64, site, activation):
+    """Also for a φ that is not elementwise (each input's units centred on their mean before the threshold):
+    the likelihood ratio needs nothing of φ."""
     from test_estimator import fd_and_glr_columns
-    model, x, y = mlp((site, "activity"), stds=(1.0, 1.0), activation="threshold", seed=3, batch=4)
+    model, x, y = mlp((site, "activity"), stds=(1.0, 1.0), activation=activation, seed=3, batch=4)
     with torch.no_grad():
         model[0].weight.mul_(3.0)
     n, k = 100, 1024
@@ -75,7 +78,7 @@ def pathwise_channel_samples(model, x, y, n, replications, seed=2):
     from glrnet.samplers import IID
     pr = probe(model, x)
     layout, gen = Layout(pr), torch.Generator().manual_seed(seed)
-    (j,) = [i for i, m in enumerate(pr.layers) if m.site == "channel", "hour-channel"]
+    (j,) = [i for i, m in enumerate(pr.layers) if m.site == "channel"]
     chan, O = pr.layers[j], pr.layers[j].weight.shape[0]
     params, out = list(model.parameters()), []
     own = [next(q for q, pp in enumerate(params) if pp is p) for p in chan.parameters()]
@@ -356,7 +359,7 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
     assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
     assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight",
                                                               "hour-layerwise", "hour-resnet-layerwise", "relative-weight",
-                                                              "channel", "hour-channel"]
+                                                              "channel", "hour-channel", "decay", "centered"]
     bad = tmp_path / "bad.toml"
     for old, new, match in (("budget = 8", "budgett = 8", r"unknown key\(s\) budgett in \[quality\]"),
                             ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',
@@ -399,3 +402,31 @@ def test_local_losses_estimate_each_blocks_own_objective(float64):
         mine_cols = torch.cat([cols[owned[0]], cols[owned[1]]], 1)
         print(b, assert_means_equal(mine_cols, torch.stack(path)))
     assert torch.equal(net(x), net.truncated(1)(x))         # the prediction is the last head's
+
+
+def test_centered_activation_keeps_every_channel_firing_and_round_trips(tmp_path):
+    """``centered:<φ>`` centres each input's pre-activation per channel (per unit set for a dense layer) before φ:
+    a channel whose pre-activations are all far below 0 still fires at about half of its positions; the name
+    round-trips through saving; back-propagation refuses a centred threshold; attacks get the threshold's surrogates."""
+    from glrnet.activations import get_activation, is_step
+    from glrnet.checkpoint import load_model, save_model
+    from glrnet.surrogates import surrogates_for
+    phi = get_activation("centered:threshold")
+    assert repr(phi) == "centered:threshold" and is_step(phi) and repr(get_activation("centered:sigmoid:4")) == "centered:sigmoid:4"
+    v = torch.randn(5, 3, 6, 6) - 50.0
+    torch.testing.assert_close(phi(v).mean((2, 3)), (v - v.mean((2, 3), keepdim=True) > 0).double().mean((2, 3)).float())
+    assert phi(v).mean() > 0.3 and get_activation("threshold")(v).sum() == 0
+    torch.testing.assert_close(phi(torch.tensor([[1.0, 2.0, 6.0]])), torch.tensor([[0.0, 0.0, 1.0]]))
+    torch.manual_seed(0)
+    net = glrnet.NoisySequential(glrnet.NoisyConv2d(1, 2, 3, activation="centered:threshold", site="weight"),
+                                 torch.nn.Flatten(), glrnet.NoisyLinear(2 * 6 * 6, 3), input_shape=(1, 8, 8))
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    save_model(tmp_path / "m.safetensors", net)
+    back, _ = load_model(tmp_path / "m.safetensors")
+    assert repr(back[0].activation) == "centered:threshold"
+    torch.testing.assert_close(back(x), net(x))
+    with pytest.raises(ValueError, match="threshold"):
+        glrnet.Backprop().backward(net, x, y)
+    assert "sigmoid:4" in surrogates_for(net)
+    with pytest.raises(ValueError, match="centered:<activation>"):
+        get_activation("centred:threshold")

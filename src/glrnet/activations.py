@@ -46,6 +46,26 @@ class Sigmoid:
         return "sigmoid" if self.slope == 1.0 else f"sigmoid:{self.slope:g}"
 
 
+class Centered:
+    """φ(v − v̄): each input's pre-activation centred on its own mean before φ — over the positions of each
+    channel for a convolution's (N, C, H, W) map (instance-norm centring), over the units for a dense
+    layer's (N, F) — a parameter-free normalisation of the pre-activation: a channel cannot fall silent
+    (fire for no input) or stay always on. Not elementwise; the likelihood ratio needs nothing of φ, so
+    GLR's activity and weight sites apply unchanged. Name: ``centered:<activation>``."""
+
+    def __init__(self, inner: "ActivationLike"):
+        self.inner = get_activation(inner)
+
+    def center(self, v: Tensor) -> Tensor:
+        return v - v.mean(tuple(range(2, v.dim())) if v.dim() > 2 else -1, keepdim=True)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.inner(self.center(v))
+
+    def __repr__(self) -> str:
+        return f"centered:{activation_name(self.inner)}"
+
+
 def threshold(x: Tensor) -> Tensor:
     """Heaviside step 1[x > 0] (φ(0) = 0), in x's dtype.
 
@@ -101,6 +121,8 @@ def get_activation(spec: ActivationLike) -> Activation:
     if not isinstance(spec, str):
         raise ValueError(f"activation must be a name or a callable, got {spec!r}")
     name, _, arg = spec.partition(":")
+    if name == "centered" and arg:
+        return Centered(arg)
     if name == "sigmoid" and arg:
         try:
             return Sigmoid(float(arg))
@@ -108,13 +130,20 @@ def get_activation(spec: ActivationLike) -> Activation:
             raise ValueError(f"bad sigmoid slope in activation {spec!r}: {e}") from None
     if arg or name not in ACTIVATIONS:
         raise ValueError(
-            f"unknown activation {spec!r}; valid: {', '.join(ACTIVATIONS)} (or 'sigmoid:<slope>')")
+            f"unknown activation {spec!r}; valid: {', '.join(ACTIVATIONS)} (or 'sigmoid:<slope>', "
+            "'centered:<activation>')")
     return ACTIVATIONS[name]
 
 
 def activation_name(act: Activation) -> str:
     """The registry name of an activation (its repr for Sigmoid, __name__ otherwise)."""
-    return repr(act) if isinstance(act, Sigmoid) else getattr(act, "__name__", repr(act))
+    return repr(act) if isinstance(act, (Sigmoid, Centered)) else getattr(act, "__name__", repr(act))
+
+
+def is_step(act: ActivationLike) -> bool:
+    """True for the threshold, centred or not (back-propagation through it gives zero gradients)."""
+    name = act if isinstance(act, str) else activation_name(act)
+    return name.split(":")[-1] == "threshold"
 
 
 def is_smooth(act: ActivationLike) -> bool:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .activations import activation_name
+from .activations import is_step
 from .control_variates import ControlVariate, get_control_variate
 from .layers import WEIGHT_SITES, Injection, Layout, Probe, noisy_forward, noisy_layers, probe
 from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
@@ -545,7 +545,7 @@ class Backprop:
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> GradStats:
         x = check_batch(model, x, y)
-        if any(m.activation is not None and activation_name(m.activation) == "threshold"
+        if any(m.activation is not None and is_step(m.activation)
                for m in noisy_layers(model)):
             raise ValueError("back-propagation through the 'threshold' activation gives zero gradients; use GLR")
         if self.noise:

@@ -124,6 +124,11 @@ def load_scale_spec(path: str | Path) -> dict:
             "datasets": datasets, "techniques": techniques, "quality": q, "training": trainings}
 
 
+def run_name(tech: str, unit: str, loss: str) -> str:
+    """A run's folder: ``<technique>-<unit>-<loss>``, a unit's ':' as '_' (``centered_threshold``)."""
+    return f"{tech}-{unit.replace(':', '_')}-{loss}"
+
+
 def _config(opts: dict, data_opts: dict, **over) -> TrainConfig:
     """The technique's config on a dataset, unvalidated (``applicable`` first, then ``validate``)."""
     return TrainConfig.from_dict({**opts, **data_opts, **over})
@@ -268,7 +273,7 @@ def _train_section(spec: dict, tr: dict, out: Path, dname: str, o: dict, data, d
         if applicable(cfg) is not None:
             continue
         cfg.validate()
-        run_dir = out / dname / "runs" / f"{tech}-{unit}-{loss}"
+        run_dir = out / dname / "runs" / run_name(tech, unit, loss)
         m = train(cfg, run_dir, resume=True, quiet=True, data=data, progress=not quiet,
                   desc=f"{dname}/{tech}-{unit}-{loss}")
         progress = _read_progress(run_dir / "progress.csv")
@@ -302,7 +307,7 @@ def _final_quality(spec: dict, tr: dict, out: Path, dname: str, o: dict, data, d
     rows = []
     for tech, unit, loss in tr.get("runs", []):
         label, opts = spec["techniques"][tech]
-        run_dir = out / dname / "runs" / f"{tech}-{unit}-{loss}"
+        run_dir = out / dname / "runs" / run_name(tech, unit, loss)
         if opts.get("method", "glr") == "bp" or not (run_dir / "model.safetensors").is_file():
             continue
         model = None                  # loaded once per run, only if some K is not cached

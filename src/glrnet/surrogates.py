@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Normal
 
-from .activations import activation_name, is_smooth
+from .activations import activation_name, is_smooth, is_step
 from .layers import Injection, forward_with_flat_noise
 from .model import NoisySequential
 
@@ -51,7 +51,7 @@ def surrogates_for(model: NoisySequential) -> list[str]:
     lr = [] if pr is not None and pr.layers[pr.order[0]].site != "activity" else ["lr"]   # needs unit noise first
     if all(is_smooth(a) for a in acts):
         return ["exact"] + lr
-    if "threshold" in acts:
+    if any(is_step(a) for a in acts):
         return ["gauss", "sigmoid:1", "sigmoid:4", "ste"] + lr
     return ["gauss", "ste"] + lr
 
@@ -76,7 +76,8 @@ def _derivative(model: NoisySequential, surrogate: str):
     if surrogate == "gauss":
         if not all(isinstance(m.noise, Normal) for m in model.noisy_layers):
             raise ValueError("the Gaussian-smoothed surrogate assumes Gaussian noise")
-        return lambda layer: (lambda v, z: smoothed_derivative(layer.activation, z, float(layer.noise.stddev)))
+        return lambda layer: (lambda v, z: smoothed_derivative(getattr(layer.activation, "inner", layer.activation), z,
+                                                               float(layer.noise.stddev)))
     if surrogate == "ste":
         return lambda layer: (lambda v, z: torch.ones_like(v))
     if surrogate.startswith("sigmoid:"):
@@ -93,7 +94,11 @@ def attack_forward(model: NoisySequential, x: Tensor, noise: Tensor | None = Non
     if surrogate == "exact":
         return model(x) if noise is None else forward_with_flat_noise(model, x, noise)
     d = _derivative(model, surrogate)
-    wrap = lambda v, z, layer: _Surrogate.apply(v, z, layer.activation, d(layer))  # noqa: E731
+
+    def derivative(layer):   # a centred φ: the elementwise surrogate at the centred v and z (its mean's share dropped)
+        f, center = d(layer), getattr(layer.activation, "center", None)
+        return f if center is None else (lambda v, z: f(center(v), center(z)))
+    wrap = lambda v, z, layer: _Surrogate.apply(v, z, layer.activation, derivative(layer))  # noqa: E731
     if noise is None:
         with Injection(model.noisy_layers, 1, x.shape[0], surrogate=wrap):
             return model(x)
