@@ -10,7 +10,8 @@ taking the median of each side's per-process medians does. Each process times th
 196-20-10 MLP (K = 10000, B = 25) and of LeNet (K = 100, B = 32), sigmoid units, and of the
 threshold LeNet with weight noise (σ_w = 0.05) on both convolutions (K = 96, B = 32: the scale
 study's ``weight-conv`` runs), and the threshold LeNet each tree's ``--arch lenet`` builds with that weight noise
-and layer-wise injection (the ``weight-layerwise`` runs); wall and CPU time (a helper thread's counts).
+and layer-wise injection (the ``weight-layerwise`` runs), with threshold and ``centered:threshold`` units;
+wall and CPU time (a helper thread's counts).
 ``--only TEXT``: the cases whose name contains TEXT.
 """
 
@@ -36,11 +37,14 @@ torch.manual_seed(0)
 cases = {"mlp 196-20-10 K=10000 B=25": (lambda: glrnet.NoisyMLP([196, 20, 10]), (25, 196), 10000),
          "lenet K=100 B=32": (lenet, (32, 1, 28, 28), 100),
          "lenet threshold weight-site K=96 B=32": (lambda: lenet("threshold", "weight"), (32, 1, 28, 28), 96)}
-def built(**kw):   # the LeNet each tree's own `--arch lenet` builds (its pooling modules included)
+def built(activation="threshold", **kw):   # the LeNet each tree's own `--arch lenet` builds (its pooling modules included)
     from glrnet.train import TrainConfig, build_model
-    return build_model(TrainConfig(arch="lenet", hidden=[], activation="threshold", **kw), (28, 28), 10)
+    return build_model(TrainConfig(arch="lenet", hidden=[], activation=activation, **kw), (28, 28), 10)
 cases["built lenet threshold weight-layerwise K=96 B=32"] = (
     lambda: built(weight_noise="conv", weight_noise_std=0.05), (32, 1, 28, 28), 96, dict(injection="layerwise"))
+cases["built lenet centered:threshold weight-layerwise K=96 B=32"] = (
+    lambda: built("centered:threshold", weight_noise="conv", weight_noise_std=0.05), (32, 1, 28, 28), 96,
+    dict(injection="layerwise"))
 out = {}
 for name, (make, shape, K, *kw) in cases.items():
     if ONLY not in name:

@@ -359,7 +359,7 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
     assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
     assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight",
                                                               "hour-layerwise", "hour-resnet-layerwise", "relative-weight",
-                                                              "channel", "hour-channel", "decay", "centered"]
+                                                              "channel", "hour-channel", "decay", "centered", "hour-centered"]
     bad = tmp_path / "bad.toml"
     for old, new, match in (("budget = 8", "budgett = 8", r"unknown key\(s\) budgett in \[quality\]"),
                             ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',
@@ -404,6 +404,24 @@ def test_local_losses_estimate_each_blocks_own_objective(float64):
     assert torch.equal(net(x), net.truncated(1)(x))         # the prediction is the last head's
 
 
+def test_attack_surrogate_differentiates_through_the_centring():
+    """An attacker's gradient through ``centered:threshold`` with the ``sigmoid:4`` surrogate is the chain rule
+    through the centring (the mean's share included): with one hidden layer and a linear output it equals
+    autograd's input gradient of the same network with ``centered:sigmoid:4`` units, to rounding."""
+    from glrnet.surrogates import attack_forward
+
+    def net(act):
+        torch.manual_seed(0)
+        return glrnet.NoisySequential(glrnet.NoisyConv2d(1, 2, 3, activation=act), torch.nn.Flatten(),
+                                      glrnet.NoisyLinear(2 * 6 * 6, 3), input_shape=(1, 8, 8)).double()
+    torch.manual_seed(1)
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, 3, dtype=torch.float64)
+    (got,) = torch.autograd.grad((attack_forward(net("centered:threshold"), x, surrogate="sigmoid:4") * c).sum(), x)
+    (want,) = torch.autograd.grad((net("centered:sigmoid:4")(x) * c).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_centered_activation_keeps_every_channel_firing_and_round_trips(tmp_path):
     """``centered:<φ>`` centres each input's pre-activation per channel (per unit set for a dense layer) before φ:
     a channel whose pre-activations are all far below 0 still fires at about half of its positions; the name
@@ -416,6 +434,8 @@ def test_centered_activation_keeps_every_channel_firing_and_round_trips(tmp_path
     v = torch.randn(5, 3, 6, 6) - 50.0
     torch.testing.assert_close(phi(v).mean((2, 3)), (v - v.mean((2, 3), keepdim=True) > 0).double().mean((2, 3)).float())
     assert phi(v).mean() > 0.3 and get_activation("threshold")(v).sum() == 0
+    for w in (v, 5.0 + 1e-6 * torch.randn(64, 4, 5, 5), torch.randn(7, 30, dtype=torch.float64)):
+        assert torch.equal(phi(w), phi.inner(phi.center(w))) and phi(w).dtype == w.dtype   # the fast 1[v > v̄]
     torch.testing.assert_close(phi(torch.tensor([[1.0, 2.0, 6.0]])), torch.tensor([[0.0, 0.0, 1.0]]))
     torch.manual_seed(0)
     net = glrnet.NoisySequential(glrnet.NoisyConv2d(1, 2, 3, activation="centered:threshold", site="weight"),

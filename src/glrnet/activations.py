@@ -56,10 +56,15 @@ class Centered:
     def __init__(self, inner: "ActivationLike"):
         self.inner = get_activation(inner)
 
+    def mean(self, v: Tensor) -> Tensor:
+        return v.mean(tuple(range(2, v.dim())) if v.dim() > 2 else -1, keepdim=True)
+
     def center(self, v: Tensor) -> Tensor:
-        return v - v.mean(tuple(range(2, v.dim())) if v.dim() > 2 else -1, keepdim=True)
+        return v - self.mean(v)
 
     def __call__(self, v: Tensor) -> Tensor:
+        if self.inner is threshold:      # 1[v − v̄ > 0] = 1[v > v̄] exactly in floating point: no centred copy
+            return torch.gt(v, self.mean(v), out=torch.empty_like(v))
         return self.inner(self.center(v))
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Normal
 
-from .activations import activation_name, is_smooth, is_step
+from .activations import Centered, activation_name, is_smooth, is_step
 from .layers import Injection, forward_with_flat_noise
 from .model import NoisySequential
 
@@ -95,10 +95,11 @@ def attack_forward(model: NoisySequential, x: Tensor, noise: Tensor | None = Non
         return model(x) if noise is None else forward_with_flat_noise(model, x, noise)
     d = _derivative(model, surrogate)
 
-    def derivative(layer):   # a centred φ: the elementwise surrogate at the centred v and z (its mean's share dropped)
-        f, center = d(layer), getattr(layer.activation, "center", None)
-        return f if center is None else (lambda v, z: f(center(v), center(z)))
-    wrap = lambda v, z, layer: _Surrogate.apply(v, z, layer.activation, derivative(layer))  # noqa: E731
+    def wrap(v, z, layer):
+        phi = layer.activation
+        if isinstance(phi, Centered):   # centre by autograd (the chain rule through the mean), then the inner φ's surrogate
+            v, z, phi = phi.center(v), phi.center(z), phi.inner
+        return _Surrogate.apply(v, z, phi, d(layer))
     if noise is None:
         with Injection(model.noisy_layers, 1, x.shape[0], surrogate=wrap):
             return model(x)

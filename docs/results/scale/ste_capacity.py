@@ -3,13 +3,16 @@ study's initial weights) trained by back-propagation with a surrogate derivative
 (forward exact, 1[v > 0]; backward the derivative of sigmoid(s·v), the straight-through family), Adam,
 noise-free. Not a forward-only method: a reference for the capacity GLR's goals ask of this network.
 
-    OMP_NUM_THREADS=1 python docs/results/scale/ste_capacity.py ../shared/data [epochs] [slope]
+    OMP_NUM_THREADS=1 python docs/results/scale/ste_capacity.py ../shared/data [epochs] [slope] [datasets] [activation]
+
+datasets: comma-separated (default mnist,fashion-mnist); activation: threshold (default) or centered:threshold.
 """
 import sys
 import time
 
 import torch
 
+from glrnet.activations import Centered
 from glrnet.data import load_dataset
 from glrnet.layers import Injection, noisy_layers
 from glrnet.train import TrainConfig, build_model
@@ -17,17 +20,21 @@ from glrnet.train import TrainConfig, build_model
 root = sys.argv[1] if len(sys.argv) > 1 else "../shared/data"
 epochs = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 slope = float(sys.argv[3]) if len(sys.argv) > 3 else 4.0
+datasets = sys.argv[4].split(",") if len(sys.argv) > 4 else ["mnist", "fashion-mnist"]
+activation = sys.argv[5] if len(sys.argv) > 5 else "threshold"
 
 
 def surrogate(v, z, layer):
+    if isinstance(layer.activation, Centered):     # centred before the step, differentiably
+        v = layer.activation.center(v)
     soft = torch.sigmoid(slope * v)
     return soft + ((v > 0).to(v.dtype) - soft).detach()
 
 
-for dataset in ("mnist", "fashion-mnist"):
+for dataset in datasets:
     data = load_dataset(dataset, f"{root}/{dataset}", None, 0.1)
     torch.manual_seed(0)
-    model = build_model(TrainConfig(arch="lenet", hidden=[], activation="threshold"), data.image_shape,
+    model = build_model(TrainConfig(arch="lenet", hidden=[], activation=activation), data.image_shape,
                         data.num_classes)
     x_all = model.bind(data.x_train)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
