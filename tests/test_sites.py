@@ -404,6 +404,18 @@ def test_local_losses_estimate_each_blocks_own_objective(float64):
     assert torch.equal(net(x), net.truncated(1)(x))         # the prediction is the last head's
 
 
+def test_progress_figure_reads_runs_whose_unit_has_a_colon(tmp_path):
+    """A run of ``centered:threshold`` lives in ``<technique>-centered_threshold-<loss>``; the progress figure's
+    series are read from there (they were missed, and the figure drawn empty, before)."""
+    from glrnet.scale import progress_series
+    run = tmp_path / "runs" / "t-centered_threshold-cross_entropy"
+    run.mkdir(parents=True)
+    (run / "progress.csv").write_text("step,epoch,seconds,budget_seconds,val_acc_ot\n10,1,2.0,1.5,0.5\n20,1,4.0,3.0,0.75\n")
+    rows = [{"technique": "t", "unit": "centered:threshold", "loss": "cross_entropy"},
+            {"technique": "u", "unit": "threshold", "loss": "cross_entropy"}]     # no progress.csv: left out
+    assert progress_series(tmp_path / "runs", rows) == {"t · centered:threshold · cross_entropy": ([1.5, 3.0], [0.5, 0.75])}
+
+
 def test_attack_surrogate_differentiates_through_the_centring():
     """An attacker's gradient through ``centered:threshold`` with the ``sigmoid:4`` surrogate is the chain rule
     through the centring (the mean's share included): with one hidden layer and a linear output it equals

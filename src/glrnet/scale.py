@@ -397,14 +397,23 @@ def _training_table(spec, rows, dname, tr) -> str:
     return "\n".join(lines) + "\n"
 
 
+def progress_series(runs: Path, rows: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """Each run's (budget seconds, validation accuracy OT) from its progress.csv, by label; runs without one left out."""
+    out = {}
+    for r in rows:
+        p = _read_progress(runs / run_name(r["technique"], r["unit"], r["loss"]) / "progress.csv")
+        if p:
+            out[f"{r['technique']} · {r['unit']} · {r['loss']}"] = ([q["budget_seconds"] for q in p],
+                                                                    [q["val_acc_ot"] for q in p])
+    return out
+
+
 def _figure_progress(path: Path, runs: Path, rows: list[dict], dname: str) -> None:
     from .plots import _save, _styles, plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (color, marker), r in zip(_styles(len(rows)), rows):
-        p = _read_progress(runs / f"{r['technique']}-{r['unit']}-{r['loss']}" / "progress.csv")
-        if p:
-            ax.plot([q["budget_seconds"] for q in p], [q["val_acc_ot"] for q in p], color=color, lw=1.2,
-                    label=f"{r['technique']} · {r['unit']} · {r['loss']}")
+    series = progress_series(runs, rows)
+    for (color, marker), (label, (s, acc)) in zip(_styles(len(series)), series.items()):
+        ax.plot(s, acc, color=color, lw=1.2, label=label)
     ax.set_xlabel("training seconds (budget clock)")
     ax.set_ylabel("validation accuracy (OT)")
     ax.set_ylim(0, 1)
