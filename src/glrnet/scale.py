@@ -419,5 +419,6 @@ def _figure_progress(path: Path, runs: Path, rows: list[dict], dname: str) -> No
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(f"{dname}: accuracy against training time", fontsize=9)
-    ax.legend(fontsize=6, frameon=False, ncol=2)
+    if series:        # no run evaluated on the way (a budget shorter than eval_every): no legend to draw
+        ax.legend(fontsize=6, frameon=False, ncol=2)
     _save(fig, path)
