@@ -153,3 +153,14 @@ def test_robustness_flags_are_the_attack_settings_fields(capsys):
     text = capsys.readouterr().out
     for f in fields(AttackSettings):
         assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+def test_robustness_into_a_folder_with_an_unfinished_run_asks_for_resume(tmp_path, capsys):
+    train(TrainConfig(epochs=1, replications=10, subset=200), tmp_path / "run", quiet=True)
+    (tmp_path / "rb").mkdir()
+    (tmp_path / "rb" / "robustness_journal.safetensors").write_bytes(b"attacks of an earlier run")
+    rc, err = err_of(capsys, ["robustness", "--run", str(tmp_path / "run"), "--eps", "0.1", "--images", "50",
+                              "--out", str(tmp_path / "rb")])
+    assert rc == 2 and "robustness_journal.safetensors records an earlier run's attacks: pass --resume" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "rb" / "robustness_journal.safetensors").read_bytes() == b"attacks of an earlier run"

@@ -191,3 +191,47 @@ def test_escalation_attacks_only_survivors_and_never_revives_a_broken_image(digi
 def test_attack_settings_name_a_bad_value():
     with pytest.raises(ValueError, match="max_doublings must be ≥ 1, got 0"):
         AttackSettings(max_doublings=0)
+
+
+def test_an_interrupted_protocol_resumes_from_its_journal_with_the_uninterrupted_figures(digits_models, tmp_path,
+                                                                                          monkeypatch):
+    """Each finished attack is on disk at once; a resumed run replays them (not recomputing one)
+    and ends with the same robustness.csv as a run in one sitting, escalation included."""
+    import glrnet.attacks as atk
+    from glrnet.protocol import attack_and_report
+    bp, _, x, y, thr = digits_models
+    st = AttackSettings(steps=2, eot_samples=2, lr_samples=16, spsa_samples=4, spsa_steps=1, random_draws=1,
+                        lap_replications=50, losses=("ce",), max_doublings=2)
+    args = ({"thr": (thr, True)}, x[:30], y[:30], [0.1, 0.3], st, bp, 0.1)
+    attack_and_report(tmp_path / "once", *args, quiet=True, resume=False)
+
+    real, calls = dict(atk.ATTACKS), []
+    def counting(family, stop_at=None):
+        def fn(*a):
+            calls.append(family)
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+            return real[family](*a)
+        return fn
+    for family in real:                        # stopped in the 1× stage's second ε
+        monkeypatch.setitem(atk.ATTACKS, family, counting(family, stop_at=len(attack_plan(thr, True, st)) + 4))
+    with pytest.raises(KeyboardInterrupt):
+        attack_and_report(tmp_path / "cut", *args, quiet=True, resume=False)
+    done = len(calls) - 1
+    with pytest.raises(ValueError, match="robustness_journal.safetensors records an earlier run's attacks: "
+                                         "pass --resume"):
+        attack_and_report(tmp_path / "cut", *args, quiet=True, resume=False)
+    with pytest.raises(ValueError, match="recorded with other settings"):
+        attack_and_report(tmp_path / "cut", {"thr": (thr, True)}, x[:30], y[:30], [0.1, 0.3],
+                          AttackSettings(steps=3), bp, 0.1, quiet=True, resume=True)
+    calls.clear()
+    for family in real:
+        monkeypatch.setitem(atk.ATTACKS, family, counting(family))
+    attack_and_report(tmp_path / "cut", *args, quiet=True, resume=True)
+    resumed = len(calls)
+    calls.clear()
+    attack_and_report(tmp_path / "again", *args, quiet=True, resume=None)   # no journal: the same run
+    assert resumed == len(calls) - done                                      # no recorded attack ran again
+    assert (tmp_path / "cut" / "robustness.csv").read_text() == (tmp_path / "once" / "robustness.csv").read_text()
+    assert (tmp_path / "again" / "robustness.csv").read_text() == (tmp_path / "once" / "robustness.csv").read_text()
+    assert done > 0 and not (tmp_path / "again" / "robustness_journal.safetensors").exists()

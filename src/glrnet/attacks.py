@@ -269,9 +269,11 @@ def attack_plan(model: NoisySequential, noisy: bool, st) -> list[str]:
 
 def attack_model(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: float, st,
                  source: NoisySequential | None = None, attacks: list[str] | None = None,
-                 progress=None) -> dict[str, dict[str, Tensor]]:
+                 progress=None, memo=None) -> dict[str, dict[str, Tensor]]:
     """Per-example correctness {attack: {"ot": bool (N,), "lap": bool (N,)}} at budget ε, and the
-    per-example worst case over all of them (``"worst-case"``)."""
+    per-example worst case over all of them (``"worst-case"``). ``memo(name, run, generator)``
+    (optional, :class:`glrnet.journal.AttackJournal`) returns an attack's recorded result or
+    runs it (``run()``) and records it."""
     gen = torch.Generator(device=x.device).manual_seed(stream_seed(st.seed, ATTACKER))
     names = (["transfer-fgsm"] if source is not None else []) + attack_plan(model, noisy, st)
     results = {}
@@ -280,14 +282,16 @@ def attack_model(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps:
             continue
         if progress is not None:
             progress.set_postfix_str(name, refresh=True)
-        fn, arg = resolve_attack(name)
-        out = fn(AttackContext(model, noisy, st, source, gen, i), x, y, eps, arg)
-        if isinstance(out, dict):
-            results[name] = out
-            continue
-        if distance(out, x, st.norm).max() > eps * (1 + 1e-4) + 1e-5 or out.min() < 0 or out.max() > 1:
-            raise RuntimeError(f"attack {name} left the {st.norm} ε-ball or [0, 1]")  # a bug, never a result
-        results[name] = correct(model, out, y, noisy, st.lap_replications, st.seed, st.score_vote)
+
+        def run(name=name, i=i):
+            fn, arg = resolve_attack(name)
+            out = fn(AttackContext(model, noisy, st, source, gen, i), x, y, eps, arg)
+            if isinstance(out, dict):
+                return out
+            if distance(out, x, st.norm).max() > eps * (1 + 1e-4) + 1e-5 or out.min() < 0 or out.max() > 1:
+                raise RuntimeError(f"attack {name} left the {st.norm} ε-ball or [0, 1]")  # a bug, never a result
+            return correct(model, out, y, noisy, st.lap_replications, st.seed, st.score_vote)
+        results[name] = run() if memo is None else memo(name, run, gen)
     keys = ("ot",) + (("lap",) + (("vote",) if st.score_vote else ()) if noisy else ())
     worst = {k: torch.ones_like(y, dtype=torch.bool) for k in keys}
     for res in results.values():

@@ -196,6 +196,7 @@ FILE_INDEX = [
     ("robustness_checks.json", "the sanity checks and the escalation, as data"),
     ("robustness_worst_case.png", "adaptive worst case (solid) against transfer FGSM (dashed)"),
     ("robustness_seeds.md", "the adaptive worst case over seeds: mean and min–max"),
+    ("robustness_journal.safetensors", "every attack's per-image result as it finished (what --resume replays)"),
     ("models/", "one folder per trained model: metrics.json, history.csv, curves.png, model.safetensors, checkpoint"),
     ("adversarial/", "the FGSM image sets, one file per (source, ε) (not exported)"),
 ]

@@ -339,7 +339,7 @@ def cmd_robustness(args) -> int:
     eps = sorted(set(eps) | {headline})
     out = Path(args.out)
     attack_and_report(out, models, x, y, eps, st, source, headline, title=f"{data.name}, {', '.join(models)}",
-                      quiet=args.quiet)
+                      quiet=args.quiet, resume=args.resume)
     write_index(out, f"glrnet robustness: {', '.join(models)} on {data.name}")
     print((out / "robustness.md").read_text())
     return 0
@@ -433,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--quiet", action="store_true", help="no progress output")
+    b.add_argument("--resume", action="store_true", help="continue an interrupted run in --out: attacks recorded "
+                   "in its robustness_journal.safetensors are replayed, the rest run")
     b.set_defaults(func=cmd_robustness)
     return p
 
@@ -448,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"glrnet {args.command}: error: {e}; the last checkpoint and outputs are kept", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        again = {"train": "rerun with --resume", "reproduce": "rerun the same command: finished models are "
-                 "reused and the interrupted one resumes"}.get(args.command, "rerun the same command")
+        again = {"train": "rerun with --resume", "robustness": "rerun with --resume: finished attacks are replayed",
+                 "reproduce": "rerun the same command: finished models and attacks are reused and the interrupted "
+                 "one resumes"}.get(args.command, "rerun the same command")
         print(f"glrnet {args.command}: interrupted; the last checkpoint and the results so far are kept ({again})",
               file=sys.stderr)
         return 130

@@ -34,12 +34,16 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from torch import Tensor
 
 from .attack_settings import CONVERGENCE_TOLERANCE, DEFAULT_EPS, AttackSettings
 from .attacks import attack_model, attack_plan, correct
+from .distributed import stream_seed
+from .journal import JOURNAL, AttackJournal, fingerprint
 from .model import NoisySequential
 from .reports import ROBUST_FIELDS, write_reports, write_seed_spread  # noqa: F401 (ROBUST_FIELDS re-exported)
 
@@ -48,11 +52,13 @@ from .reports import ROBUST_FIELDS, write_reports, write_seed_spread  # noqa: F4
 
 def evaluate_robustness(models: dict[str, tuple[NoisySequential, bool]], x: Tensor, y: Tensor, eps_list: list[float],
                         st: AttackSettings, source: NoisySequential | None = None, quiet: bool = False,
-                        survivors: dict | None = None, masks: dict | None = None) -> list[dict]:
+                        survivors: dict | None = None, masks: dict | None = None,
+                        journal: AttackJournal | None = None) -> list[dict]:
     """Rows (model, attack, ε, acc_ot, acc_lap, acc_vote, images); ``survivors`` (if given) receives, per
     (model, ε), the per-image mask of the defended predictor's worst case (the convergence
     check attacks only those images again); ``masks`` every predictor's worst-case mask
-    {"ot", "lap", "vote"} per (model, ε), and per (model, 0.0) the clean correctness."""
+    {"ot", "lap", "vote"} per (model, ε), and per (model, 0.0) the clean correctness. ``journal``
+    records each attack as it finishes and replays the recorded ones."""
     from tqdm.auto import tqdm
     rows = []
     bar = tqdm(total=len(models) * len(eps_list), desc="attacks", unit="model·ε", disable=quiet, leave=False,
@@ -65,7 +71,8 @@ def evaluate_robustness(models: dict[str, tuple[NoisySequential, bool]], x: Tens
         for eps in eps_list:
             t0 = time.perf_counter()
             bar.set_description(f"attacks {name} ε={eps:g}")
-            res = attack_model(model, noisy, x, y, eps, st, source, progress=bar)
+            res = attack_model(model, noisy, x, y, eps, st, source, progress=bar,
+                               memo=None if journal is None else journal.memo(name, eps, "1×"))
             if survivors is not None:
                 survivors[name, eps] = res["worst-case"]["lap" if noisy else "ot"]
             if masks is not None:
@@ -92,29 +99,41 @@ def _accuracies(correct: dict) -> dict:
 def escalate(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: float, st: AttackSettings,
              alive: Tensor, source: NoisySequential | None = None,
              tolerance: float = CONVERGENCE_TOLERANCE, progress: bool = False,
-             final: dict | None = None) -> list[tuple[int, float]]:
+             final: dict | None = None, journal: AttackJournal | None = None,
+             name: str = "") -> list[tuple[int, float]]:
     """The convergence check: double the steps, restarts and samples (fresh seeds) and attack
     again only the images on which every earlier attack failed (``alive``), until one doubling
     breaks no more than ``tolerance`` of the images or ``st.max_doublings`` is reached.
 
     The worst case is a per-image union, so attacking only the survivors gives exactly the
-    union "all earlier attacks ∪ the doubled ones" at a fraction of the cost. Returns
+    union "all earlier attacks ∪ the doubled ones" at a fraction of the cost; within a level
+    each attack, too, attacks only the images every attack before it failed on. Returns
     [(multiplier, worst case after it)], e.g. [(2, 0.043), (4, 0.030)]; ``final["alive"]`` (if
-    given) receives the escalated per-image mask."""
+    given) receives the escalated per-image mask. ``journal`` records every attack of every
+    level under the model's ``name``."""
     key = "lap" if noisy else "ot"
     alive = alive.clone()
     levels = []
     for level in range(1, st.max_doublings + 1):
-        st = st.doubled()
+        st, m = st.doubled(), 2 ** level
         before = alive.double().mean().item()
-        idx = alive.nonzero().squeeze(1)
-        if len(idx):
-            alive[idx] = attack_model(model, noisy, x[idx], y[idx], eps, st, source)["worst-case"][key]
+        names = (["transfer-fgsm"] if source is not None else []) + attack_plan(model, noisy, st)
+        for i, attack in enumerate(names):
+            idx = alive.nonzero().squeeze(1)
+            if not len(idx):
+                break
+            t0 = time.perf_counter()
+            memo = None if journal is None else partial(journal.memo(name, eps, f"{m}×"), idx=idx)
+            held = attack_model(model, noisy, x[idx], y[idx], eps, replace(st, seed=stream_seed(st.seed, i)),
+                                source, attacks=[attack], memo=memo)[attack][key]
+            alive[idx] = held
+            if progress:
+                print(f"[robustness] ε={eps:g} {m}×: {attack} on {len(idx)} images broke {int((~held).sum())} "
+                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
         after = alive.double().mean().item()
-        levels.append((2 ** level, after))
+        levels.append((m, after))
         if progress:
-            print(f"[robustness] ε={eps:g} {2 ** level}× on {len(idx)} surviving images: worst case "
-                  f"{before:.3f} → {after:.3f}", flush=True)
+            print(f"[robustness] ε={eps:g} {m}× worst case {before:.3f} → {after:.3f}", flush=True)
         if before - after <= tolerance + 1e-9:
             break
     if final is not None:
@@ -125,7 +144,7 @@ def escalate(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: flo
 def sanity_checks(models: dict[str, tuple[NoisySequential, bool]], rows: list[dict], survivors: dict, x, y,
                   headline: float, st: AttackSettings, source: NoisySequential | None = None,
                   check_eps: list[float] | None = None, quiet: bool = False,
-                  escalated: dict | None = None) -> list[dict]:
+                  escalated: dict | None = None, journal: AttackJournal | None = None) -> list[dict]:
     """The protocol's self-checks (each a measured pass / fail with its numbers).
 
     The convergence check (``escalate``) doubles steps, restarts and samples on the images
@@ -165,7 +184,7 @@ def sanity_checks(models: dict[str, tuple[NoisySequential, bool]], rows: list[di
             base = acc(name, "worst-case", eps, key)
             final = {}
             levels = escalate(model, noisy, x, y, eps, st, survivors[name, eps], source, progress=not quiet,
-                              final=final)
+                              final=final, journal=journal, name=name)
             if escalated is not None:
                 escalated[name, eps] = final["alive"]
             path = [base] + [a for _, a in levels]
@@ -188,22 +207,31 @@ def sanity_checks(models: dict[str, tuple[NoisySequential, bool]], rows: list[di
 def attack_and_report(out: Path, models: dict[str, tuple[NoisySequential, bool]], x: Tensor, y: Tensor,
                       eps: list[float], st: AttackSettings, source: NoisySequential | None, headline: float,
                       check_eps: list[float] | None = None, title: str = "",
-                      quiet: bool = False, after_model=None) -> tuple[list[dict], list[dict]]:
+                      quiet: bool = False, after_model=None, resume: bool | None = None) -> tuple[list[dict], list[dict]]:
     """The whole protocol, one model at a time: attacks at every ε, the checks with the
     escalation, and the reports rewritten (atomically) after each model, so that a run
     stopped part-way keeps every finished model's results. ``after_model(name, masks,
     escalated)`` (optional) returns more checks for the model's report: ``masks`` per (name, ε)
     every predictor's worst-case mask (ε = 0: clean), ``escalated`` per (name, ε) the defended
-    predictor's escalated mask (e.g. the certified radii's soundness check)."""
+    predictor's escalated mask (e.g. the certified radii's soundness check).
+
+    Every attack is recorded in ``out``'s journal (:mod:`glrnet.journal`) as it finishes;
+    ``resume`` replays a journal left by an interrupted run of the same settings (``False``: a
+    journal there is an error; ``None``: no journal)."""
     out.mkdir(parents=True, exist_ok=True)
+    journal = None if resume is None else AttackJournal(out / JOURNAL, fingerprint(models, x, y, eps, st, source),
+                                                        resume)
+    if journal is not None and len(journal) and not quiet:
+        print(f"[robustness] resuming: {len(journal)} attacks recorded in {out / JOURNAL}", flush=True)
     rows, checks = [], []
     for name, entry in models.items():
         survivors, masks, escalated = {}, {}, {}
         one = {name: entry}
         model_rows = evaluate_robustness(one, x, y, eps, st, source=source, quiet=quiet, survivors=survivors,
-                                         masks=masks)
+                                         masks=masks, journal=journal)
         checks += sanity_checks(one, model_rows, survivors, x, y, headline, st, source,
-                                [headline] if check_eps is None else check_eps, quiet, escalated=escalated)
+                                [headline] if check_eps is None else check_eps, quiet, escalated=escalated,
+                                journal=journal)
         if after_model is not None:
             checks += after_model(name, masks, escalated)
         rows += model_rows
@@ -241,7 +269,8 @@ def run_protocol(out: Path, spec, models: dict, sources: dict, data, headline: f
             chosen[run], seed_of[run] = (model, ms.config.noisy), seed
     x, y = data.x_test[:images], data.y_test[:images]
     first = next(iter(sources.values()))
-    rows, checks = attack_and_report(out, chosen, x, y, eps, st, first, headline, check_eps, spec.name, quiet)
+    rows, checks = attack_and_report(out, chosen, x, y, eps, st, first, headline, check_eps, spec.name, quiet,
+                                     resume=True)   # reproduce resumes whatever it finds, attacks included
     if len(set(seed_of.values())) > 1:
         base = {run: run if run in names else run.rsplit("-seed", 1)[0] for run in chosen}
         write_seed_spread(out, rows, checks, base, chosen, headline)

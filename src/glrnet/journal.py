@@ -1,0 +1,92 @@
+"""The attack journal: every finished attack's per-image result, on disk the moment it finishes,
+so that an interrupted robustness run resumes where it stopped and ends with exactly the
+figures an uninterrupted run gives.
+
+An escalated attack on a network with many surviving images runs for hours on a CPU (the 8×
+stage of the protocol costs 512× the first stage's steps × restarts × samples per image); a
+run stopped part-way must lose at most the attack in flight. The journal is one safetensors
+file: per attack, the images it attacked (``idx``), their per-predictor correctness
+(``ot``, ``lap``, ``vote``) and the attacker's random-generator state after it (restored when
+the attack is replayed, so the attacks after it draw the same noise as in one sitting). Its
+metadata holds the run's fingerprint (settings, images, weights): a journal is only resumed
+by the run that wrote it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from .checkpoint import save_tensors_atomic
+
+JOURNAL = "robustness_journal.safetensors"
+
+
+def fingerprint(models: dict, x: Tensor, y: Tensor, eps: list[float], st, source=None) -> dict[str, str]:
+    """What a journal's results depend on, as strings: the attack settings, the ε list, the attacked
+    images and labels, and every network's weights (SHA-256)."""
+    from dataclasses import asdict
+
+    def digest(tensors) -> str:
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    fp = {"settings": json.dumps(asdict(st), sort_keys=True, default=list), "eps": json.dumps(list(eps)),
+          "images": digest([x, y])}
+    for name, (model, noisy) in models.items():
+        fp[f"model {name}"] = f"{digest(model.state_dict().values())} noisy={noisy}"
+    if source is not None:
+        fp["source"] = digest(source.state_dict().values())
+    return fp
+
+
+class AttackJournal:
+    """``memo(scope)`` gives ``attack_model`` its ``memo``: an attack recorded under ``scope`` is
+    replayed from disk, any other is run and recorded (the file rewritten atomically)."""
+
+    def __init__(self, path: str | Path, fp: dict[str, str], resume: bool):
+        self.path, self.fp, self.entries = Path(path), fp, {}
+        if not self.path.exists():
+            return
+        if not resume:
+            raise ValueError(f"{self.path} records an earlier run's attacks: pass --resume to continue it, "
+                             f"or choose another --out")
+        from safetensors import safe_open
+        with safe_open(self.path, "pt") as f:
+            saved = json.loads((f.metadata() or {}).get("fingerprint", "{}"))
+        differ = sorted(k for k in set(saved) | set(fp) if saved.get(k) != fp.get(k))
+        if differ:
+            raise ValueError(f"--resume: {self.path} was recorded with other {', '.join(differ)}; "
+                             f"rerun with the same settings, or choose another --out")
+        for name, t in load_file(self.path).items():
+            key, _, field = name.rpartition("/")
+            self.entries.setdefault(key, {})[field] = t
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def memo(self, *scope) -> Callable:
+        def call(name: str, run: Callable[[], dict], gen: torch.Generator, idx: Tensor | None = None) -> dict:
+            key = " ".join(map(str, scope + (name,))).replace("/", "∕")
+            e = self.entries.get(key)
+            if e is not None and (idx is None or torch.equal(e.get("idx", idx), idx)):
+                gen.set_state(e["generator"])
+                return {k: v.to(gen.device) for k, v in e.items() if k in ("ot", "lap", "vote")}
+            result = run()
+            self.entries[key] = {**result, "generator": gen.get_state().clone(),
+                                 **({"idx": idx.cpu()} if idx is not None else {})}
+            self._save()
+            return result
+        return call
+
+    def _save(self) -> None:
+        tensors = {f"{key}/{field}": t for key, e in self.entries.items() for field, t in e.items()}
+        save_tensors_atomic(tensors, self.path, {"fingerprint": json.dumps(self.fp, sort_keys=True)})
