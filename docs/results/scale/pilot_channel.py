@@ -9,9 +9,7 @@ replication, at equal replications per layer and with the replications moved to 
 """
 import sys
 
-from glrnet.data import load_dataset
-from glrnet.scale import gradient_quality
-from glrnet.train import TrainConfig
+from quality_rows import print_rows
 
 root = sys.argv[1] if len(sys.argv) > 1 else "../shared/data"
 samples = int(sys.argv[2]) if len(sys.argv) > 2 else 60
@@ -26,15 +24,5 @@ lenet = [("every channel, 32 / 32 / 32 (weight-layerwise)", {}),
          ("one channel, 96 / 1536 / 96", dict(channelwise=True, layer_replications=[96, 1536, 96]))]
 resnet = [("every channel, K = 96 (8 × 12)", {}), ("one channel, K = 96", dict(channelwise=True)),
           ("one channel, 12 / 96 × 6 / 12", dict(channelwise=True, layer_replications=[12] + [96] * 6 + [12]))]
-cases = [("mnist", dict(base), lenet), ("fashion-mnist", dict(base, arch="resnet"), resnet)]
-only = sys.argv[3] if len(sys.argv) > 3 else None
-for dataset, b, variants in cases:
-    if only and dataset != only:
-        continue
-    data = load_dataset(dataset, f"{root}/{dataset}", None, 0.1)
-    x, y = data.x_train[:32], data.y_train[:32]
-    for name, over in variants:
-        cfg = TrainConfig(**{**b, **over, "dataset": dataset, "data_dir": f"{root}/{dataset}"}).validate()
-        r = gradient_quality(cfg, data, x, y, samples)
-        print(f"| {b['arch']}, {dataset} | {name} | {samples} | " + ", ".join(f"{l['layer']} {l['nsr']:.3g}" for l in r["layers"])
-              + f" | {r['seconds_per_estimate'] * 1000:.0f} |", flush=True)
+print_rows([("mnist", dict(base), samples, lenet), ("fashion-mnist", dict(base, arch="resnet"), samples, resnet)],
+           root, sys.argv[3] if len(sys.argv) > 3 else None)

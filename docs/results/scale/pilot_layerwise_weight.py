@@ -9,9 +9,7 @@ perturbed in every replication ("all", the `weight-conv` technique) against one 
 """
 import sys
 
-from glrnet.data import load_dataset
-from glrnet.scale import gradient_quality
-from glrnet.train import TrainConfig
+from quality_rows import print_rows
 
 root = sys.argv[1] if len(sys.argv) > 1 else "../shared/data"
 base = dict(arch="lenet", hidden=[], activation="threshold", replications=96, baseline=True,
@@ -21,11 +19,4 @@ cases = [("mnist", dict(base), 100, [("all (weight-conv)", {}), ("layerwise (wei
                                      ("layerwise + antithetic", dict(injection="layerwise", sampler="antithetic"))]),
          ("fashion-mnist", dict(base, arch="resnet"), 30, [("all, K = 96", {}), ("layerwise, K = 96", dict(injection="layerwise")),
                                                            ("layerwise, K = 192", dict(injection="layerwise", replications=192))])]
-for dataset, b, samples, variants in cases:
-    data = load_dataset(dataset, f"{root}/{dataset}", None, 0.1)
-    x, y = data.x_train[:32], data.y_train[:32]
-    for name, over in variants:
-        cfg = TrainConfig(**{**b, **over, "dataset": dataset, "data_dir": f"{root}/{dataset}"}).validate()
-        r = gradient_quality(cfg, data, x, y, samples)
-        print(f"| {b['arch']}, {dataset} | {name} | {samples} | " + ", ".join(f"{l['layer']} {l['nsr']:.3g}" for l in r["layers"])
-              + f" | {r['seconds_per_estimate'] * 1000:.0f} |", flush=True)
+print_rows(cases, root)
