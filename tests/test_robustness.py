@@ -235,3 +235,10 @@ def test_an_interrupted_protocol_resumes_from_its_journal_with_the_uninterrupted
     assert (tmp_path / "cut" / "robustness.csv").read_text() == (tmp_path / "once" / "robustness.csv").read_text()
     assert (tmp_path / "again" / "robustness.csv").read_text() == (tmp_path / "once" / "robustness.csv").read_text()
     assert done > 0 and not (tmp_path / "again" / "robustness_journal.safetensors").exists()
+    import csv
+
+    from glrnet.journal import survivors
+    rows = list(csv.DictReader(open(tmp_path / "once" / "robustness.csv")))
+    last = [r for r in rows if r["model"] == "thr" and r["attack"].startswith("worst-case") and r["eps"] == "0.1"][-1]
+    alive = survivors(tmp_path / "cut" / "robustness_journal.safetensors", "thr", 0.1)   # the escalated worst case
+    assert last["attack"] != "worst-case" and alive.double().mean().item() == pytest.approx(float(last["acc_lap"]))

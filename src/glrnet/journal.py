@@ -59,16 +59,11 @@ class AttackJournal:
         if not resume:
             raise ValueError(f"{self.path} records an earlier run's attacks: pass --resume to continue it, "
                              f"or choose another --out")
-        from safetensors import safe_open
-        with safe_open(self.path, "pt") as f:
-            saved = json.loads((f.metadata() or {}).get("fingerprint", "{}"))
+        saved, self.entries = read_journal(self.path)
         differ = sorted(k for k in set(saved) | set(fp) if saved.get(k) != fp.get(k))
         if differ:
             raise ValueError(f"--resume: {self.path} was recorded with other {', '.join(differ)}; "
                              f"rerun with the same settings, or choose another --out")
-        for name, t in load_file(self.path).items():
-            key, _, field = name.rpartition("/")
-            self.entries.setdefault(key, {})[field] = t
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -90,3 +85,36 @@ class AttackJournal:
     def _save(self) -> None:
         tensors = {f"{key}/{field}": t for key, e in self.entries.items() for field, t in e.items()}
         save_tensors_atomic(tensors, self.path, {"fingerprint": json.dumps(self.fp, sort_keys=True)})
+
+
+def read_journal(path: str | Path) -> tuple[dict[str, str], dict[str, dict[str, Tensor]]]:
+    """(fingerprint, entries) of a journal: entries keyed "<model> <ε> <stage> <attack>" (stage "1×",
+    "2×", …), each {"ot", "lap", "vote": per-image correctness, "idx": the images attacked (escalation
+    stages only), "generator"}."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        fp = json.loads((f.metadata() or {}).get("fingerprint", "{}"))
+    entries: dict[str, dict[str, Tensor]] = {}
+    for name, t in load_file(path).items():
+        key, _, field = name.rpartition("/")
+        entries.setdefault(key, {})[field] = t
+    return fp, entries
+
+
+def survivors(path: str | Path, model: str, eps: float, predictor: str = "lap",
+              images: int | None = None) -> Tensor:
+    """The images on which every recorded attack on ``model`` at ``eps`` failed (for ``predictor``):
+    the per-image worst case so far, escalation stages included, as a bool mask."""
+    _, entries = read_journal(path)
+    prefix = f"{model} {eps} ".replace("/", "∕")
+    mine = {k: e for k, e in entries.items() if k.startswith(prefix) and predictor in e}
+    if not mine:
+        raise ValueError(f"{path}: no attack on {model!r} at ε = {eps} recorded for {predictor}")
+    n = images or max(len(e[predictor]) for k, e in mine.items() if "idx" not in e)
+    alive = torch.ones(n, dtype=torch.bool)
+    for e in mine.values():
+        if "idx" in e:
+            alive[e["idx"]] &= e[predictor]
+        else:
+            alive &= e[predictor]
+    return alive
