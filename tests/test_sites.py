@@ -355,18 +355,28 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
     assert "| combined | threshold | cross_entropy | 4 |" in final and "| 8 |" in final and "| bp |" not in final
     assert json.loads((tmp_path / "out" / "long" / "digits" / "runs" / "bp-sigmoid-cross_entropy" / "metrics.json")
                       .read_text())["config"]["epochs"] == 2
+    rb = (tmp_path / "out" / "robustness-cnn" / "glr" / "robustness.md").read_text()   # the [[robustness]] table
+    assert "combined-threshold-cross_entropy" in rb and "transfer-fgsm" in rb and "worst-case 2×" in rb
+    assert (tmp_path / "out" / "robustness-cnn" / "glr" / "robustness_journal.safetensors").exists()
     packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
     assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
     assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight",
                                                               "hour-layerwise", "hour-resnet-layerwise", "relative-weight",
                                                               "channel", "hour-channel", "decay", "centered", "hour-centered"]
+    assert [r["name"] for r in packaged["robustness"]] == ["bp", "glr", "glr-weight", "glr-layerwise", "glr-channel",
+                                                           "glr-centered", "glr-pilots", "glr-channel-pilots"]
     bad = tmp_path / "bad.toml"
     for old, new, match in (("budget = 8", "budgett = 8", r"unknown key\(s\) budgett in \[quality\]"),
                             ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',
                              r"\[training\] runs take"),
                             ('name = "long"', "", r"needs its own name"),
                             ('datasets = ["digits"]', 'datasets = ["mnist"]',
-                             r"datasets name 'mnist', which is not a \[\[datasets\]\] name")):
+                             r"datasets name 'mnist', which is not a \[\[datasets\]\] name"),
+                            ('runs = [["long", "combined"', 'runs = [["", "combined"',
+                             r"\[\[robustness\]\] 'glr' runs and source take \[section, technique, unit, loss\] of a "
+                             r"\[\[training\]\] run on 'digits', got \['', 'combined', 'threshold', 'cross_entropy'\]"),
+                            ("max_doublings = 1", "max_doublings = 0",
+                             r"\[\[robustness\]\] 'glr' settings: attack setting max_doublings must be ≥ 1, got 0")):
         bad.write_text(spec.read_text().replace(old, new))
         with pytest.raises(ValueError, match=match):
             load_scale_spec(bad)

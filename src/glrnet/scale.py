@@ -24,9 +24,15 @@ gradient producer (``method = "es" | "spsa" | "forward" | "bp"``). Two measureme
    ``epochs`` wins over the section's (a cosine schedule spans the technique's epochs).
    ``final_quality = [K, ...]``: after the runs, the per-layer NSR at each run's trained weights at
    those budgets (what limits a run at its end, and how it scales with K).
+3. ``[[robustness]]`` — the adaptive-attack protocol (docs/robustness.md) on trained runs, after all
+   the training: ``runs = [[section, technique, unit, loss], ...]`` (``section`` "" for the unnamed
+   [training]), optionally a transfer ``source`` run named the same way, ``eps``, ``headline``,
+   ``images`` and ``settings`` (:class:`~glrnet.attack_settings.AttackSettings` fields); outputs in
+   ``out/robustness-cnn/<name>/``, every attack journaled, so an interrupted reproduce resumes it.
 
 ``glrnet reproduce --spec scale --data-dir ../shared/data --out results/scale`` writes
-``quality.csv`` / ``quality.md``, ``training.csv`` / ``training.md``, ``progress_<dataset>.png``.
+``quality.csv`` / ``quality.md``, ``training.csv`` / ``training.md``, ``progress_<dataset>.png`` and,
+per [[robustness]], ``robustness-cnn/<name>/robustness.md`` (with its CSV, checks and figure).
 """
 
 from __future__ import annotations
@@ -52,10 +58,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-SECTIONS = ("experiment", "datasets", "defaults", "techniques", "quality", "training")
+SECTIONS = ("experiment", "datasets", "defaults", "techniques", "quality", "training", "robustness")
 QUALITY_KEYS = ("dataset", "units", "losses", "budget", "samples", "batch", "techniques")
 TRAINING_KEYS = ("name", "datasets", "seconds", "clock", "eval_every", "runs", "thresholds", "epochs",
                  "final_quality", "final_samples")
+ROBUSTNESS_KEYS = ("name", "dataset", "runs", "source", "eps", "headline", "images", "settings")
 
 
 def is_scale_spec(path: Path) -> bool:
@@ -120,8 +127,33 @@ def load_scale_spec(path: str | Path) -> dict:
         for run in tr.get("runs", []):
             if len(run) != 3 or run[0] not in techniques:
                 raise ValueError(f"spec {path}: [training] runs take [technique, unit, loss], got {run!r}")
+    robustness = raw.get("robustness", [])
+    for rb in [robustness] if isinstance(robustness, dict) else robustness:
+        _check_robustness(path, rb, trainings, datasets, check)
     return {"name": raw.get("experiment", {}).get("name", path.stem), "notes": raw.get("experiment", {}).get("notes", ""),
-            "datasets": datasets, "techniques": techniques, "quality": q, "training": trainings}
+            "datasets": datasets, "techniques": techniques, "quality": q, "training": trainings,
+            "robustness": [robustness] if isinstance(robustness, dict) else list(robustness)}
+
+
+def _check_robustness(path: Path, rb: dict, trainings: list[dict], datasets: list[dict], check) -> None:
+    """A [[robustness]] table names trained runs of this spec and valid attack settings (before anything runs)."""
+    where = "[[robustness]]" + (f" {rb['name']!r}" if rb.get("name") else "")
+    check(rb, ROBUSTNESS_KEYS, where)
+    for key in ("name", "dataset", "runs"):
+        if not rb.get(key):
+            raise ValueError(f"spec {path}: {where} needs {key}")
+    if rb["dataset"] not in [d.get("name") for d in datasets]:
+        raise ValueError(f"spec {path}: {where} dataset {rb['dataset']!r} is not a [[datasets]] name")
+    for run in list(rb["runs"]) + ([rb["source"]] if rb.get("source") else []):
+        section = next((t for t in trainings if t.get("name", "") == (run[0] if run else None)), None)
+        if len(run) != 4 or section is None or list(run[1:]) not in [list(r) for r in section.get("runs", [])] \
+                or rb["dataset"] not in section.get("datasets", [rb["dataset"]]):
+            raise ValueError(f"spec {path}: {where} runs and source take [section, technique, unit, loss] of a "
+                             f"[[training]] run on {rb['dataset']!r}, got {run!r}")
+    try:
+        _settings(rb)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"spec {path}: {where} settings: {e}") from None
 
 
 def run_name(tech: str, unit: str, loss: str) -> str:
@@ -251,6 +283,10 @@ def run_scale(spec_file: str | Path, out: str | Path, data_dir: str | None = Non
                     and dname in tr.get("datasets", [dname]):
                 _train_section(spec, tr, out / tr["name"] if tr.get("name") else out, dname, *data_of(dname),
                                device, quiet)
+    # ---- 3. the adaptive-attack protocol on trained runs
+    for rb in spec["robustness"]:
+        if only is None or only in (rb["dataset"], datasets[rb["dataset"]]["dataset"]):
+            _robustness(rb, out, data_of(rb["dataset"])[1], device, quiet)
     summary["seconds"] = time.perf_counter() - t_start
     atomic_write_text(out / ("summary.json" if only is None else f"summary-{only}.json"),
                       json.dumps(summary, indent=1))
@@ -295,6 +331,41 @@ def _train_section(spec: dict, tr: dict, out: Path, dname: str, o: dict, data, d
         _figure_progress(out / f"progress_{dname}.png", out / dname / "runs", rows, dname)
     if rows and tr.get("final_quality"):
         _final_quality(spec, tr, out, dname, o, data, device, quiet)
+
+
+def _settings(rb: dict):
+    from .attack_settings import AttackSettings
+    return AttackSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in rb.get("settings", {}).items()})
+
+
+def _run_dir(out: Path, dname: str, section: str, tech: str, unit: str, loss: str) -> Path:
+    return (out / section if section else out) / dname / "runs" / run_name(tech, unit, loss)
+
+
+def _robustness(rb: dict, out: Path, data, device: str, quiet: bool) -> None:
+    """One [[robustness]] table: the protocol on its runs into out/robustness-cnn/<name>/ (resumable)."""
+    from .checkpoint import load_model
+    from .protocol import attack_and_report
+
+    def load(run):
+        path = _run_dir(out, rb["dataset"], *run) / "model.safetensors"
+        if not path.is_file():
+            raise ValueError(f"[[robustness]] {rb['name']!r}: {path} does not exist (its [[training]] run comes first)")
+        return load_model(path, device)
+
+    models = {}
+    for run in rb["runs"]:
+        model, extra = load(run)
+        models[run_name(*run[1:])] = (model, TrainConfig.from_saved(extra.get("config", {})).noisy)
+    source = load(rb["source"])[0] if rb.get("source") else None
+    eps = [float(e) for e in rb.get("eps", [0.1, 0.3])]
+    headline = float(rb.get("headline", eps[len(eps) // 2]))
+    images = int(rb.get("images", 100))
+    x, y = data.x_test[:images], data.y_test[:images]
+    folder = out / "robustness-cnn" / rb["name"]
+    attack_and_report(folder, models, x, y, sorted(set(eps) | {headline}), _settings(rb),
+                      source, headline, title=f"{rb['dataset']}, {', '.join(models)}", quiet=quiet, resume=True)
+    write_index(folder, f"glrnet reproduce: [[robustness]] {rb['name']}")
 
 
 def _final_quality(spec: dict, tr: dict, out: Path, dname: str, o: dict, data, device: str, quiet: bool) -> None:
