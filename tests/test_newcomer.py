@@ -111,13 +111,19 @@ def test_version_and_license(capsys):
 
 
 def test_files_are_written_with_the_umask_mode(tmp_path):
-    from glrnet.checkpoint import atomic_write_text
+    """Text and tensors alike (safetensors writes its own file, 0600, over the temporary one: it was
+    how models, checkpoints and journals came out unreadable to the group)."""
+    import torch
+
+    from glrnet.checkpoint import atomic_write_text, save_tensors_atomic
     old = os.umask(0o027)
     try:
         atomic_write_text(tmp_path / "a.md", "x")
+        save_tensors_atomic({"t": torch.zeros(2)}, tmp_path / "t.safetensors", {})
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.md").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "t.safetensors").stat().st_mode) == 0o640
 
 
 def test_failed_sanity_checks_reach_the_console_and_every_eps_is_in_the_summary(monkeypatch, tmp_path, capsys):

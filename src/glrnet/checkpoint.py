@@ -49,9 +49,11 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
+    mode = 0o666 & ~_umask()
+    os.chmod(tmp, mode)
     try:
         yield tmp
+        os.chmod(tmp, mode)        # again: a writer that replaces the file (safetensors) leaves its own 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
