@@ -197,6 +197,8 @@ def test_an_interrupted_protocol_resumes_from_its_journal_with_the_uninterrupted
                                                                                           monkeypatch):
     """Each finished attack is on disk at once; a resumed run replays them (not recomputing one)
     and ends with the same robustness.csv as a run in one sitting, escalation included."""
+    from dataclasses import replace
+
     import glrnet.attacks as atk
     from glrnet.protocol import attack_and_report
     bp, _, x, y, thr = digits_models
@@ -242,3 +244,9 @@ def test_an_interrupted_protocol_resumes_from_its_journal_with_the_uninterrupted
     last = [r for r in rows if r["model"] == "thr" and r["attack"].startswith("worst-case") and r["eps"] == "0.1"][-1]
     alive = survivors(tmp_path / "cut" / "robustness_journal.safetensors", "thr", 0.1)   # the escalated worst case
     assert last["attack"] != "worst-case" and alive.double().mean().item() == pytest.approx(float(last["acc_lap"]))
+    calls.clear()                                      # a higher limit on doublings resumes too: only new levels run
+    rows, checks = attack_and_report(tmp_path / "cut", *args[:4], replace(st, max_doublings=3), *args[5:], quiet=True,
+                                     resume=True)
+    assert last["attack"] == "worst-case 4×" and float(last["acc_lap"]) > 0   # the first run stopped at its limit
+    assert 0 < len(calls) <= len(attack_plan(thr, True, st)) + 1                # so 8× runs, and only 8×
+    assert "worst-case 8×" in {r["attack"] for r in rows if r["eps"] == 0.1}

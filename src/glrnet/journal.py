@@ -48,6 +48,14 @@ def fingerprint(models: dict, x: Tensor, y: Tensor, eps: list[float], st, source
     return fp
 
 
+def _comparable(fp: dict[str, str], key: str):
+    """A fingerprint entry as compared on resuming: the settings without ``max_doublings`` (a higher
+    limit only adds escalation levels; the recorded ones stay valid, so a run may be escalated further)."""
+    if key != "settings" or key not in fp:
+        return fp.get(key)
+    return {k: v for k, v in json.loads(fp[key]).items() if k != "max_doublings"}
+
+
 class AttackJournal:
     """``memo(scope)`` gives ``attack_model`` its ``memo``: an attack recorded under ``scope`` is
     replayed from disk, any other is run and recorded (the file rewritten atomically)."""
@@ -60,7 +68,7 @@ class AttackJournal:
             raise ValueError(f"{self.path} records an earlier run's attacks: pass --resume to continue it, "
                              f"or choose another --out")
         saved, self.entries = read_journal(self.path)
-        differ = sorted(k for k in set(saved) | set(fp) if saved.get(k) != fp.get(k))
+        differ = sorted(k for k in set(saved) | set(fp) if _comparable(saved, k) != _comparable(fp, k))
         if differ:
             raise ValueError(f"--resume: {self.path} was recorded with other {', '.join(differ)}; "
                              f"rerun with the same settings, or choose another --out")
