@@ -250,3 +250,35 @@ def test_an_interrupted_protocol_resumes_from_its_journal_with_the_uninterrupted
     assert last["attack"] == "worst-case 4×" and float(last["acc_lap"]) > 0   # the first run stopped at its limit
     assert 0 < len(calls) <= len(attack_plan(thr, True, st)) + 1                # so 8× runs, and only 8×
     assert "worst-case 8×" in {r["attack"] for r in rows if r["eps"] == 0.1}
+
+
+def test_journals_of_separate_processes_merge_into_one_report(digits_models, tmp_path, monkeypatch):
+    """The protocol split over two processes (one model each) and merged gives the one-process report,
+    running no attack again; a journal of other settings is refused."""
+    import glrnet.attacks as atk
+    from glrnet.journal import JOURNAL, merge_journals
+    from glrnet.protocol import attack_and_report
+    bp, glr_model, x, y, thr = digits_models
+    st = AttackSettings(steps=2, eot_samples=2, lr_samples=16, spsa_samples=4, spsa_steps=1, random_draws=1,
+                        lap_replications=50, losses=("ce",), max_doublings=1)
+    both = {"thr": (thr, True), "glr": (glr_model, True)}
+    rest = (x[:20], y[:20], [0.1], st, bp, 0.1)
+    attack_and_report(tmp_path / "one", both, *rest, quiet=True, resume=False)
+    attack_and_report(tmp_path / "a", {"thr": both["thr"]}, *rest, quiet=True, resume=False)
+    attack_and_report(tmp_path / "b", {"glr": both["glr"]}, *rest, quiet=True, resume=False)
+    assert merge_journals([tmp_path / "a" / JOURNAL, tmp_path / "b" / JOURNAL], tmp_path / "m" / JOURNAL) > 0
+    calls = []
+    for family, fn in dict(atk.ATTACKS).items():
+        monkeypatch.setitem(atk.ATTACKS, family, lambda *a, fn=fn, family=family: calls.append(family) or fn(*a))
+    attack_and_report(tmp_path / "m", both, *rest, quiet=True, resume=True)
+    assert calls == []
+    assert (tmp_path / "m" / "robustness.csv").read_text() == (tmp_path / "one" / "robustness.csv").read_text()
+    attack_and_report(tmp_path / "c", {"thr": both["thr"]}, x[:20], y[:20], [0.1], replace_seed(st), bp, 0.1,
+                      quiet=True, resume=False)
+    with pytest.raises(ValueError, match="recorded with other settings than .*: not merged"):
+        merge_journals([tmp_path / "a" / JOURNAL, tmp_path / "c" / JOURNAL], tmp_path / "n" / JOURNAL)
+
+
+def replace_seed(st):
+    from dataclasses import replace
+    return replace(st, seed=st.seed + 1)

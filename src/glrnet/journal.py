@@ -56,6 +56,13 @@ def _comparable(fp: dict[str, str], key: str):
     return {k: v for k, v in json.loads(fp[key]).items() if k != "max_doublings"}
 
 
+def _differ(a: dict[str, str], b: dict[str, str]) -> list[str]:
+    """The fingerprint entries two journals disagree on. Models need only agree where both have them:
+    a journal may be resumed with fewer or more models, and journals of disjoint models merged."""
+    return sorted(k for k in set(a) | set(b) if (not k.startswith("model ") or (k in a and k in b))
+                  and _comparable(a, k) != _comparable(b, k))
+
+
 class AttackJournal:
     """``memo(scope)`` gives ``attack_model`` its ``memo``: an attack recorded under ``scope`` is
     replayed from disk, any other is run and recorded (the file rewritten atomically)."""
@@ -68,10 +75,11 @@ class AttackJournal:
             raise ValueError(f"{self.path} records an earlier run's attacks: pass --resume to continue it, "
                              f"or choose another --out")
         saved, self.entries = read_journal(self.path)
-        differ = sorted(k for k in set(saved) | set(fp) if _comparable(saved, k) != _comparable(fp, k))
+        differ = _differ(saved, fp)
         if differ:
             raise ValueError(f"--resume: {self.path} was recorded with other {', '.join(differ)}; "
                              f"rerun with the same settings, or choose another --out")
+        self.fp = {**saved, **fp}      # every recorded model keeps its weights' digest
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -126,3 +134,23 @@ def survivors(path: str | Path, model: str, eps: float, predictor: str = "lap",
         else:
             alive &= e[predictor]
     return alive
+
+
+def merge_journals(sources: list[str | Path], dest: str | Path) -> int:
+    """One journal from several runs of the same protocol on different models (e.g. one process or
+    machine per model): the union of their entries, written to ``dest``; ``--resume`` there then
+    replays them all and writes one report. Returns the number of entries."""
+    fp: dict[str, str] = {}
+    entries: dict[str, dict[str, Tensor]] = {}
+    for src in sources:
+        saved, more = read_journal(src)
+        differ = _differ(fp, saved) if fp else []
+        if differ:
+            raise ValueError(f"{src} was recorded with other {', '.join(differ)} than {sources[0]}: not merged")
+        fp = {**saved, **fp}
+        for key, e in more.items():
+            entries.setdefault(key, e)
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic({f"{key}/{field}": t for key, e in entries.items() for field, t in e.items()}, dest,
+                        {"fingerprint": json.dumps(fp, sort_keys=True)})
+    return len(entries)
