@@ -26,6 +26,9 @@ from torch import Tensor
 from .checkpoint import save_tensors_atomic
 
 JOURNAL = "robustness_journal.safetensors"
+#: bumped whenever an attack changes what it computes, so that a journal never replays a superseded attack
+#: (2: the ``gauss`` surrogate smooths weight-noise layers with the pre-activation noise they cause)
+ATTACKS_VERSION = "2"
 
 
 def fingerprint(models: dict, x: Tensor, y: Tensor, eps: list[float], st, source=None) -> dict[str, str]:
@@ -40,7 +43,7 @@ def fingerprint(models: dict, x: Tensor, y: Tensor, eps: list[float], st, source
         return h.hexdigest()[:16]
 
     fp = {"settings": json.dumps(asdict(st), sort_keys=True, default=list), "eps": json.dumps(list(eps)),
-          "images": digest([x, y])}
+          "images": digest([x, y]), "attacks": ATTACKS_VERSION}
     for name, (model, noisy) in models.items():
         fp[f"model {name}"] = f"{digest(model.state_dict().values())} noisy={noisy}"
     if source is not None:
@@ -51,6 +54,8 @@ def fingerprint(models: dict, x: Tensor, y: Tensor, eps: list[float], st, source
 def _comparable(fp: dict[str, str], key: str):
     """A fingerprint entry as compared on resuming: the settings without ``max_doublings`` (a higher
     limit only adds escalation levels; the recorded ones stay valid, so a run may be escalated further)."""
+    if key == "attacks":
+        return fp.get(key, "1")        # journals written before the version was recorded
     if key != "settings" or key not in fp:
         return fp.get(key)
     return {k: v for k, v in json.loads(fp[key]).items() if k != "max_doublings"}

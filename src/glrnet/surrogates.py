@@ -76,8 +76,14 @@ def _derivative(model: NoisySequential, surrogate: str):
     if surrogate == "gauss":
         if not all(isinstance(m.noise, Normal) for m in model.noisy_layers):
             raise ValueError("the Gaussian-smoothed surrogate assumes Gaussian noise")
-        return lambda layer: (lambda v, z: smoothed_derivative(getattr(layer.activation, "inner", layer.activation), z,
-                                                               float(layer.noise.stddev)))
+        def gauss(layer):
+            inner = getattr(layer.activation, "inner", layer.activation)
+            if layer.site == "activity":
+                return lambda v, z: smoothed_derivative(inner, z, float(layer.noise.stddev))
+            # weight sites: the pre-activation's noise is the weights' effect v − z, of std σ_w·‖patch, 1‖ (not
+            # σ_w): smoothed with its root mean square over the layer, measured on the attack's own noise draws
+            return lambda v, z: smoothed_derivative(inner, z, (v - z).detach().pow(2).mean().sqrt().clamp_min(1e-12))
+        return gauss
     if surrogate == "ste":
         return lambda layer: (lambda v, z: torch.ones_like(v))
     if surrogate.startswith("sigmoid:"):
