@@ -48,7 +48,7 @@ def test_white_box_attacks_break_the_lap_predictor_at_large_eps(digits_models):
 
 def test_every_surrogate_attack_runs_on_a_threshold_network_and_the_worst_case_is_their_union(digits_models):
     *_, x, y, thr = digits_models
-    assert surrogates_for(thr) == ["gauss", "sigmoid:1", "sigmoid:4", "ste", "lr"]
+    assert surrogates_for(thr) == ["gauss", "sigmoid:1", "sigmoid:4", "sigmoid:8", "ste", "lr"]
     st = AttackSettings(steps=5, eot_samples=4, lr_samples=64, spsa_samples=8, spsa_steps=3, random_draws=2,
                         lap_replications=100)
     res = attack_model(thr, True, x, y, 0.1, st)

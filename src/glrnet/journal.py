@@ -27,8 +27,9 @@ from .checkpoint import save_tensors_atomic
 
 JOURNAL = "robustness_journal.safetensors"
 #: bumped whenever an attack changes what it computes, so that a journal never replays a superseded attack
-#: (2: the ``gauss`` surrogate smooths weight-noise layers with the pre-activation noise they cause)
-ATTACKS_VERSION = "2"
+#: (2: the ``gauss`` surrogate smooths weight-noise layers with the pre-activation noise they cause;
+#: 3: threshold networks are attacked through a sigmoid of slope 8 too)
+ATTACKS_VERSION = "3"
 
 
 def fingerprint(models: dict, x: Tensor, y: Tensor, eps: list[float], st, source=None) -> dict[str, str]:

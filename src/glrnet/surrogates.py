@@ -52,7 +52,7 @@ def surrogates_for(model: NoisySequential) -> list[str]:
     if all(is_smooth(a) for a in acts):
         return ["exact"] + lr
     if any(is_step(a) for a in acts):
-        return ["gauss", "sigmoid:1", "sigmoid:4", "ste"] + lr
+        return ["gauss", "sigmoid:1", "sigmoid:4", "sigmoid:8", "ste"] + lr   # slope 8: docs/robustness.md
     return ["gauss", "ste"] + lr
 
 
