@@ -105,8 +105,13 @@ class AttackJournal:
         return call
 
     def _save(self) -> None:
-        tensors = {f"{key}/{field}": t for key, e in self.entries.items() for field, t in e.items()}
-        save_tensors_atomic(tensors, self.path, {"fingerprint": json.dumps(self.fp, sort_keys=True)})
+        write_journal(self.path, self.fp, self.entries)
+
+
+def write_journal(path: str | Path, fp: dict[str, str], entries: dict[str, dict[str, Tensor]]) -> None:
+    """The inverse of :func:`read_journal`, atomically."""
+    save_tensors_atomic({f"{key}/{field}": t for key, e in entries.items() for field, t in e.items()}, path,
+                        {"fingerprint": json.dumps(fp, sort_keys=True)})
 
 
 def read_journal(path: str | Path) -> tuple[dict[str, str], dict[str, dict[str, Tensor]]]:
@@ -157,6 +162,5 @@ def merge_journals(sources: list[str | Path], dest: str | Path) -> int:
         for key, e in more.items():
             entries.setdefault(key, e)
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
-    save_tensors_atomic({f"{key}/{field}": t for key, e in entries.items() for field, t in e.items()}, dest,
-                        {"fingerprint": json.dumps(fp, sort_keys=True)})
+    write_journal(dest, fp, entries)
     return len(entries)
