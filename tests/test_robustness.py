@@ -284,22 +284,32 @@ def replace_seed(st):
     return replace(st, seed=st.seed + 1)
 
 
-def test_gauss_surrogate_smooths_a_weight_noise_layer_with_the_noise_it_causes(float64):
+@pytest.mark.parametrize("site", ["weight", "channel"])
+def test_gauss_surrogate_smooths_a_weight_noise_layer_with_the_noise_it_causes(float64, site):
     """On a weight-site layer the pre-activation noise is e·(x, 1), of std σ_w‖(x, 1)‖, not σ_w: the
     Gaussian surrogate smooths with the measured v − z (with σ_w = 0.05 alone its derivative vanished
-    a few σ_w from the threshold: the attack was masked on every weight-noise network)."""
+    a few σ_w from the threshold: the attack was masked on every weight-noise network). A channel site
+    perturbs one unit per replication: the scale is that of the perturbed entries, not the layer's mean
+    (which is √3 too small here)."""
     from torch.distributions import Normal
 
     from glrnet.activations import threshold
     from glrnet.surrogates import _derivative
-    layer = glrnet.NoisyLinear(4, 3, activation="threshold", noise=Normal(0.0, 0.05), site="weight")
+    layer = glrnet.NoisyLinear(4, 3, activation="threshold", noise=Normal(0.0, 0.05), site=site)
     sigma = 0.05 * math.sqrt(4 * 2.0 ** 2 + 1)                     # input x = (2, 2, 2, 2): ‖(x, 1)‖ = √17
     n = 4000
-    e = torch.randn(n, 3, generator=torch.Generator().manual_seed(0)) * sigma
+    gen = torch.Generator().manual_seed(0)
+    e = torch.randn(n, 3, generator=gen) * sigma
+    if site == "channel":                                           # replication k moves unit cₖ only
+        e = e * torch.nn.functional.one_hot(torch.randint(3, (n,), generator=gen), 3)
     z = torch.tensor([[0.1, -0.3, 0.5]]).expand(n, 3)
     d = _derivative(glrnet.NoisySequential(layer), "gauss")(layer)(z + e, z)[0]
     want = smoothed_derivative(threshold, z[0], sigma)
-    # the RMS of 3n draws has relative sd 1/√(6n); the density's relative change is |z²/σ² − 1| times that
-    tol = 4 * (z[0] ** 2 / sigma ** 2 - 1).abs() / math.sqrt(6 * n) + 1e-9
+    # the RMS of m nonzero draws has relative sd 1/√(2m); the density's relative change is |z²/σ² − 1| times that
+    m = e.ne(0).sum().item()
+    tol = 4 * (z[0] ** 2 / sigma ** 2 - 1).abs() / math.sqrt(2 * m) + 1e-9
     assert ((d - want).abs() / want <= tol).all(), (d, want, tol)
     assert smoothed_derivative(threshold, z[0], 0.05)[2] < 1e-20 < want[2]    # what σ_w alone gave at z = 0.5
+    if site == "channel":                                           # what the layer-wide RMS gave (attacks v3)
+        old = smoothed_derivative(threshold, z[0], e.pow(2).mean().sqrt())
+        assert ((old - want).abs() / want > tol).any(), (old, want, tol)

@@ -28,8 +28,9 @@ from .checkpoint import save_tensors_atomic
 JOURNAL = "robustness_journal.safetensors"
 #: bumped whenever an attack changes what it computes, so that a journal never replays a superseded attack
 #: (2: the ``gauss`` surrogate smooths weight-noise layers with the pre-activation noise they cause;
-#: 3: threshold networks are attacked through a sigmoid of slope 8 too)
-ATTACKS_VERSION = "3"
+#: 3: threshold networks are attacked through a sigmoid of slope 8 too; 4: on channel-site layers ``gauss``
+#: smooths with the noise of the perturbed channel only)
+ATTACKS_VERSION = "4"
 
 
 def fingerprint(models: dict, x: Tensor, y: Tensor, eps: list[float], st, source=None) -> dict[str, str]:

@@ -71,6 +71,12 @@ class _Surrogate(torch.autograd.Function):
         return grad * ctx.derivative(v, z), None, None, None
 
 
+def _perturbed_rms(d: Tensor) -> Tensor:
+    """The root mean square of the nonzero entries of ``d`` (the entries a weight-site noise moved)."""
+    d = d.detach()
+    return (d.pow(2).sum() / d.ne(0).sum().clamp_min(1)).sqrt().clamp_min(1e-12)
+
+
 def _derivative(model: NoisySequential, surrogate: str):
     """surrogate → (layer → (v, z) → the backward derivative used in place of φ'(v))."""
     if surrogate == "gauss":
@@ -81,8 +87,10 @@ def _derivative(model: NoisySequential, surrogate: str):
             if layer.site == "activity":
                 return lambda v, z: smoothed_derivative(inner, z, float(layer.noise.stddev))
             # weight sites: the pre-activation's noise is the weights' effect v − z, of std σ_w·‖patch, 1‖ (not
-            # σ_w): smoothed with its root mean square over the layer, measured on the attack's own noise draws
-            return lambda v, z: smoothed_derivative(inner, z, (v - z).detach().pow(2).mean().sqrt().clamp_min(1e-12))
+            # σ_w): smoothed with its root mean square over the perturbed entries, measured on the attack's own
+            # noise draws (a channel site perturbs one output channel per replication: v − z is 0 elsewhere, and
+            # the mean over the whole layer would shrink the scale by about √C)
+            return lambda v, z: smoothed_derivative(inner, z, _perturbed_rms(v - z))
         return gauss
     if surrogate == "ste":
         return lambda layer: (lambda v, z: torch.ones_like(v))
