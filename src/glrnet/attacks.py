@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .checkpoint import save_tensors_atomic
 from .distributed import stream_seed
 from .losses import cross_entropy
+from .moments import deterministic_surrogates
 from .model import NoisySequential, predict, predict_proba
 from .oracles import LAPClassifier, spsa_gradient
 from .surrogates import surrogates_for
@@ -264,7 +265,10 @@ def attack_plan(model: NoisySequential, noisy: bool, st) -> list[str]:
     names = ["fgsm"] + [f"apgd-{loss}[{s}]" for s in surrogates_for(model) for loss in st.losses]
     if st.norm == "L2":   # APGD's step-size rule reacts to the EOT noise in the L2 ball: a fixed-step PGD too
         names += [f"pgd-ce[{s}]" for s in surrogates_for(model)]
-    return names + ["apgd-ce[ot]", "spsa", "random"]
+    names += ["apgd-ce[ot]", "spsa", "random"]
+    # the deterministic surrogate networks (glrnet.moments) come last, so that every attack before them keeps
+    # its seed and a journal recorded before they joined the plan is resumed, not recomputed
+    return names + [f"apgd-{loss}[{s}]" for s in deterministic_surrogates(model) for loss in st.losses]
 
 
 def attack_model(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: float, st,

@@ -29,7 +29,10 @@ JOURNAL = "robustness_journal.safetensors"
 #: bumped whenever an attack changes what it computes, so that a journal never replays a superseded attack
 #: (2: the ``gauss`` surrogate smooths weight-noise layers with the pre-activation noise they cause;
 #: 3: threshold networks are attacked through a sigmoid of slope 8 too; 4: on channel-site layers ``gauss``
-#: smooths with the noise of the perturbed channel only)
+#: smooths with the noise of the perturbed channel only). Not bumped when attacks are appended to the end of
+#: the plan (the deterministic surrogates, ``apgd-*[mean]`` and ``apgd-*[moments]``): the recorded ones keep
+#: their seeds and results, and an escalation level whose survivors change is rerun (its entries record the
+#: images they attacked), so a resumed journal ends with the figures a fresh run gives.
 ATTACKS_VERSION = "4"
 
 

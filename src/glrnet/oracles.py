@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .model import NoisySequential
 from .noise import score
+from .moments import mean_field_forward, moment_logits
 from .surrogates import attack_forward, default_surrogate
 
 
@@ -55,6 +56,9 @@ class LAPClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(len(x), -1)  # images or flat: the model reshapes to its input shape
+        if self.surrogate in ("mean", "moments"):  # deterministic surrogate networks: no noise to average over
+            out = mean_field_forward(self.model, flat) if self.surrogate == "mean" else moment_logits(self.model, flat)
+            return torch.log_softmax(out, -1)
         if self.predictor == "ot":
             return torch.log_softmax(attack_forward(self.model, flat, None, self.surrogate), -1)
         if self.surrogate == "lr":
