@@ -315,3 +315,16 @@ def test_gauss_surrogate_smooths_a_weight_noise_layer_with_the_noise_it_causes(f
     if site == "channel":                                           # what the layer-wide RMS gave (attacks v3)
         old = smoothed_derivative(threshold, z[0], e.pow(2).mean().sqrt())
         assert ((old - want).abs() / want > tol).any(), (old, want, tol)
+
+
+def test_targeted_apgd_outside_the_plan_breaks_the_bp_network_and_names_its_loss(digits_models):
+    from glrnet.attacks import AttackContext, distance, resolve_attack
+    bp, _, x, y, _ = digits_models
+    st = AttackSettings(steps=10, eot_samples=1)
+    fn, arg = resolve_attack("apgdt-dlr[exact]")
+    ctx = AttackContext(bp, False, st, None, torch.Generator().manual_seed(0), 0)
+    xa = fn(ctx, x, y, 0.3, arg)
+    assert distance(xa, x, "Linf").max() <= 0.3 + 1e-5 and xa.min() >= 0 and xa.max() <= 1
+    assert (bp(xa).argmax(1) == y).double().mean() <= 0.1
+    with pytest.raises(ValueError, match=r"apgdt-dlr\[<surrogate>\]"):
+        fn(ctx, x, y, 0.3, "ce[exact]")

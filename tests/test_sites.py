@@ -364,7 +364,7 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
                                                               "hour-layerwise", "hour-resnet-layerwise", "relative-weight",
                                                               "channel", "hour-channel", "decay", "centered", "hour-centered"]
     assert [r["name"] for r in packaged["robustness"]] == ["bp", "glr", "glr-weight", "glr-layerwise", "glr-channel",
-                                                           "glr-centered", "glr-pilots", "glr-channel-pilots"]
+                                                           "glr-centered", "glr-pilots", "glr-channel-pilots", "glr-layerwise-300"]
     bad = tmp_path / "bad.toml"
     for old, new, match in (("budget = 8", "budgett = 8", r"unknown key\(s\) budgett in \[quality\]"),
                             ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',

@@ -202,6 +202,23 @@ def _apgd(ctx: AttackContext, x, y, eps, arg):
                 ctx.st.norm)
 
 
+def _apgdt(ctx: AttackContext, x, y, eps, arg):
+    """Targeted APGD on the DLR loss (AutoAttack's APGD-T: each of the n − 1 most likely wrong classes in
+    turn as the target, ``restarts`` each); outside the plan, e.g. ``apgdt-dlr[moments]`` on a run's survivors."""
+    try:
+        import torchattacks
+    except ImportError:
+        raise ImportError("the adaptive attacks use torchattacks' APGD: pip install --no-deps --no-warn-conflicts torchattacks==3.5.1") from None
+    loss, surrogate = arg.rstrip("]").split("[")
+    if loss != "dlr":
+        raise ValueError(f"targeted APGD uses the targeted DLR loss: apgdt-dlr[<surrogate>], got apgdt-{arg}")
+    clf = ctx.classifier(None, "ot") if surrogate == "ot" else ctx.classifier(surrogate)
+    classes = clf(x[:1]).shape[-1]
+    atk = torchattacks.APGDT(clf, norm=ctx.st.norm, eps=eps, steps=ctx.st.steps, n_restarts=ctx.st.restarts,
+                             seed=stream_seed(ctx.st.seed, APGD, ctx.index), n_classes=classes)
+    return atk(x.reshape(len(x), 1, 1, -1), y).reshape(x.shape).detach()
+
+
 def _pgd(ctx: AttackContext, x, y, eps, arg):
     """PGD with a fixed step (2.5 ε / steps) and a random start on the EOT classifier: no step-size
     adaptation, so the noise of EOT estimates cannot shrink its steps (APGD's can, in the L2 ball)."""
@@ -244,8 +261,8 @@ def _random(ctx: AttackContext, x, y, eps, arg):
 #: attack family → callable (context, x, y, ε, argument) → adversarial images, or per-image
 #: correctness {"ot", "lap"} for attacks that score several candidates themselves. A plan entry
 #: is "family" or "family-argument" (e.g. ``apgd-ce[gauss]``: APGD, CE loss, Gaussian surrogate).
-ATTACKS = {"transfer-fgsm": _transfer_fgsm, "fgsm": _fgsm, "apgd": _apgd, "pgd": _pgd, "spsa": _spsa,
-           "random": _random}
+ATTACKS = {"transfer-fgsm": _transfer_fgsm, "fgsm": _fgsm, "apgd": _apgd, "apgdt": _apgdt, "pgd": _pgd,
+           "spsa": _spsa, "random": _random}
 
 
 def resolve_attack(name: str):

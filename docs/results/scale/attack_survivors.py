@@ -3,7 +3,9 @@ journal): each attack at the escalation's last budget (the journal's settings do
 times), each on the images every earlier attack failed on; prints how many each broke and the LAP worst
 case after it. An attack here can only lower the run's figure (the worst case is a per-image union), so
 this checks a claimed worst case against attacks outside the protocol's plan, e.g. steeper sigmoid
-surrogates where slope 4 already broke more images than slope 1.
+surrogates where slope 4 already broke more images than slope 1. ``--journal`` may be given more than
+once (journals of the same images and network, e.g. of two attack plans): the survivors are then the
+images every attack of every journal failed on, the settings the first journal's.
 
     OMP_NUM_THREADS=1 python docs/results/scale/attack_survivors.py --run <run folder> \
         --journal <robustness out>/robustness_journal.safetensors --data-dir ../shared/data/mnist \
@@ -26,7 +28,7 @@ from glrnet.journal import fingerprint, read_journal, survivors
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--run", required=True)
-p.add_argument("--journal", required=True)
+p.add_argument("--journal", required=True, action="append")
 p.add_argument("--data-dir", required=True)
 p.add_argument("--images", type=int, default=100)
 p.add_argument("--eps", type=float, default=0.1)
@@ -38,16 +40,19 @@ run = Path(a.run)
 model, extra = load_model(run / "model.safetensors")
 data = load_run_dataset(extra.get("config", {}), None, a.data_dir)
 x, y = data.x_test[:a.images], data.y_test[:a.images]
-fp, _ = read_journal(a.journal)
-base = AttackSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(fp["settings"]).items()})
-mine = fingerprint({run.name: (model, True)}, x, y, json.loads(fp["eps"]), base)
-wrong = [k for k in ("images", f"model {run.name}") if fp.get(k) != mine[k]]
-if wrong:
-    raise SystemExit(f"{a.journal}: recorded with other {', '.join(wrong)} than --run {run} / --images {a.images}")
+alive = torch.ones(len(x), dtype=torch.bool)
+for i, journal in enumerate(a.journal):
+    fp, _ = read_journal(journal)
+    settings = AttackSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(fp["settings"]).items()})
+    base = settings if i == 0 else base
+    mine = fingerprint({run.name: (model, True)}, x, y, json.loads(fp["eps"]), settings)
+    wrong = [k for k in ("images", f"model {run.name}") if fp.get(k) != mine[k]]
+    if wrong:
+        raise SystemExit(f"{journal}: recorded with other {', '.join(wrong)} than --run {run} / --images {a.images}")
+    alive &= survivors(journal, run.name, a.eps, "lap", len(x))
 st = base
 for _ in range(a.doublings):
     st = st.doubled()
-alive = survivors(a.journal, run.name, a.eps, "lap", len(x))
 print(f"{run.name} ε = {a.eps:g}: {int(alive.sum())} of {len(alive)} images survive every recorded attack "
       f"(LAP worst case {alive.double().mean():.3f}); attacks at {2 ** a.doublings}× "
       f"(steps {st.steps}, restarts {st.restarts}, EOT samples {st.eot_samples})", flush=True)
