@@ -39,7 +39,9 @@ class LAPClassifier(nn.Module):
     passes (``predictor="lap"``; expectation over transformation inside one call), or the
     noise-free network's log-softmax (``predictor="ot"``). Its gradient goes through φ by
     ``surrogate`` (see :func:`surrogates_for`). Inputs may be flat (N, D) or images (N, C, H, W);
-    outputs are (N, classes), so cross-entropy and DLR losses apply unchanged.
+    outputs are (N, classes), so cross-entropy and DLR losses apply unchanged. ``surrogate="mean"`` or
+    ``"moments"``: the log-softmax of a deterministic surrogate of the noisy predictor instead
+    (:mod:`glrnet.moments`; ``samples`` and ``predictor`` unused).
     """
 
     def __init__(self, model: NoisySequential, samples: int = 32, surrogate: str | None = None, predictor: str = "lap",

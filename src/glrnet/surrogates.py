@@ -44,8 +44,8 @@ def surrogates_for(model: NoisySequential) -> list[str]:
     expectation for one threshold layer). ``sigmoid:s``: the derivative of sigmoid(s·v) at the
     noisy pre-activation v (threshold units). ``ste``: straight-through, derivative 1.
     ``lr``: no derivative of φ at all: the likelihood-ratio estimate of ∇ₓ E[softmax]. ``mean`` and
-    ``moments`` (:mod:`glrnet.moments`: deterministic surrogate networks, no EOT) are outside this plan;
-    :class:`glrnet.oracles.LAPClassifier` takes them.
+    ``moments`` (:mod:`glrnet.moments`: deterministic surrogate networks, no EOT) are not BPDA surrogates:
+    :func:`glrnet.attacks.attack_plan` appends them after these, :class:`glrnet.oracles.LAPClassifier` takes them.
     """
     acts = {a for a in model.activations() if a is not None}
     from .layers import probe
