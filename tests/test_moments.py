@@ -81,3 +81,21 @@ def test_a_deterministic_surrogate_classifier_needs_no_eot(surrogate):
     g1, = torch.autograd.grad(clf(x).sum(), x)
     g2, = torch.autograd.grad(clf(x).sum(), x)
     assert torch.equal(g1, g2) and g1.abs().sum() > 0
+
+
+def test_average_pooling_propagates_exact_moments_and_is_not_taken_for_binary_units():
+    """Average pooling is linear (exact moments), and its output is not binary: a max-pool after it is refused
+    instead of being given the Bernoulli rule."""
+    torch.manual_seed(3)
+    model = NoisySequential(NoisyConv2d(1, 2, 3, activation="threshold", noise=Normal(0.0, 1.0)), nn.AvgPool2d(2),
+                            nn.Flatten(), NoisyLinear(8, 3, noise=Normal(0.0, 0.5)), input_shape=(1, 6, 6))
+    x = torch.rand(3, 1, 6, 6)
+    with torch.no_grad():
+        m, v = moment_forward(model, x)
+    out = _noisy_outputs(model, x, seed=3)
+    assert_means_equal(out, m.reshape(-1))
+    assert_means_equal((out - m.reshape(-1)) ** 2, v.reshape(-1))
+    pooled_twice = NoisySequential(NoisyConv2d(1, 2, 3, activation="threshold"), nn.AvgPool2d(2), MaxPool2d(2),
+                                   nn.Flatten(), NoisyLinear(2, 3), input_shape=(1, 6, 6))
+    with pytest.raises(ValueError, match="needs binary"):
+        moment_forward(pooled_twice, x)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal
 
 from .activations import Centered, activation_name
-from .layers import _ACTIVE, WEIGHT_SITES, MaxPool2d, NoisyLayer, NoisySequential
+from .layers import _ACTIVE, WEIGHT_SITES, NoisyLayer, NoisySequential
 from .surrogates import _GH
 
 
@@ -83,9 +83,9 @@ def mean_field_forward(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def _pool_moments(pool: nn.Module, m: Tensor, v: Tensor, binary: bool) -> tuple[Tensor, Tensor, bool]:
-    if isinstance(pool, nn.AvgPool2d):   # a linear map: variances through its squared weights
+    if isinstance(pool, nn.AvgPool2d):   # a linear map (variances through its squared weights); not binary
         area = math.prod(nn.modules.utils._pair(pool.kernel_size))
-        return pool(m), pool(v) / area, binary
+        return pool(m), pool(v) / area, False
     if not binary:
         raise ValueError("moment propagation through max-pooling needs binary (threshold) inputs; "
                          "use the 'mean' surrogate")
@@ -116,7 +116,7 @@ def _propagate(modules: nn.Sequential, m: Tensor, v: Tensor, binary: bool) -> tu
                 sq[-1] = torch.zeros_like(sq[-1])
             var = module.weight_effect(v, torch.cat(sq)[None], 1, len(v))[0]
             m, v, binary = _unit(module, module.affine(m), var + _noise_variance(module, m * m + v))
-        elif isinstance(module, (nn.MaxPool2d, MaxPool2d, nn.AvgPool2d)):
+        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):   # glrnet.layers.MaxPool2d is an nn.MaxPool2d
             m, v, binary = _pool_moments(module, m, v, binary)
         elif isinstance(module, nn.Flatten):
             m, v = module(m), module(v)
@@ -136,7 +136,8 @@ def moment_logits(model: NoisySequential, x: Tensor) -> Tensor:
 
 def deterministic_surrogates(model: NoisySequential) -> list[str]:
     """The deterministic surrogates that apply to ``model``: ``mean`` (Gaussian unit noise) and ``moments``
-    (the modules :func:`moment_forward` has rules for)."""
+    (the modules :func:`moment_forward` has rules for), tried on an example input (none without
+    ``model.input_shape``)."""
     out, x = [], model._example()
     for name, forward in (("mean", mean_field_forward), ("moments", moment_forward)):
         try:
