@@ -23,6 +23,17 @@ def _noisy_outputs(model: NoisySequential, x: torch.Tensor, seed: int = 0) -> to
         return model(x, noise=r).reshape(K, -1)
 
 
+def _assert_exact_moments(model: NoisySequential, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Monte Carlo checks of moment propagation's output mean and variance (the variance as the mean of
+    (out − mean)², its exact mean); returns the variances."""
+    with torch.no_grad():
+        m, v = moment_forward(model, x)
+    out = _noisy_outputs(model, x, seed=seed)
+    assert_means_equal(out, m.reshape(-1))
+    assert_means_equal((out - m.reshape(-1)) ** 2, v.reshape(-1))
+    return v
+
+
 @pytest.mark.parametrize("layer", [
     lambda: NoisyConv2d(2, 3, 3, activation="threshold", noise=Normal(0.0, 0.7)),
     lambda: NoisyConv2d(2, 3, 3, activation="threshold", noise=Normal(0.0, 0.3), site="weight"),
@@ -48,12 +59,7 @@ def test_moment_propagation_gives_the_exact_mean_and_variance_of_a_threshold_cnn
     torch.manual_seed(1)
     model = NoisySequential(NoisyConv2d(1, 2, 3, activation="threshold", noise=Normal(0.0, 1.0)), MaxPool2d(2),
                             nn.Flatten(), NoisyLinear(8, 3, noise=Normal(0.0, 0.5)), input_shape=(1, 6, 6))
-    x = torch.rand(3, 1, 6, 6)
-    with torch.no_grad():
-        m, v = moment_forward(model, x)
-    out = _noisy_outputs(model, x, seed=1)
-    assert_means_equal(out, m.reshape(-1))
-    assert_means_equal((out - m.reshape(-1)) ** 2, v.reshape(-1))
+    v = _assert_exact_moments(model, torch.rand(3, 1, 6, 6), seed=1)
     assert (v > 0.25).all()   # more than the read-out's own noise: the convolution's noise reaches the logits
 
 
@@ -90,11 +96,7 @@ def test_average_pooling_propagates_exact_moments_and_is_not_taken_for_binary_un
     model = NoisySequential(NoisyConv2d(1, 2, 3, activation="threshold", noise=Normal(0.0, 1.0)), nn.AvgPool2d(2),
                             nn.Flatten(), NoisyLinear(8, 3, noise=Normal(0.0, 0.5)), input_shape=(1, 6, 6))
     x = torch.rand(3, 1, 6, 6)
-    with torch.no_grad():
-        m, v = moment_forward(model, x)
-    out = _noisy_outputs(model, x, seed=3)
-    assert_means_equal(out, m.reshape(-1))
-    assert_means_equal((out - m.reshape(-1)) ** 2, v.reshape(-1))
+    _assert_exact_moments(model, x, seed=3)
     pooled_twice = NoisySequential(NoisyConv2d(1, 2, 3, activation="threshold"), nn.AvgPool2d(2), MaxPool2d(2),
                                    nn.Flatten(), NoisyLinear(2, 3), input_shape=(1, 6, 6))
     with pytest.raises(ValueError, match="needs binary"):
