@@ -158,15 +158,23 @@ def correct(model: NoisySequential, x_adv: Tensor, y: Tensor, noisy: bool, k: in
 
 
 def apgd(classifier: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int, loss: str,
-         seed: int, norm: str = "Linf") -> Tensor:
+         seed: int, norm: str = "Linf", targeted: bool = False) -> Tensor:
     """APGD (Croce & Hein 2020; AutoAttack's step-size schedule, momentum, restarts) from
-    torchattacks on any classifier; ``x`` flat (N, D). Installed separately, without its
-    torchvision requirement: ``pip install --no-deps --no-warn-conflicts torchattacks==3.5.1``."""
+    torchattacks on any classifier; ``x`` flat (N, D). ``targeted``: AutoAttack's APGD-T instead (the
+    targeted DLR loss, each wrong class in turn as the target; ``loss`` must be "dlr"). Installed
+    separately, without its torchvision requirement: ``pip install --no-deps --no-warn-conflicts torchattacks==3.5.1``."""
     try:
         import torchattacks
     except ImportError:
         raise ImportError("the adaptive attacks use torchattacks' APGD: pip install --no-deps --no-warn-conflicts torchattacks==3.5.1") from None
-    atk = torchattacks.APGD(classifier, norm=norm, eps=eps, steps=steps, n_restarts=restarts, seed=seed, loss=loss)
+    if targeted:
+        if loss != "dlr":
+            raise ValueError(f"targeted APGD uses the targeted DLR loss: apgdt-dlr[<surrogate>], got loss {loss!r}")
+        classes = classifier(x[:1]).shape[-1]
+        atk = torchattacks.APGDT(classifier, norm=norm, eps=eps, steps=steps, n_restarts=restarts, seed=seed,
+                                 n_classes=classes)
+    else:
+        atk = torchattacks.APGD(classifier, norm=norm, eps=eps, steps=steps, n_restarts=restarts, seed=seed, loss=loss)
     return atk(x.reshape(len(x), 1, 1, -1), y).reshape(x.shape).detach()
 
 
@@ -195,28 +203,16 @@ def _fgsm(ctx: AttackContext, x, y, eps, arg):
     return fgsm(ctx.classifier(), x, y, eps, norm=ctx.st.norm)
 
 
-def _apgd(ctx: AttackContext, x, y, eps, arg):
+def _apgd(ctx: AttackContext, x, y, eps, arg, targeted: bool = False):
     loss, surrogate = arg.rstrip("]").split("[")
     clf = ctx.classifier(None, "ot") if surrogate == "ot" else ctx.classifier(surrogate)
     return apgd(clf, x, y, eps, ctx.st.steps, ctx.st.restarts, loss, stream_seed(ctx.st.seed, APGD, ctx.index),
-                ctx.st.norm)
+                ctx.st.norm, targeted)
 
 
 def _apgdt(ctx: AttackContext, x, y, eps, arg):
-    """Targeted APGD on the DLR loss (AutoAttack's APGD-T: each of the n − 1 most likely wrong classes in
-    turn as the target, ``restarts`` each); outside the plan, e.g. ``apgdt-dlr[moments]`` on a run's survivors."""
-    try:
-        import torchattacks
-    except ImportError:
-        raise ImportError("the adaptive attacks use torchattacks' APGD: pip install --no-deps --no-warn-conflicts torchattacks==3.5.1") from None
-    loss, surrogate = arg.rstrip("]").split("[")
-    if loss != "dlr":
-        raise ValueError(f"targeted APGD uses the targeted DLR loss: apgdt-dlr[<surrogate>], got apgdt-{arg}")
-    clf = ctx.classifier(None, "ot") if surrogate == "ot" else ctx.classifier(surrogate)
-    classes = clf(x[:1]).shape[-1]
-    atk = torchattacks.APGDT(clf, norm=ctx.st.norm, eps=eps, steps=ctx.st.steps, n_restarts=ctx.st.restarts,
-                             seed=stream_seed(ctx.st.seed, APGD, ctx.index), n_classes=classes)
-    return atk(x.reshape(len(x), 1, 1, -1), y).reshape(x.shape).detach()
+    """AutoAttack's APGD-T on a surrogate, outside the plan: e.g. ``apgdt-dlr[moments]`` on a run's survivors."""
+    return _apgd(ctx, x, y, eps, arg, targeted=True)
 
 
 def _pgd(ctx: AttackContext, x, y, eps, arg):
