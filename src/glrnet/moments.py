@@ -24,16 +24,14 @@ from torch.distributions import Normal
 
 from .activations import Centered, activation_name
 from .layers import _ACTIVE, WEIGHT_SITES, NoisyLayer, NoisySequential
-from .surrogates import _GH
+from .surrogates import gauss_expectation
 
 
 def smoothed(phi, z: Tensor, sigma: float | Tensor) -> Tensor:
     """E[φ(z + r)], r ~ N(0, σ²): Φ(z/σ) for the threshold, Gauss–Hermite quadrature (64 nodes) otherwise."""
     if activation_name(phi) == "threshold":
         return torch.special.ndtr(z / sigma)
-    t = torch.as_tensor(_GH[0], dtype=z.dtype, device=z.device)
-    w = torch.as_tensor(_GH[1], dtype=z.dtype, device=z.device)
-    return sum(wi * phi(z + math.sqrt(2) * sigma * ti) for ti, wi in zip(t, w)) / math.sqrt(math.pi)
+    return gauss_expectation(lambda r: phi(z + r), sigma, z)
 
 
 def _noise_variance(layer: NoisyLayer, h2: Tensor) -> Tensor | float:

@@ -22,18 +22,19 @@ from .model import NoisySequential
 _GH = np.polynomial.hermite.hermgauss(64)
 
 
+def gauss_expectation(g, sigma: float | Tensor, like: Tensor) -> Tensor:
+    """E[g(r)], r ~ N(0, σ²) (σ a number or a tensor broadcasting with ``like``): Gauss–Hermite
+    quadrature with 64 nodes, in ``like``'s dtype and device."""
+    t, w = (torch.as_tensor(a, dtype=like.dtype, device=like.device) for a in _GH)
+    return sum(wi * g(math.sqrt(2) * sigma * ti) for ti, wi in zip(t, w)) / math.sqrt(math.pi)
+
+
 def smoothed_derivative(phi, z: Tensor, sigma: float) -> Tensor:
     """d/dz E[φ(z + r)], r ~ N(0, σ²), = E[φ(z + r) r/σ²]: Gauss–Hermite quadrature (64 nodes)
     of the likelihood-ratio form, valid for discontinuous φ; closed form for the threshold."""
     if activation_name(phi) == "threshold":
         return torch.exp(-0.5 * (z / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    t = torch.as_tensor(_GH[0], dtype=z.dtype, device=z.device)
-    w = torch.as_tensor(_GH[1], dtype=z.dtype, device=z.device)
-    out = torch.zeros_like(z)
-    for ti, wi in zip(t, w):
-        r = math.sqrt(2) * sigma * ti
-        out += wi * phi(z + r) * (r / sigma**2)
-    return out / math.sqrt(math.pi)
+    return gauss_expectation(lambda r: phi(z + r) * (r / sigma**2), sigma, z)
 
 
 def surrogates_for(model: NoisySequential) -> list[str]:
