@@ -361,7 +361,7 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
     packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
     assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
     assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight",
-                                                              "hour-layerwise", "hour-resnet-layerwise", "relative-weight",
+                                                              "hour-layerwise", "compute", "compute-k", "hour-resnet-layerwise", "relative-weight",
                                                               "channel", "hour-channel", "decay", "centered", "hour-centered"]
     assert [r["name"] for r in packaged["robustness"]] == ["bp", "glr", "glr-weight", "glr-layerwise", "glr-channel",
                                                            "glr-centered", "glr-pilots", "glr-channel-pilots", "glr-layerwise-300"]

@@ -3,9 +3,10 @@ study's initial weights) trained by back-propagation with a surrogate derivative
 (forward exact, 1[v > 0]; backward the derivative of sigmoid(s·v), the straight-through family), Adam,
 noise-free. Not a forward-only method: a reference for the capacity GLR's goals ask of this network.
 
-    OMP_NUM_THREADS=1 python docs/results/scale/ste_capacity.py ../shared/data [epochs] [slope] [datasets] [activation]
+    OMP_NUM_THREADS=1 python docs/results/scale/ste_capacity.py ../shared/data [epochs] [slope] [datasets] [activation] [arch]
 
-datasets: comma-separated (default mnist,fashion-mnist); activation: threshold (default) or centered:threshold.
+datasets: comma-separated (default mnist,fashion-mnist); activation: threshold (default) or centered:threshold;
+arch: lenet (default), resnet, or any --arch string.
 """
 import sys
 import time
@@ -22,6 +23,7 @@ epochs = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 slope = float(sys.argv[3]) if len(sys.argv) > 3 else 4.0
 datasets = sys.argv[4].split(",") if len(sys.argv) > 4 else ["mnist", "fashion-mnist"]
 activation = sys.argv[5] if len(sys.argv) > 5 else "threshold"
+arch = sys.argv[6] if len(sys.argv) > 6 else "lenet"
 
 
 def surrogate(v, z, layer):
@@ -34,7 +36,7 @@ def surrogate(v, z, layer):
 for dataset in datasets:
     data = load_dataset(dataset, f"{root}/{dataset}", None, 0.1)
     torch.manual_seed(0)
-    model = build_model(TrainConfig(arch="lenet", hidden=[], activation=activation), data.image_shape,
+    model = build_model(TrainConfig(arch=arch, hidden=[], activation=activation), data.image_shape,
                         data.num_classes)
     x_all = model.bind(data.x_train)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
