@@ -101,3 +101,16 @@ def test_average_pooling_propagates_exact_moments_and_is_not_taken_for_binary_un
                                    nn.Flatten(), NoisyLinear(2, 3), input_shape=(1, 6, 6))
     with pytest.raises(ValueError, match="needs binary"):
         moment_forward(pooled_twice, x)
+
+
+def test_gauss_hermite_expectation_is_exact_where_the_answer_is_known():
+    """E[r²] = σ² and E[r⁴] = 3σ⁴ (polynomials of degree < 128: exact), E[cos r] = exp(−σ²/2), with σ a
+    number or a tensor of per-unit standard deviations."""
+    from glrnet.surrogates import gauss_expectation
+    like = torch.zeros(3, dtype=torch.float64)
+    sigma = torch.tensor([0.1, 1.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(gauss_expectation(lambda r: r**2, sigma, like), sigma**2)
+    torch.testing.assert_close(gauss_expectation(lambda r: r**4, sigma, like), 3 * sigma**4)
+    torch.testing.assert_close(gauss_expectation(torch.cos, sigma, like), torch.exp(-sigma**2 / 2))
+    torch.testing.assert_close(gauss_expectation(lambda r: (r - 0.5) ** 2 + like, 2.0, like),
+                               torch.full((3,), 4.25, dtype=torch.float64))
