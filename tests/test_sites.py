@@ -360,6 +360,9 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
     assert (tmp_path / "out" / "robustness-cnn" / "glr" / "robustness_journal.safetensors").exists()
     packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
     assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
+    techniques = packaged["techniques"]
+    base, k384 = techniques["weight-layerwise-cosine"][1], techniques["weight-layerwise-k384-cosine5"][1]
+    assert k384 == {**base, "replications": 384, "epochs": 5}     # like = "weight-layerwise-cosine", two changes
     assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight",
                                                               "hour-layerwise", "compute", "compute-k", "hour-resnet-layerwise", "relative-weight",
                                                               "channel", "hour-channel", "decay", "centered", "hour-centered"]
@@ -370,6 +373,8 @@ def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
                             ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',
                              r"\[training\] runs take"),
                             ('name = "long"', "", r"needs its own name"),
+                            ('name = "es"\n', 'name = "es"\nlike = "nope"\n',
+                             r"technique 'es': like = 'nope' names no earlier \[\[techniques\]\] entry"),
                             ('datasets = ["digits"]', 'datasets = ["mnist"]',
                              r"datasets name 'mnist', which is not a \[\[datasets\]\] name"),
                             ('runs = [["long", "combined"', 'runs = [["", "combined"',

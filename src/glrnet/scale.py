@@ -4,7 +4,8 @@ lets GLR train a CNN, measured side by side with the forward-only alternatives a
 Every *technique* is a set of training options (:class:`~glrnet.train.TrainConfig`) over the spec's
 ``[defaults]``: the estimator's parts (baseline, sampler, injection), the perturbation site
 (``weight_noise``), scale-aware noise (``relative_noise``), normalisation (``norm``), or another
-gradient producer (``method = "es" | "spsa" | "forward" | "bp"``). Two measurements:
+gradient producer (``method = "es" | "spsa" | "forward" | "bp"``); ``like = "<earlier technique>"``
+starts from that technique's options instead (a variant states only what it changes). Two measurements:
 
 1. ``[quality]`` — gradient quality per noisy layer at an equal budget of noisy forward passes per
    input (K = ``budget``): on one fixed batch and the initial weights, ``samples`` independent
@@ -109,8 +110,10 @@ def load_scale_spec(path: str | Path) -> dict:
         t = dict(t)
         if "name" not in t:
             raise ValueError(f"spec {path}: every [[techniques]] needs a name")
-        name, label = t.pop("name"), t.pop("label", None)
-        opts = {**raw.get("defaults", {}), **t}
+        name, label, like = t.pop("name"), t.pop("label", None), t.pop("like", None)
+        if like is not None and like not in techniques:
+            raise ValueError(f"spec {path}, technique {name!r}: like = {like!r} names no earlier [[techniques]] entry")
+        opts = {**raw.get("defaults", {}), **(techniques[like][1] if like else {}), **t}   # like: its options, then these
         try:
             TrainConfig.from_dict({**opts, **_data_options(datasets[0], None)}).validate()
         except ValueError as e:
