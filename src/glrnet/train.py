@@ -181,10 +181,18 @@ class TrainConfig:
                   (self.max_seconds is None or self.max_seconds > 0, f"max seconds must be > 0, got {self.max_seconds}"),
                   (self.eval_every >= 0, f"eval every must be ≥ 0 steps, got {self.eval_every}"),
                   (self.budget_clock in ("wall", "cpu"), f"budget clock must be wall or cpu, got {self.budget_clock!r}"),
-                  (not self.local_losses or self.arch != "mlp", "local losses need a convolutional --arch")]
+                  (not self.local_losses or self.arch != "mlp", "local losses need a convolutional --arch"),
+                  (self.eval_replications >= 1, f"eval replications must be ≥ 1, got {self.eval_replications}"),
+                  (self.replications >= 1, f"replications must be ≥ 1, got {self.replications}")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.dataset == "digits" and self.data_dir is not None:
+            from .data import DataError, digits_folder_message
+            raise DataError(digits_folder_message(self.data_dir))
+        unused = unused_options(self)
+        if unused:
+            raise ValueError(next(iter(unused.values())))
         if self.method == "forward":
             from .alternatives import ForwardGradient
             ForwardGradient(self.loss)  # differentiable loss
@@ -221,6 +229,38 @@ class TrainConfig:
         if "antithetic" in d:   # before samplers: a boolean
             d.setdefault("sampler", "antithetic" if d.pop("antithetic") else "iid")
         return cls.from_dict({**{k: v for k, v in legacy.items() if k not in d}, **d})
+
+
+def unused_options(cfg: TrainConfig, given: set[str] | None = None) -> dict[str, str]:
+    """The options of ``cfg`` that would take no effect (name → the line that says why), among ``given``
+    (default: those that differ from their default), so that a run never records an option it ignored.
+    ``baseline`` is judged only when ``given`` names it: ``baseline = false`` is the state of every
+    method but GLR, and older runs and specs record it so."""
+    default = TrainConfig()
+    if given is None:
+        given = {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)} - {"baseline"}
+    method, out = cfg.method, {}
+    weights_used = method == "glr" or (method == "bp" and cfg.bp_noise)
+    if "sampler" in given and method != "glr":
+        out["sampler"] = (f"sampler {cfg.sampler} draws GLR's noise; method {method} does not use it"
+                          f"{' (ES draws its own antithetic pairs)' if method == 'es' else ''}: drop --sampler or "
+                          "use --method glr")
+    if "injection" in given and method not in ("glr", "forward"):
+        out["injection"] = (f"injection {cfg.injection} is for GLR and forward gradients; method {method} does not use "
+                            "it: drop --injection")
+    if "baseline" in given and method != "glr":
+        out["baseline"] = (f"the leave-one-out baseline is GLR's control variate; method {method} does not use it: "
+                           "drop --baseline / --no-baseline")
+    if "weight_noise" in given and cfg.weight_noise != "none":
+        if not weights_used:
+            why = ("trains the noise-free network" if method == "bp"
+                   else "perturbs every weight itself (σ = --weight-noise-std)")
+            out["weight_noise"] = (f"weight noise {cfg.weight_noise} sets GLR's perturbation site; method {method} "
+                                   f"{why}: drop --weight-noise")
+        elif cfg.weight_noise == "conv" and cfg.arch == "mlp":
+            out["weight_noise"] = ("weight noise conv puts noise on the convolutions, and arch mlp has none: use "
+                                   "--weight-noise first or all, or a convolutional --arch")
+    return out
 
 
 ARCHS = {"lenet": "conv:6:5,maxpool:2,conv:16:5,maxpool:2",       # LeNet-style; + --hidden and the output layer
@@ -277,7 +317,7 @@ def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: in
     noise = make_noise(cfg.noise, cfg.noise_std)
     pixels = math.prod(image_shape)
     if cfg.arch == "mlp":
-        if cfg.input_noise_std is None and cfg.norm == "none":
+        if cfg.input_noise_std is None and cfg.norm == "none" and cfg.weight_noise == "none":
             return NoisyMLP([pixels, *cfg.hidden, num_classes], activation=cfg.activation, noise=noise,
                             output_activation=cfg.output_activation)
         first = [] if cfg.input_noise_std is None else [input_smoothing_layer(pixels, cfg.input_noise_std, cfg.noise)]
@@ -432,10 +472,21 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     """Train per ``cfg``; write outputs into ``out_dir`` (if given). Returns the metrics dict.
 
     ``quiet`` silences the per-epoch lines; ``progress`` (default: not ``quiet``) shows one
-    bar over all batches of the run (rate, ETA), labelled ``desc``. The output folder is
-    created only when the first checkpoint is written, so a run that fails to start leaves
-    nothing behind.
+    bar over all batches of the run (rate, ETA), labelled ``desc``. ``out_dir`` is held by a
+    lock file while the run writes there (:func:`~glrnet.checkpoint.output_lock`: a second
+    process training into it is refused); a run that fails before its first checkpoint
+    leaves no folder behind.
     """
+    cfg.validate()
+    if out_dir is None or dist_utils.rank() != 0:
+        return _train(cfg, out_dir, resume, quiet, data, progress, desc)
+    from .checkpoint import output_lock
+    with output_lock(out_dir):
+        return _train(cfg, out_dir, resume, quiet, data, progress, desc)
+
+
+def _train(cfg: TrainConfig, out_dir: str | Path | None, resume: bool, quiet: bool, data: Dataset | None,
+           progress: bool | None, desc: str | None) -> dict:
     progress = (not quiet) if progress is None else progress
     cfg.validate()
     rank, world = dist_utils.rank(), dist_utils.world_size()
@@ -490,7 +541,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     has_val = data.x_val is not None and len(data.x_val) > 0
     x_val, y_val = (data.x_val, data.y_val) if has_val else (data.x_test, data.y_test)
     n = len(data.x_train)
-    reps = cfg.replications if cfg.noisy else 1
+    reps = getattr(producer, "forward_passes", cfg.replications if cfg.noisy else 1)
     val_name = "validation" if has_val else "test"
     batches = range(0, n, cfg.batch_size)
     bar = tqdm(total=len(batches) * (cfg.epochs - start_epoch + 1), desc=desc or cfg.method,
