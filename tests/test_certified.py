@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import glrnet
-from glrnet.attack_settings import AttackSettings
-from glrnet.attacks import distance, fgsm, pgd, project
+from glrnet.robustness.settings import AttackSettings
+from glrnet.robustness.attacks import distance, fgsm, pgd, project
 from glrnet.certify import certify, first_layer_norm, project_stiefel_
 from glrnet.train import TrainConfig, build_model, input_smoothing_layer
 
@@ -48,7 +48,7 @@ def test_input_smoothing_network_certifies_in_units_of_the_input_noise():
     x = torch.rand(3, 64)
     cert = certify(model, x, n0=10, n=50, alpha=0.01, generator=torch.Generator().manual_seed(0))
     assert cert.sigma / cert.first_layer_norm == pytest.approx(0.5)
-    r = model.sample_noise(20000, 1, generator=torch.Generator().manual_seed(1))[:, 0, :64]
+    r = glrnet.nn.sample_noise(model, 20000, 1, generator=torch.Generator().manual_seed(1))[:, 0, :64]
     seen = input_smoothing_layer(64, 0.5).affine(x[:1]) + r - x[:1]
     assert seen.std().item() == pytest.approx(0.5, rel=5 / math.sqrt(2 * r.numel()))
     with pytest.raises(ValueError, match="input noise std"):

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from .attack_settings import AttackSettings
+from .robustness.settings import AttackSettings
 from .certify import Certificate, certified_accuracy, certify
 from .checkpoint import atomic_write_csv, atomic_write_text, load_model, write_index
 from .data import load_dataset
-from .distributed import stream_seed
+from .utils.seeding import stream_seed
 from .train import TrainConfig, train
 
 try:

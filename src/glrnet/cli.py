@@ -7,14 +7,14 @@ import json
 import sys
 from dataclasses import fields
 
-from . import distributed
-from .activations import ACTIVATIONS, get_activation
 from .data import DATASETS, SPLITS, DataError, describe_datasets
-from .losses import LOSSES
-from .attack_settings import DEFAULT_EPS, HELP, NORMS, AttackSettings, settings_fields
-from .estimators import INJECTIONS
-from .noise import KINDS
-from .samplers import SAMPLERS
+from .estimators import SAMPLERS
+from .estimators import distributed
+from .estimators.glr import INJECTIONS
+from .nn.activations import ACTIVATIONS, get_activation
+from .nn.losses import LOSSES
+from .nn.noise import kinds
+from .robustness.settings import DEFAULT_EPS, HELP, NORMS, AttackSettings, settings_fields
 from .train import METHODS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -101,7 +101,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-activation", type=_activation, default=None,
                    help="activation on the output layer too (default: none, the authors' code)")
     g.add_argument("--loss", choices=list(LOSSES), default=d.loss, help="per-sample loss")
-    g.add_argument("--noise", choices=KINDS, default=d.noise, help="neuron noise distribution")
+    g.add_argument("--noise", choices=kinds(), default=d.noise, help="neuron noise distribution")
     g.add_argument("--noise-std", type=float, default=d.noise_std, help="noise standard deviation σ")
     g = p.add_argument_group("estimator")
     g.add_argument("--method", choices=METHODS, default=d.method, help="glr; bp (back-propagation); or a "
@@ -260,7 +260,7 @@ def cmd_evaluate(args) -> int:
     import torch
 
     from .checkpoint import load_model
-    from .model import predict
+    from .predict import predict
     from .train import TrainConfig, resolve_device
     device = resolve_device(args.device)
     path = Path(args.run)
@@ -309,7 +309,7 @@ def cmd_robustness(args) -> int:
 
     from .checkpoint import load_model, write_index
     from .data import load_run_dataset
-    from .protocol import attack_and_report
+    from .robustness.protocol import attack_and_report
     from .train import TrainConfig, resolve_device
     resolve_device(args.device)
     if Path(args.out).exists() and not Path(args.out).is_dir():

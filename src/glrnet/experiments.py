@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .attack_settings import DEFAULT_EPS
-from .attacks import fgsm, load_adversarial, save_adversarial
+from .robustness.settings import DEFAULT_EPS
+from .robustness.attacks import fgsm, load_adversarial, save_adversarial
 from .checkpoint import atomic_write_csv, atomic_write_text, load_model, write_index
 from .data import load_dataset
-from .distributed import stream_seed
-from .model import NoisySequential, predict
+from .utils.seeding import stream_seed
+from .nn import NoisySequential
+from .predict import predict
 from .train import TrainConfig, train
 
 try:
@@ -498,7 +499,7 @@ def reproduce(spec: str | Path | None, out: str | Path, dataset: str | None = No
 
     robust = None
     if robustness and spec.robustness:
-        from .protocol import run_protocol
+        from .robustness.protocol import run_protocol
         t0 = time.perf_counter()
         robust = run_protocol(out, spec, models, sources, data, headline, device, quiet, runs=runs)
         timings["robustness"] = time.perf_counter() - t0

@@ -45,13 +45,14 @@ from pathlib import Path
 
 import torch
 
-from .activations import is_smooth
+from .nn.activations import is_smooth
 from .checkpoint import atomic_write_csv, atomic_write_text, write_index
 from .data import load_dataset
-from .distributed import stream_seed
+from .utils.seeding import stream_seed
 from .estimators import Backprop, glr_parameters
-from .layers import noisy_layers, rescale_noise_
-from .losses import DIFFERENTIABLE
+from .nn import noisy_layers
+from .nn.losses import DIFFERENTIABLE
+from .nn.rescale import rescale_noise_
 from .train import TrainConfig, build_model, build_producer, train
 
 try:
@@ -337,7 +338,7 @@ def _train_section(spec: dict, tr: dict, out: Path, dname: str, o: dict, data, d
 
 
 def _settings(rb: dict):
-    from .attack_settings import AttackSettings
+    from .robustness.settings import AttackSettings
     return AttackSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in rb.get("settings", {}).items()})
 
 
@@ -348,7 +349,7 @@ def _run_dir(out: Path, dname: str, section: str, tech: str, unit: str, loss: st
 def _robustness(rb: dict, out: Path, data, device: str, quiet: bool) -> None:
     """One [[robustness]] table: the protocol on its runs into out/robustness-cnn/<name>/ (resumable)."""
     from .checkpoint import load_model
-    from .protocol import attack_and_report
+    from .robustness.protocol import attack_and_report
 
     def load(run):
         path = _run_dir(out, rb["dataset"], *run) / "model.safetensors"
@@ -483,8 +484,8 @@ def progress_series(runs: Path, rows: list[dict]) -> dict[str, tuple[list[float]
 
 
 def _figure_progress(path: Path, runs: Path, rows: list[dict], dname: str) -> None:
-    from .plots import _save, _styles, plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from .utils.figures import save_figure as _save, styles as _styles, subplots
+    fig, ax = subplots(figsize=(7, 4.5))
     series = progress_series(runs, rows)
     for (color, marker), (label, (s, acc)) in zip(_styles(len(series)), series.items()):
         ax.plot(s, acc, color=color, lw=1.2, label=label)

@@ -11,7 +11,7 @@ import torch
 
 from glrnet.checkpoint import load_model, read_checkpoint_meta
 from glrnet.data import load_dataset
-from glrnet.layers import Injection, noisy_layers
+from glrnet.nn import Injection, noisy_layers
 from glrnet.train import TrainConfig, build_model
 
 
