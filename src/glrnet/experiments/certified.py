@@ -1,160 +1,136 @@
-"""The certified-radii experiment (a spec whose ``[experiment]`` has ``kind = "certified"``).
+"""Certified L2 radii (``[certify]``): CERTIFY for the majority vote and for LAP on every model's runs,
+and, where a ``[robustness]`` table attacks them in the L2 ball, the soundness check.
 
-For every dataset of the spec, and every model:
+On one dataset of the spec, for every model of ``[certify]`` (every seed's run):
 
-1. train it with :func:`glrnet.train.train` (finished runs reused, interrupted ones resumed):
-   GLR networks whose first layer is held at a fixed scale (``max_first_norm`` with the
-   ``spectral`` or ``stiefel`` projection), and input-space randomized smoothing (``input_noise_std``:
-   the same architecture behind a frozen a·I layer carrying Gaussian input noise, trained by BP);
-2. certify it (:func:`glrnet.certify.certify`, CERTIFY with separate selection and estimation
-   samples) for the majority vote and for LAP, on the first ``[certify] images`` test images;
-3. attack it with the adaptive protocol of :mod:`glrnet.protocol` in the L2 ball (APGD-L2 through
-   every surrogate gradient with EOT, SPSA, random directions; the escalation to convergence),
-   every image scored by OT, LAP and the majority vote (``[robustness] models``: the models attacked;
-   default all);
-4. check soundness (a line of every robustness report): no image certified at radius ≥ ε for a
-   predictor is broken by that predictor's L2 worst case at ε;
-5. write ``<dataset>/certified.md`` / ``.csv`` / ``certified_accuracy.png``, the protocol's
-   ``<dataset>/robustness.md``, and ``certified.md`` over all datasets.
-
-``glrnet reproduce --spec certified --data-dir ../shared/data --out results/certified``: with a
-``--data-dir`` that holds one folder per dataset (``mnist/``, ``fashion-mnist/``) each dataset reads its own.
+1. train it (finished runs reused, interrupted ones resumed): e.g. GLR networks whose first layer is
+   held at a fixed scale (``max_first_norm`` with the ``spectral`` or ``stiefel`` projection), and
+   input-space randomized smoothing (``input_noise_std``: the same architecture behind a frozen a·I
+   layer carrying Gaussian input noise, trained by BP);
+2. certify it (:func:`glrnet.certify.certify`, CERTIFY with separate selection and estimation samples)
+   for each predictor, on the first ``images`` test images (cached per weights and settings in
+   ``certificates/``);
+3. with an L2 ``[robustness]`` table over the same runs (:mod:`glrnet.experiments.protocol`): check
+   soundness in every robustness report — no image certified at radius ≥ ε for a predictor is broken
+   by that predictor's L2 worst case at ε;
+4. write ``certified.md`` / ``.csv`` / ``certified_accuracy.png`` in the dataset's folder, and, for a spec
+   of several datasets, ``certified.md`` over all of them in the output folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .attack_settings import AttackSettings
-from .certify import Certificate, certified_accuracy, certify
-from .checkpoint import atomic_write_csv, atomic_write_text, load_model, write_index
-from .data import load_dataset
-from .distributed import stream_seed
-from .train import TrainConfig, train
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-SECTIONS = ("experiment", "datasets", "defaults", "models", "certify", "robustness")
-EXPERIMENT_KEYS = ("name", "kind", "radii", "notes")
-DATASET_KEYS = ("name", "dataset", "data_dir", "split", "image_size", "subset", "val_fraction")
-CERTIFY_KEYS = ("n0", "samples", "alpha", "images", "predictors", "seed")
-PREDICTORS = ("vote", "lap")
+from .. import plots
+from ..certify import Certificate, certified_accuracy, certify
+from ..checkpoint import atomic_write_csv, atomic_write_text
+from ..distributed import stream_seed
+from .runs import Site
 
 
 @dataclass
-class CertifiedSpec:
-    name: str
-    radii: list[float]
-    datasets: list[dict]
-    models: list[tuple[str, str, dict]]        # (name, label, training options before the dataset's)
-    certify: dict = field(default_factory=lambda: {"n0": 100, "samples": 10000, "alpha": 0.001, "images": 500,
-                                                   "predictors": ["vote", "lap"], "seed": 0})
-    robustness: dict = field(default_factory=dict)
-    notes: str = ""
+class Certified:
+    """One dataset's certificates: per run, per predictor."""
+
+    rows: list[dict]
+    certs: dict[str, dict[str, Certificate]]
+    y: torch.Tensor
+    timings: dict
+    empirical: dict = field(default_factory=dict)      # (run, predictor, ε) → L2 worst case
+    checks: list[dict] = field(default_factory=list)
+    attacks: list[str] = field(default_factory=list)   # what the empirical columns come from
 
 
-def is_certified_spec(path: Path) -> bool:
-    """Whether the TOML file at ``path`` is a certified-radii spec (``kind = "certified"``)."""
-    try:
-        return tomllib.loads(Path(path).read_text()).get("experiment", {}).get("kind") == "certified"
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
+def run_certify(site: Site) -> Certified:
+    """Train and certify every run of the [certify] models on ``site``."""
+    c, out = site.spec.certify, site.folder
+    settings = {"n0": c.n0, "samples": c.samples, "alpha": c.alpha, "images": c.images,
+                "predictors": c.predictors, "seed": c.seed}
+    n_cert = min(c.images, len(site.data.x_test))
+    x, y = site.data.x_test[:n_cert], site.data.y_test[:n_cert]
+    rows, certs, timings = [], {}, {}
+    runs = [(name, seed, run) for name in c.models for seed, run in site.runs_of(name)]
+    for mi, (name, seed, run) in enumerate(runs):
+        t1 = time.perf_counter()
+        metrics = site.model_run(name, seed, run)
+        cfg = site.config(name, seed)
+        model = site.model(run)
+        t2 = time.perf_counter()
+        cache = out / "certificates" / f"{run}.json"
+        per = _cached_certificates(cache, out / "models" / run, settings, mi, n_cert)
+        if per is None:
+            per = {}
+            for pi, predictor in enumerate(c.predictors):
+                gen = torch.Generator(device=site.device).manual_seed(stream_seed(c.seed, 30, mi, pi))
+                per[predictor] = certify(model, x, n0=c.n0, n=c.samples, alpha=c.alpha, predictor=predictor,
+                                         generator=gen)
+            _save_certificates(cache, out / "models" / run, settings, mi, n_cert, per)
+        certs[run] = per
+        timings[run] = {"train_s": metrics["train_seconds"], "certify_s": time.perf_counter() - t2}
+        for predictor, cert in per.items():
+            acc = certified_accuracy(cert, y, [0.0] + c.radii)
+            rows.append({"dataset": site.entry.name, "model": run, "label": site.spec.models[name].label,
+                         "predictor": predictor, "method": cfg.method, "activation": cfg.activation, "loss": cfg.loss,
+                         "clean_ot": metrics["test_accuracy_ot"], "clean_lap": metrics["test_accuracy_lap"],
+                         "sigma": cert.sigma, "first_layer_norm": cert.first_layer_norm,
+                         "sigma_over_norm": cert.sigma / cert.first_layer_norm,
+                         "abstain": (cert.prediction < 0).double().mean().item(),
+                         **{f"certified_{r:g}": acc[r] for r in [0.0] + c.radii},
+                         "train_s": metrics["train_seconds"], "certify_s": timings[run]["certify_s"]})
+        _write_certificates(out / "certificates" / f"{run}.csv", per, y)
+        vote = next((r for r in rows[::-1] if r["model"] == run and r["predictor"] == "vote"), rows[-1])
+        site.say(f"[certify] {site.entry.name}/{run}: clean LAP {metrics['test_accuracy_lap']}, σ/‖W₁‖₂ "
+                 f"{vote['sigma_over_norm']:.3g}, certified at "
+                 + ", ".join(f"{r:g}: {vote[f'certified_{r:g}']:.3f}" for r in c.radii)
+                 + f" ({t2 - t1:.0f}s train, {time.perf_counter() - t2:.0f}s certify)")
+        atomic_write_csv(out / "certified.csv", rows, list(rows[0]))
+    return Certified(rows, certs, y, timings)
 
 
-def load_certified_spec(path: str | Path) -> CertifiedSpec:
-    """Read and check a certified-radii spec: every unknown key, bad option or bad model is one
-    ``ValueError`` naming the file and the key, before anything is trained."""
-    path = Path(path)
-    raw = tomllib.loads(path.read_text())
-
-    def check_keys(table: dict, valid, where: str):
-        bad = sorted(set(table) - set(valid))
-        if bad:
-            raise ValueError(f"spec {path}: unknown key(s) {', '.join(bad)} in {where}; valid: {', '.join(valid)}")
-
-    check_keys(raw, SECTIONS, "the file (sections)")
-    exp = raw.get("experiment", {})
-    check_keys(exp, EXPERIMENT_KEYS, "[experiment]")
-    datasets = raw.get("datasets", [])
-    if not datasets:
-        raise ValueError(f"spec {path}: a certified spec needs at least one [[datasets]]")
-    for d in datasets:
-        check_keys(d, DATASET_KEYS, "[[datasets]]")
-        if "name" not in d or "dataset" not in d:
-            raise ValueError(f"spec {path}: every [[datasets]] needs a name and a dataset")
-    cert = {**CertifiedSpec.__dataclass_fields__["certify"].default_factory(), **raw.get("certify", {})}
-    check_keys(cert, CERTIFY_KEYS, "[certify]")
-    bad = [p for p in cert["predictors"] if p not in PREDICTORS]
-    if bad:
-        raise ValueError(f"spec {path}: [certify] predictors {bad}; valid: {', '.join(PREDICTORS)}")
-    radii = [float(r) for r in exp.get("radii", [0.25, 0.5, 1.0, 1.5])]
-    if not radii or min(radii) <= 0:
-        raise ValueError(f"spec {path}: [experiment] radii must be positive numbers, got {radii}")
-    defaults = raw.get("defaults", {})
-    models = []
-    for m in raw.get("models", []):
-        m = dict(m)
-        if "name" not in m:
-            raise ValueError(f"spec {path}: every [[models]] needs a name")
-        name, label = m.pop("name"), m.pop("label", None)
-        opts = {**defaults, **m}
-        for d in datasets:       # every model must be a valid run on every dataset, checked now
-            try:
-                TrainConfig.from_dict({**opts, **_data_options(d, None)}).validate()
-            except ValueError as e:
-                raise ValueError(f"spec {path}, model {name!r} on {d['name']}: {e}") from None
-        models.append((name, label or name, opts))
-    if not models:
-        raise ValueError(f"spec {path}: a certified spec needs at least one [[models]]")
-    names = [m[0] for m in models]
-    if len(set(names)) != len(names):
-        raise ValueError(f"spec {path}: model names must be unique, got {names}")
-    rb = dict(raw.get("robustness", {}))
-    _settings(rb, path)  # checked now, not after the training
-    unknown = [m for m in rb.get("models", []) if m not in names]
-    if unknown:
-        raise ValueError(f"spec {path}: [robustness] models {unknown} are not models of the spec")
-    return CertifiedSpec(exp.get("name", path.stem), radii, datasets, models, cert, rb, exp.get("notes", ""))
+def soundness_hook(result: Certified, y):
+    """``after_model`` for the protocol: each attacked run's soundness checks (none for a run without
+    certificates); ``y``: the attacked images' labels."""
+    def after(name, masks, escalated):
+        if name not in result.certs:
+            return []
+        eps = sorted({e for (m, e) in masks if m == name and e > 0})
+        return soundness_checks(name, result.certs[name], y, masks, escalated, eps)
+    return after
 
 
-def _data_options(d: dict, data_dir: str | None) -> dict:
-    """The training options of a [[datasets]] entry; ``data_dir`` (the command line's) is the folder itself,
-    or its ``<dataset>/`` subfolder when that exists."""
-    own = d.get("data_dir")
-    if data_dir is not None:
-        sub = Path(data_dir) / d["dataset"]
-        own = str(sub) if sub.is_dir() else data_dir
-    return {"dataset": d["dataset"], "data_dir": own, "split": d.get("split", "standard"),
-            "image_size": d.get("image_size"), "subset": d.get("subset"),
-            "val_fraction": float(d.get("val_fraction", 0.1))}
+def record_attacks(result: Certified, rows: list[dict], checks: list[dict], what: str) -> None:
+    """The L2 worst cases (escalated where the protocol escalated) of a protocol table, for the table."""
+    result.empirical.update(_empirical(rows, checks))
+    result.checks += checks
+    result.attacks.append(what)
 
 
-def _settings(rb: dict, path) -> tuple[AttackSettings, list[float], int, list[float] | None]:
-    rb = dict(rb)
-    rb.pop("models", None)        # which models are attacked: checked against [[models]] by the loader
-    eps = [float(e) for e in rb.pop("eps", [0.25, 0.5, 1.0, 1.5, 3.0])]
-    images = int(rb.pop("images", 200))
-    check_eps = rb.pop("check_eps", None)
-    if "losses" in rb:
-        rb["losses"] = tuple(rb["losses"])
-    rb.setdefault("norm", "L2")
-    rb.setdefault("score_vote", True)
-    try:
-        st = AttackSettings(**rb)
-    except TypeError as e:
-        raise ValueError(f"spec {path} [robustness]: {e}") from None
-    if st.norm != "L2":
-        raise ValueError(f"spec {path} [robustness]: the certificates are L2 radii; norm must be L2, got {st.norm}")
-    return st, eps, images, check_eps
+def write_report(site: Site, result: Certified, summary: dict) -> None:
+    """certified.md and certified_accuracy.png in the dataset's folder."""
+    text = _dataset_table(site, result)
+    atomic_write_text(site.folder / "certified.md", text)
+    plots.figure_certified(site.folder / "certified_accuracy.png",
+                           {n: c["vote"] for n, c in result.certs.items() if "vote" in c}
+                           or {n: next(iter(c.values())) for n, c in result.certs.items()}, result.y,
+                           title=site.entry.name)
+    sound = [c for c in result.checks if c["check"].startswith("sound")]
+    summary.update({"rows": len(result.rows), "sound": all(c["pass"] for c in sound) if sound else None})
+
+
+def write_overview(out: Path, spec) -> None:
+    """certified.md over every dataset of a spec of several (those not run yet named)."""
+    done = [d for d in spec.datasets if (out / d.name / "certified.md").is_file()]
+    missing = [d.name for d in spec.datasets if d not in done]
+    atomic_write_text(out / "certified.md", f"# Certified L2 radii: spec `{spec.name}`\n\n{spec.notes}\n\n"
+                      + (f"Not run yet: {', '.join(missing)}.\n\n" if missing else "")
+                      + "\n".join((out / d.name / "certified.md").read_text() for d in done))
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -164,16 +140,16 @@ def soundness_checks(name: str, certs: dict[str, Certificate], y, masks: dict, e
     (and correct), how many the predictor's L2 worst case at ε breaks (the escalated one where the
     protocol escalated). Any is a contradiction: a wrong certificate, or an attack that left its ball."""
     checks = []
-    n = len(y)
     for predictor, cert in certs.items():
+        n = min(len(y), len(cert.prediction))        # the attacked images that were certified
         for eps in eps_list:
             alive = escalated.get((name, eps)) if predictor == "lap" else None
             if alive is None:
                 alive = masks[name, eps].get(predictor)
             if alive is None:
                 continue
-            sure = ((cert.prediction[:n] == y.cpu()) & (cert.radius[:n] >= eps)).to(alive.device)
-            broken = int((sure & ~alive).sum())
+            sure = ((cert.prediction[:n] == y[:n].cpu()) & (cert.radius[:n] >= eps)).to(alive.device)
+            broken = int((sure & ~alive[:n]).sum())
             checks.append({"model": name, "check": f"sound: no image certified at radius ≥ ε ({predictor}) is broken "
                                                    f"by the {predictor} worst case (ε={eps:g})",
                            "value": f"{broken} of {int(sure.sum())} certified broken", "pass": broken == 0,
@@ -181,121 +157,8 @@ def soundness_checks(name: str, certs: dict[str, Certificate], y, masks: dict, e
     return checks
 
 
-# ---------------------------------------------------------------------------------------- runner
-def run_certified(spec_file: str | Path, out: str | Path, data_dir: str | None = None, device: str = "cpu",
-                  quiet: bool = False, robustness: bool = True, export: str | Path | None = None,
-                  only: str | None = None) -> dict:
-    """Run a certified-radii spec end to end into ``out`` (see the module docstring). ``only``: run just
-    the [[datasets]] entries of that dataset (e.g. two processes, one per dataset, into one ``out``);
-    ``out/certified.md`` gathers every dataset's section found in ``out``."""
-    from .experiments import export_results, output_folder
-    t_start = time.perf_counter()
-    spec = load_certified_spec(spec_file)
-    out = output_folder(out, spec_file)
-    st, eps, attack_images, check_eps = _settings(spec.robustness, spec_file)
-    summary = {"spec": spec.name, "datasets": {}}
-    chosen = [d for d in spec.datasets if only is None or only in (d["dataset"], d["name"])]
-    if not chosen:
-        raise ValueError(f"--dataset {only}: spec {spec_file} has no such dataset; it has "
-                         + ", ".join(d["dataset"] for d in spec.datasets))
-    for d in chosen:
-        t0 = time.perf_counter()
-        opts = _data_options(d, data_dir)
-        data = load_dataset(opts["dataset"], opts["data_dir"], opts["image_size"], opts["val_fraction"],
-                            subset=opts["subset"], split=opts["split"])
-        if not quiet:
-            print(f"[certified] {d['name']}: {data.summary()}", flush=True)
-        data = data.to(device)
-        folder = out / d["name"]
-        rows, certs, models, timings = [], {}, {}, {}
-        n_cert = min(int(spec.certify["images"]), len(data.x_test))
-        x, y = data.x_test[:n_cert], data.y_test[:n_cert]
-        for mi, (name, label, options) in enumerate(spec.models):
-            cfg = TrainConfig.from_dict({**options, **opts, "device": device})
-            t1 = time.perf_counter()
-            metrics = train(cfg, folder / "models" / name, resume=True, quiet=True, data=data, progress=not quiet,
-                            desc=f"{d['name']}/{name}")
-            model, _ = load_model(folder / "models" / name / "model.safetensors", device)
-            models[name] = (model, cfg.noisy)
-            t2 = time.perf_counter()
-            per = _cached_certificates(folder / "certificates" / f"{name}.json", folder / "models" / name,
-                                       spec.certify, mi, n_cert)
-            if per is None:
-                per = {}
-                for pi, predictor in enumerate(spec.certify["predictors"]):
-                    gen = torch.Generator(device=device).manual_seed(stream_seed(int(spec.certify["seed"]), 30, mi, pi))
-                    per[predictor] = certify(model, x, n0=int(spec.certify["n0"]), n=int(spec.certify["samples"]),
-                                             alpha=float(spec.certify["alpha"]), predictor=predictor, generator=gen)
-                _save_certificates(folder / "certificates" / f"{name}.json", folder / "models" / name, spec.certify,
-                                   mi, n_cert, per)
-            certs[name] = per
-            timings[name] = {"train_s": metrics["train_seconds"], "certify_s": time.perf_counter() - t2}
-            for predictor, cert in per.items():
-                acc = certified_accuracy(cert, y, [0.0] + spec.radii)
-                rows.append({"dataset": d["name"], "model": name, "label": label, "predictor": predictor,
-                             "method": cfg.method, "activation": cfg.activation, "loss": cfg.loss,
-                             "clean_ot": metrics["test_accuracy_ot"], "clean_lap": metrics["test_accuracy_lap"],
-                             "sigma": cert.sigma, "first_layer_norm": cert.first_layer_norm,
-                             "sigma_over_norm": cert.sigma / cert.first_layer_norm,
-                             "abstain": (cert.prediction < 0).double().mean().item(),
-                             **{f"certified_{r:g}": acc[r] for r in [0.0] + spec.radii},
-                             "train_s": metrics["train_seconds"], "certify_s": timings[name]["certify_s"]})
-            _write_certificates(folder / "certificates" / f"{name}.csv", per, y)
-            if not quiet:
-                vote = next((r for r in rows[::-1] if r["model"] == name and r["predictor"] == "vote"), rows[-1])
-                print(f"[certified] {d['name']}/{name}: clean LAP {metrics['test_accuracy_lap']}, σ/‖W₁‖₂ "
-                      f"{vote['sigma_over_norm']:.3g}, certified at "
-                      + ", ".join(f"{r:g}: {vote[f'certified_{r:g}']:.3f}" for r in spec.radii)
-                      + f" ({t1 - t0 if mi == 0 else 0:.0f}s data, {t2 - t1:.0f}s train, "
-                        f"{time.perf_counter() - t2:.0f}s certify)", flush=True)
-            atomic_write_csv(folder / "certified.csv", rows, list(rows[0]))
-        empirical, checks = {}, []
-        if robustness:
-            from .protocol import attack_and_report
-            n_att = min(attack_images, n_cert)
-            xa, ya = x[:n_att], y[:n_att]
-            attacked = spec.robustness.get("models")
-            models = {n: v for n, v in models.items() if attacked is None or n in attacked}
-            t3 = time.perf_counter()
-
-            def after(name, masks, escalated):
-                return soundness_checks(name, certs[name], ya, masks, escalated, eps)
-
-            robust_rows, checks = attack_and_report(folder, models, xa, ya, eps, st, None, max(spec.radii),
-                                                    check_eps if check_eps is not None else list(spec.radii),
-                                                    f"{spec.name} / {d['name']} (L2)", quiet, after_model=after)
-            timings["attacks_s"] = time.perf_counter() - t3
-            empirical = _empirical(robust_rows, checks, models)
-        section = _dataset_table(spec, d, rows, empirical, checks, data, n_cert, attack_images, st, timings,
-                                 check_eps if check_eps is not None else list(spec.radii))
-        atomic_write_text(folder / "certified.md", section)
-        from .plots import figure_certified
-        figure_certified(folder / "certified_accuracy.png", {n: c["vote"] for n, c in certs.items() if "vote" in c}
-                         or {n: next(iter(c.values())) for n, c in certs.items()}, y, title=d["name"])
-        write_index(folder, f"glrnet reproduce: certified radii on {d['name']}")
-        summary["datasets"][d["name"]] = {"seconds": time.perf_counter() - t0, "timings": timings,
-                                          "sound": all(c["pass"] for c in checks if c["check"].startswith("sound"))}
-    total = time.perf_counter() - t_start
-    summary["seconds"] = total
-    sections = [(out / d["name"] / "certified.md").read_text() for d in spec.datasets
-                if (out / d["name"] / "certified.md").is_file()]
-    missing = [d["name"] for d in spec.datasets if not (out / d["name"] / "certified.md").is_file()]
-    atomic_write_text(out / "certified.md", f"# Certified L2 radii: spec `{spec.name}`\n\n{spec.notes}\n\n"
-                      + (f"Not run yet: {', '.join(missing)}.\n\n" if missing else "") + "\n".join(sections))
-    name = "summary.json" if only is None else f"summary-{only}.json"
-    atomic_write_text(out / name, json.dumps(summary, indent=1, ensure_ascii=False))
-    write_index(out, f"glrnet reproduce: spec {spec.name}")
-    if export is not None:
-        export_results(out, export)
-    if not quiet:
-        print((out / "certified.md").read_text())
-        print(f"[certified] done in {total:.0f}s; outputs in {out}")
-    return summary
-
-
 def _certificate_key(run: Path, settings: dict, index: int, images: int) -> str:
     """What a model's certificates depend on: its weights (digest), the [certify] settings, its stream."""
-    import hashlib
     digest = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
     return json.dumps([digest, settings, index, images], sort_keys=True)
 
@@ -333,7 +196,7 @@ def _write_certificates(path: Path, per: dict[str, Certificate], y) -> None:
     atomic_write_csv(path, rows, list(rows[0]))
 
 
-def _empirical(rows: list[dict], checks: list[dict], models: dict) -> dict:
+def _empirical(rows: list[dict], checks: list[dict]) -> dict:
     """(model, predictor, ε) → the worst case (escalated where it was) of the L2 protocol."""
     out = {}
     for r in rows:
@@ -348,36 +211,33 @@ def _empirical(rows: list[dict], checks: list[dict], models: dict) -> dict:
     return out
 
 
-def _dataset_table(spec: CertifiedSpec, d: dict, rows, empirical, checks, data, n_cert, attack_images, st,
-                   timings, escalated_at) -> str:
-    radii = spec.radii
-    c = spec.certify
-    lines = [f"## {d['name']}: {data.summary()}", "",
-             f"CERTIFY (Cohen et al. 2019): n0 = {c['n0']}, n = {c['samples']}, α = {c['alpha']:g}, on the first "
+def _dataset_table(site: Site, result: Certified) -> str:
+    c = site.spec.certify
+    radii = c.radii
+    n_cert = len(result.y)
+    lines = [f"## {site.entry.name}: {site.data.summary()}", "",
+             f"CERTIFY (Cohen et al. 2019): n0 = {c.n0}, n = {c.samples}, α = {c.alpha:g}, on the first "
              f"{n_cert} test images; radius σ/‖W₁‖₂ · Φ⁻¹(p̲_A) (vote, Clopper–Pearson) or σ/‖W₁‖₂ · (Φ⁻¹(p̲_A) − "
              f"Φ⁻¹(p̄_B))/2 (LAP, Hoeffding). Clean accuracy: LAP (K from the run) on the whole test set. "
-             f"Empirical: the L2 adaptive worst case on the first {min(attack_images, n_cert)} of them "
-             f"(robustness.md: APGD-L2 and PGD-L2 through every surrogate with EOT {st.eot_samples}, SPSA, "
-             f"random directions; escalated at ε = {', '.join(f'{r:g}' for r in escalated_at)}), for the same "
-             "predictor.", "",
+             + (f"Empirical: the L2 adaptive worst case ({'; '.join(result.attacks)}), escalated where the protocol "
+                "escalated, for the same predictor." if result.attacks else "No L2 attacks were run."), "",
              "| model | predictor | clean (LAP) | σ/‖W₁‖₂ | abstain | "
              + " | ".join(f"certified r={r:g}" for r in radii) + " | "
              + " | ".join(f"empirical ε={r:g}" for r in radii) + " | train s |",
              "|---|---|---|---|---|" + "---|" * (2 * len(radii) + 1)]
-    for r in rows:
-        emp = [empirical.get((r["model"], r["predictor"], e)) for e in radii]
+    for r in result.rows:
+        emp = [result.empirical.get((r["model"], r["predictor"], e)) for e in radii]
         clean = r["clean_lap"] if r["clean_lap"] is not None else r["clean_ot"]
         lines.append(f"| {r['label']} | {r['predictor']} | {clean:.3f} | {r['sigma_over_norm']:.3g} | "
                      f"{r['abstain']:.3f} | " + " | ".join(f"{r[f'certified_{q:g}']:.3f}" for q in radii) + " | "
                      + " | ".join("–" if v is None else f"{v:.3f}" for v in emp) + f" | {r['train_s']:.0f} |")
-    sound = [x for x in checks if x["check"].startswith("sound")]
+    sound = [x for x in result.checks if x["check"].startswith("sound")]
     if sound:
         broken = sum(x["broken"] for x in sound)
         certified = sum(x["certified"] for x in sound)
         lines += ["", f"Soundness: {broken} of {certified} (image, ε, predictor) certificates broken by the L2 "
                       f"worst case ({'sound' if broken == 0 else 'CONTRADICTION: see robustness.md'})."]
-    train_s = sum(t.get("train_s", 0) for t in timings.values() if isinstance(t, dict))
-    cert_s = sum(t.get("certify_s", 0) for t in timings.values() if isinstance(t, dict))
-    lines += ["", f"Wall times: training {train_s:.0f} s (all models), certification {cert_s:.0f} s, "
-                  f"attacks {timings.get('attacks_s', 0):.0f} s.", ""]
+    train_s = sum(t["train_s"] for t in result.timings.values())
+    cert_s = sum(t["certify_s"] for t in result.timings.values())
+    lines += ["", f"Wall times: training {train_s:.0f} s (all models), certification {cert_s:.0f} s.", ""]
     return "\n".join(lines)
