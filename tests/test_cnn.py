@@ -129,9 +129,10 @@ def test_cnn_through_the_cli_train_resume_evaluate_and_a_spec(tmp_path, capsys):
     assert main(["train", "--arch", "conv:3", "--out", str(tmp_path / "c"), "--epochs", "1"]) == 2
     assert "cannot read 'conv:3'" in capsys.readouterr().err
     spec = tmp_path / "s.toml"
-    spec.write_text('[experiment]\ndataset = "mnist"\n[[sources]]\nname = "s"\nmethod = "bp"\n'
-                    '[[models]]\nname = "cnn"\narch = "lenet"\nhidden = []\n')
-    assert load_spec(spec).models[0].config.arch == "lenet"
+    spec.write_text('[[datasets]]\ndataset = "mnist"\n[[models]]\nname = "s"\nmethod = "bp"\n'
+                    '[[models]]\nname = "cnn"\narch = "lenet"\nhidden = []\n[transfer]\nsources = ["s"]\n')
+    loaded = load_spec(spec)
+    assert loaded.config("cnn", loaded.datasets[0]).arch == "lenet"
 
 
 def test_likelihood_ratio_input_gradient_of_a_cnn_is_unbiased(float64):

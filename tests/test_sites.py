@@ -3,7 +3,6 @@ finite differences, alone and beside activity noise, dense and convolutional), t
 alternatives with GLR's interface (ES, SPSA, forward gradients: each unbiased for what it
 estimates), scale-aware noise and parameter-free normalisation."""
 
-import json
 import math
 
 import pytest
@@ -339,56 +338,6 @@ def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
             TrainConfig(**bad).validate()
 
 
-def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
-    from pathlib import Path
-
-    from glrnet.cli import main
-    from glrnet.scale import load_scale_spec
-    spec = Path(__file__).parent / "data" / "scale-smoke.toml"
-    assert main(["reproduce", "--spec", str(spec), "--out", str(tmp_path / "out"), "--quiet"]) == 0
-    quality = (tmp_path / "out" / "quality.md").read_text()
-    assert "| bp | sigmoid | cross_entropy | 0 / 1.000 | 0 / 1.000 | 1.000 |" in quality
-    assert "| forward | threshold" not in quality            # not applicable: skipped, not run
-    training = (tmp_path / "out" / "training_digits.md").read_text()
-    assert "| combined | threshold | zero_one |" in training and (tmp_path / "out" / "progress_digits.png").exists()
-    long = (tmp_path / "out" / "long" / "training_digits.md").read_text()     # the named section, on its own
-    assert "| bp | sigmoid | cross_entropy |" in long and "| zero_one |" not in long
-    final = (tmp_path / "out" / "long" / "quality_final_digits.md").read_text()   # GLR runs only, each K
-    assert "| combined | threshold | cross_entropy | 4 |" in final and "| 8 |" in final and "| bp |" not in final
-    assert json.loads((tmp_path / "out" / "long" / "digits" / "runs" / "bp-sigmoid-cross_entropy" / "metrics.json")
-                      .read_text())["config"]["epochs"] == 2
-    rb = (tmp_path / "out" / "robustness-cnn" / "glr" / "robustness.md").read_text()   # the [[robustness]] table
-    assert "combined-threshold-cross_entropy" in rb and "transfer-fgsm" in rb and "worst-case 2×" in rb
-    assert (tmp_path / "out" / "robustness-cnn" / "glr" / "robustness_journal.safetensors").exists()
-    packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
-    assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
-    techniques = packaged["techniques"]
-    base, k384 = techniques["weight-layerwise-cosine"][1], techniques["weight-layerwise-k384-cosine5"][1]
-    assert k384 == {**base, "replications": 384, "epochs": 5}     # like = "weight-layerwise-cosine", two changes
-    assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight",
-                                                              "hour-layerwise", "compute", "compute-k", "hour-resnet-layerwise", "relative-weight",
-                                                              "channel", "hour-channel", "decay", "centered", "hour-centered"]
-    assert [r["name"] for r in packaged["robustness"]] == ["bp", "glr", "glr-weight", "glr-layerwise", "glr-channel",
-                                                           "glr-centered", "glr-pilots", "glr-channel-pilots", "glr-layerwise-300"]
-    bad = tmp_path / "bad.toml"
-    for old, new, match in (("budget = 8", "budgett = 8", r"unknown key\(s\) budgett in \[quality\]"),
-                            ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',
-                             r"\[training\] runs take"),
-                            ('name = "long"', "", r"needs its own name"),
-                            ('name = "es"\n', 'name = "es"\nlike = "nope"\n',
-                             r"technique 'es': like = 'nope' names no earlier \[\[techniques\]\] entry"),
-                            ('datasets = ["digits"]', 'datasets = ["mnist"]',
-                             r"datasets name 'mnist', which is not a \[\[datasets\]\] name"),
-                            ('runs = [["long", "combined"', 'runs = [["", "combined"',
-                             r"\[\[robustness\]\] 'glr' runs and source take \[section, technique, unit, loss\] of a "
-                             r"\[\[training\]\] run on 'digits', got \['', 'combined', 'threshold', 'cross_entropy'\]"),
-                            ("max_doublings = 1", "max_doublings = 0",
-                             r"\[\[robustness\]\] 'glr' settings: attack setting max_doublings must be ≥ 1, got 0")):
-        bad.write_text(spec.read_text().replace(old, new))
-        with pytest.raises(ValueError, match=match):
-            load_scale_spec(bad)
-
-
 def test_local_losses_estimate_each_blocks_own_objective(float64):
     """Block b's estimate is unbiased for ∇ E[L(head_b) | noise in block b only], the pathwise gradient
     through the network truncated at head b with noise in block b's layers alone."""
@@ -419,18 +368,6 @@ def test_local_losses_estimate_each_blocks_own_objective(float64):
         mine_cols = torch.cat([cols[owned[0]], cols[owned[1]]], 1)
         print(b, assert_means_equal(mine_cols, torch.stack(path)))
     assert torch.equal(net(x), net.truncated(1)(x))         # the prediction is the last head's
-
-
-def test_progress_figure_reads_runs_whose_unit_has_a_colon(tmp_path):
-    """A run of ``centered:threshold`` lives in ``<technique>-centered_threshold-<loss>``; the progress figure's
-    series are read from there (they were missed, and the figure drawn empty, before)."""
-    from glrnet.scale import progress_series
-    run = tmp_path / "runs" / "t-centered_threshold-cross_entropy"
-    run.mkdir(parents=True)
-    (run / "progress.csv").write_text("step,epoch,seconds,budget_seconds,val_acc_ot\n10,1,2.0,1.5,0.5\n20,1,4.0,3.0,0.75\n")
-    rows = [{"technique": "t", "unit": "centered:threshold", "loss": "cross_entropy"},
-            {"technique": "u", "unit": "threshold", "loss": "cross_entropy"}]     # no progress.csv: left out
-    assert progress_series(tmp_path / "runs", rows) == {"t · centered:threshold · cross_entropy": ([1.5, 3.0], [0.5, 0.75])}
 
 
 def test_attack_surrogate_differentiates_through_the_centring():

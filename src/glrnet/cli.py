@@ -378,23 +378,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", default=None, help="download cache (default: $GLRNET_CACHE or ~/.cache/glrnet)")
     d.set_defaults(func=cmd_datasets)
 
-    r = sub.add_parser("reproduce", help="the seed's Tables 1 and 2 (and robustness) from a spec file",
-                       formatter_class=_Formatter,
-                       description="Run an experiment spec end to end: train every model (finished runs are "
-                                   "reused, interrupted ones resumed), calibrate ε, transfer FGSM, write tables, "
-                                   "CSV and figures, then the adaptive-attack protocol.")
+    r = sub.add_parser("reproduce", help="run an experiment spec: the paper's tables, certified radii, the technique "
+                       "study", formatter_class=_Formatter,
+                       description="Run an experiment spec end to end: train its runs (finished runs are reused, "
+                                   "interrupted ones resumed), then its analyses: the transfer tables (ε calibrated, "
+                                   "FGSM transferred, tables, CSV and figures), certified radii, the technique study, "
+                                   "and the adaptive-attack protocol.")
     r.add_argument("--spec", default=None, help="experiment spec: a TOML file, or the name of a packaged one "
-                   "(paper, paper-seeds, fashion, fashion-seeds, mnist-10k, quick, certified); default: paper")
+                   "(paper, paper-seeds, fashion, fashion-seeds, mnist-10k, certified, scale, quick); default: paper")
     r.add_argument("--seeds", type=_seeds, default=None, help="train and evaluate every model once per seed, "
                    "e.g. 0,1,2 (tables show mean and min–max); default: the spec's seeds, else each model's own")
-    r.add_argument("--dataset", choices=DATASETS, default=None, help="override the spec's dataset (a certified-radii "
-                   "spec: run only its entries of this dataset)")
-    r.add_argument("--data-dir", default=None, help="IDX folder for mnist / fashion-mnist")
-    r.add_argument("--quick", action="store_true", help="the whole pipeline on digits, the packaged quick.toml (minutes on 2 CPU cores; "
-                   "--no-robustness skips the attacks, most of it)")
+    r.add_argument("--dataset", default=None, help="run only this [[datasets]] entry of the spec (its name or "
+                   "dataset), e.g. one process per dataset into one --out")
+    r.add_argument("--data-dir", default=None, help="the folder that holds one folder per dataset (mnist/, "
+                   "fashion-mnist/, ...), e.g. ../shared/data (default: download into the cache)")
+    r.add_argument("--quick", action="store_true", help="the packaged quick spec: the whole pipeline on digits "
+                   "(minutes on 2 CPU cores; --no-robustness skips the attacks, most of it); not with another --spec")
     r.add_argument("--no-robustness", action="store_true", help="skip the adaptive-attack evaluation")
     r.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    r.add_argument("--out", required=True, help="output folder (models already trained there are reused)")
+    r.add_argument("--out", required=True, help="output folder of this spec's results (a rerun into it reuses "
+                   "what is finished); a folder that holds anything else is refused")
     r.add_argument("--export", default=None, help="also copy the reports (tables, CSV, figures, spec; no weights) "
                    "to this folder, e.g. docs/results/mnist")
     r.add_argument("--quiet", action="store_true", help="less output")

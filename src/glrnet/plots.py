@@ -178,3 +178,18 @@ def figure_certified(path, certs: dict, y, title: str = "") -> None:
                  f"{next(iter(certs.values())).alpha:g})", fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     _save(fig, path)
+
+
+def figure_progress(path, series: dict[str, tuple[list[float], list[float]]], title: str = "") -> None:
+    """Validation accuracy (OT) against training seconds, one line per run (``series``: label → (seconds, accuracy))."""
+    fig, ax = subplots(figsize=(7, 4.5))
+    for (color, _), (label, (s, acc)) in zip(_styles(len(series)), series.items()):
+        ax.plot(s, acc, color=color, lw=1.2, label=label)
+    ax.set_xlabel("training seconds (budget clock)")
+    ax.set_ylabel("validation accuracy (OT)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    if series:        # no run evaluated on the way (a budget shorter than eval_every): no legend to draw
+        ax.legend(fontsize=6, frameon=False, ncol=2)
+    _save(fig, path)
