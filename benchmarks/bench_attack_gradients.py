@@ -7,7 +7,7 @@ cross-entropy of ``glrnet.robustness.LAPClassifier`` on B images of the issue's 
 σ = 2 activity noise; and conv weight noise, σ_w = 0.05), through
 
 * ``gauss``, EOT over 8 and over 128 noise samples (the protocol's first stage and its 16× stage);
-* ``mean`` — the mean-field network, one pass (``glrnet.moments.mean_field_forward``);
+* ``mean`` — the mean-field network, one pass (``glrnet.robustness.moments.mean_field_forward``);
 * ``moments`` — moment propagation, one pass carrying means and variances.
 
 Medians measured round-robin in one process; prints each and its ratio to ``mean``, and writes JSON.

@@ -25,7 +25,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     import glrnet
-    from glrnet import distributed
+    from glrnet.estimators import distributed
     if not dist.is_initialized():  # also for 1 rank: the same code path, all-reduces included
         dist.init_process_group("gloo")
     torch.manual_seed(0)

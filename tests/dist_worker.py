@@ -5,7 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from glrnet import distributed
+from glrnet.estimators import distributed
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_cnn import tiny_cnn  # noqa: E402

@@ -1,4 +1,4 @@
-"""Issue 19's parts: the first layer held at a fixed scale (stiefel / spectral projections),
+"""Certified radii: the first layer held at a fixed scale (stiefel / spectral projections),
 input-space smoothing as a glrnet network, the L2 threat model of the attack protocol, the
 majority-vote predictor, and the certified-radii experiment with its soundness check."""
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import glrnet
-from glrnet.attack_settings import AttackSettings
-from glrnet.attacks import distance, fgsm, pgd, project
+from glrnet.robustness.settings import AttackSettings
+from glrnet.robustness.attacks import distance, fgsm, pgd, project
 from glrnet.certify import certify, first_layer_norm, project_stiefel_
 from glrnet.train import TrainConfig, build_model, input_smoothing_layer
 
@@ -48,7 +48,7 @@ def test_input_smoothing_network_certifies_in_units_of_the_input_noise():
     x = torch.rand(3, 64)
     cert = certify(model, x, n0=10, n=50, alpha=0.01, generator=torch.Generator().manual_seed(0))
     assert cert.sigma / cert.first_layer_norm == pytest.approx(0.5)
-    r = model.sample_noise(20000, 1, generator=torch.Generator().manual_seed(1))[:, 0, :64]
+    r = glrnet.nn.sample_noise(model, 20000, 1, generator=torch.Generator().manual_seed(1))[:, 0, :64]
     seen = input_smoothing_layer(64, 0.5).affine(x[:1]) + r - x[:1]
     assert seen.std().item() == pytest.approx(0.5, rel=5 / math.sqrt(2 * r.numel()))
     with pytest.raises(ValueError, match="input noise std"):
@@ -117,17 +117,17 @@ def test_certified_spec_runs_end_to_end_with_a_soundness_line_in_every_report(tm
     assert main(["reproduce", "--spec", str(_smoke_spec(tmp_path)), "--out", str(out), "--quiet"]) == 0
     text = (out / "certified.md").read_text()
     assert "| glr-threshold-c4 | vote |" in text and "| smooth-0.5 | lap |" in text and "Soundness:" in text
-    report = (out / "digits" / "robustness.md").read_text()
+    report = (out / "robustness.md").read_text()      # one dataset: its files in --out itself
     for model in ("glr-threshold-c4", "smooth-0.5"):
         for predictor in ("vote", "lap"):
             assert f"| {model} | sound: no image certified at radius ≥ ε ({predictor})" in report
-    assert "L2 ball of radius ε" in report and (out / "digits" / "certified_accuracy.png").exists()
-    rows = (out / "digits" / "robustness.csv").read_text().splitlines()
+    assert "L2 ball of radius ε" in report and (out / "certified_accuracy.png").exists()
+    rows = (out / "robustness.csv").read_text().splitlines()
     assert rows[0].split(",")[:7] == ["model", "attack", "eps", "acc_ot", "acc_lap", "acc_vote", "images"]
 
 
 def test_soundness_check_fails_when_a_certified_image_is_broken():
-    from glrnet.certification import soundness_checks
+    from glrnet.experiments.certified import soundness_checks
     from glrnet.certify import Certificate
     y = torch.tensor([0, 1, 2])
     cert = Certificate(torch.tensor([0, 1, -1]), torch.tensor([1.0, 0.2, 0.0], dtype=torch.float64),
@@ -141,17 +141,17 @@ def test_soundness_check_fails_when_a_certified_image_is_broken():
 
 
 def test_certified_spec_is_checked_before_anything_runs(tmp_path):
-    from glrnet.certification import load_certified_spec
-    spec = load_certified_spec(SPECS / "certified.toml")
-    assert [d["dataset"] for d in spec.datasets] == ["mnist", "fashion-mnist"] and spec.radii == [0.25, 0.5, 1.0, 1.5]
+    from glrnet.experiments import load_spec
+    spec = load_spec(SPECS / "certified.toml")
+    assert [d.dataset for d in spec.datasets] == ["mnist", "fashion-mnist"] and spec.certify.radii == [0.25, 0.5, 1.0, 1.5]
     bad = tmp_path / "bad.toml"
     bad.write_text((SPECS / "certified.toml").read_text().replace("samples = 10000", "sampels = 10000"))
-    with pytest.raises(ValueError, match=r"unknown key\(s\) sampels in \[certify\]"):
-        load_certified_spec(bad)
+    with pytest.raises(ValueError, match=r"\[certify\]: unknown key 'sampels'; valid: models, radii, n0, samples"):
+        load_spec(bad)
     bad.write_text((SPECS / "certified.toml").read_text().replace('first_norm_projection = "stiefel"\n',
                                                                   'first_norm_projection = "stifel"\n', 1))
-    with pytest.raises(ValueError, match="model 'glr-threshold-01-s1' on mnist-seed: unknown first norm"):
-        load_certified_spec(bad)
-    bad.write_text((SPECS / "certified.toml").read_text().replace("check_eps", "norm = \"Linf\"\ncheck_eps"))
-    with pytest.raises(ValueError, match="norm must be L2"):
-        load_certified_spec(bad)
+    with pytest.raises(ValueError, match=r"\[\[models\]\] 'glr-threshold-01-s1' on mnist-seed: unknown first norm"):
+        load_spec(bad)
+    bad.write_text((SPECS / "certified.toml").read_text().replace('norm = "L2"', 'norm = "L1"'))
+    with pytest.raises(ValueError, match=r"\[robustness\]: attack setting norm must be one of Linf, L2"):
+        load_spec(bad)

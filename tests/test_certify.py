@@ -91,8 +91,8 @@ def test_no_certified_digit_is_broken_inside_its_radius(predictor):
                    generator=torch.Generator().manual_seed(3))
     ok = (cert.prediction == y) & (cert.radius > 0)
     assert ok.sum() >= 10, certified_accuracy(cert, y, [0.0])
-    from glrnet.attacks import pgd_l2
-    from glrnet.oracles import LAPClassifier
+    from glrnet.robustness.attacks import pgd_l2
+    from glrnet.robustness.oracles import LAPClassifier
     clf = LAPClassifier(model, samples=32, generator=torch.Generator().manual_seed(4))
     idx = ok.nonzero().squeeze(1)
     x_adv = pgd_l2(clf, x[idx], y[idx], (0.9 * cert.radius[idx]).float(), steps=20)

@@ -100,7 +100,7 @@ def test_cnn_save_load_round_trip_and_lap(tmp_path):
     save_model(tmp_path / "m.safetensors", net, {"config": {}})
     back, _ = load_model(tmp_path / "m.safetensors")
     assert isinstance(back, glrnet.NoisySequential) and back.activations() == net.activations()
-    noise = net.sample_noise(5, len(x), generator=torch.Generator().manual_seed(0))
+    noise = glrnet.nn.sample_noise(net, 5, len(x), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(back(x, noise=noise), net(x, noise=noise))
     p1 = glrnet.predict_proba(net, x, "lap", 64, generator=torch.Generator().manual_seed(1))
     p2 = glrnet.predict_proba(back, x, "lap", 64, generator=torch.Generator().manual_seed(1))
@@ -129,9 +129,10 @@ def test_cnn_through_the_cli_train_resume_evaluate_and_a_spec(tmp_path, capsys):
     assert main(["train", "--arch", "conv:3", "--out", str(tmp_path / "c"), "--epochs", "1"]) == 2
     assert "cannot read 'conv:3'" in capsys.readouterr().err
     spec = tmp_path / "s.toml"
-    spec.write_text('[experiment]\ndataset = "mnist"\n[[sources]]\nname = "s"\nmethod = "bp"\n'
-                    '[[models]]\nname = "cnn"\narch = "lenet"\nhidden = []\n')
-    assert load_spec(spec).models[0].config.arch == "lenet"
+    spec.write_text('[[datasets]]\ndataset = "mnist"\n[[models]]\nname = "s"\nmethod = "bp"\n'
+                    '[[models]]\nname = "cnn"\narch = "lenet"\nhidden = []\n[transfer]\nsources = ["s"]\n')
+    loaded = load_spec(spec)
+    assert loaded.config("cnn", loaded.datasets[0]).arch == "lenet"
 
 
 def test_likelihood_ratio_input_gradient_of_a_cnn_is_unbiased(float64):
@@ -145,7 +146,7 @@ def test_likelihood_ratio_input_gradient_of_a_cnn_is_unbiased(float64):
     path = []
     for _ in range(60):
         xr = x.reshape(2, -1).clone().requires_grad_(True)
-        out = net(xr, noise=net.sample_noise(2000, 2, generator=gen))
+        out = net(xr, noise=glrnet.nn.sample_noise(net, 2000, 2, generator=gen))
         (g,) = torch.autograd.grad((out @ c).mean(0).sum(), xr)
         path.append(g.reshape(-1))
     print(assert_means_equal(lr, torch.stack(path)))
@@ -157,7 +158,7 @@ def test_likelihood_ratio_input_gradient_of_a_cnn_is_unbiased(float64):
 def test_maxpool_is_torchs_maxpool(shape, kernel, stride):
     """glrnet's MaxPool2d (the elementwise maximum of strided views where windows do not overlap) gives
     torch's outputs, NaN included, and torch's gradients (under autograd it is torch's forward)."""
-    from glrnet.layers import MaxPool2d
+    from glrnet.nn import MaxPool2d
     torch.manual_seed(0)
     x = torch.randn(*shape)
     x[0, 0, 0, 0] = float("nan")

@@ -8,8 +8,8 @@ from scipy import stats
 from torch.distributions import Cauchy, Exponential, Laplace, Normal, Uniform
 
 import glrnet
-from glrnet.activations import ACTIVATIONS, get_activation
-from glrnet.noise import make_noise, sample_, score, score_autograd
+from glrnet.nn.activations import ACTIVATIONS, get_activation
+from glrnet.nn.noise import make_noise, sample_, score, score_autograd
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "laplace", "logistic"])
@@ -90,7 +90,7 @@ def test_lap_converges_as_replications_grow(float64):
     gen = torch.Generator().manual_seed(0)
     ref = glrnet.predict_proba(model, x, "lap", replications=400_000, generator=gen)
     # per-replication spread of the softmax, for the standard errors
-    out = torch.softmax(model(x, noise=model.sample_noise(20000, 5, generator=gen)), -1)
+    out = torch.softmax(model(x, noise=glrnet.nn.sample_noise(model, 20000, 5, generator=gen)), -1)
     sd = out.std(0)
     errors = []
     for k in (10, 100, 1000, 10000):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import glrnet
-from glrnet.noise import make_noise
+from glrnet.nn.noise import make_noise
 from stats import assert_means_equal, flat_grads, means_equal
 
 
@@ -63,7 +63,7 @@ def expected_loss_fd(model, x, y, loss, param, index, h, samples, seed):
     Returns per-replication differences (samples,), whose mean estimates ∂E[L]/∂θ.
     """
     gen = torch.Generator().manual_seed(seed)
-    noise = model.sample_noise(samples, x.shape[0], generator=gen)
+    noise = glrnet.nn.sample_noise(model, samples, x.shape[0], generator=gen)
     loss = glrnet.get_loss(loss)
     values = []
     with torch.no_grad():

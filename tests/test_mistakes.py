@@ -204,9 +204,9 @@ def test_a_budget_the_threat_model_cannot_mean_is_refused(runs, tmp_path, capsys
 
 
 def test_the_protocol_refuses_a_budget_too(runs):
-    from glrnet.attack_settings import AttackSettings
+    from glrnet.robustness.settings import AttackSettings
     from glrnet.checkpoint import load_model
-    from glrnet.protocol import attack_and_report
+    from glrnet.robustness.protocol import attack_and_report
     model = load_model(runs / "glr" / "model.safetensors")[0]
     with pytest.raises(ValueError, match="--eps 1.5: an L∞ budget"):
         attack_and_report(Path("unused"), {"m": (model, True)}, torch.rand(2, 64), torch.zeros(2, dtype=torch.long),

@@ -1,4 +1,4 @@
-"""The deterministic attack surrogates (glrnet.moments) against Monte Carlo over the network's own noise."""
+"""The deterministic attack surrogates (glrnet.robustness.moments) against Monte Carlo over the network's own noise."""
 
 import pytest
 import torch
@@ -7,9 +7,9 @@ from torch.distributions import Normal
 
 import glrnet
 from glrnet import NoisyConv2d, NoisyLinear, NoisySequential
-from glrnet.attacks import attack_plan
-from glrnet.layers import MaxPool2d
-from glrnet.moments import deterministic_surrogates, mean_field_forward, moment_forward
+from glrnet.robustness.attacks import attack_plan
+from glrnet.nn import MaxPool2d
+from glrnet.robustness.moments import deterministic_surrogates, mean_field_forward, moment_forward
 from glrnet.robustness import AttackSettings, LAPClassifier
 from stats import assert_means_equal
 
@@ -18,7 +18,7 @@ K = 20_000   # noisy passes per Monte Carlo check
 
 def _noisy_outputs(model: NoisySequential, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """(K, B·units) outputs of K noisy passes."""
-    r = model.sample_noise(K, len(x), generator=torch.Generator().manual_seed(seed))
+    r = glrnet.nn.sample_noise(model, K, len(x), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model(x, noise=r).reshape(K, -1)
 
@@ -106,7 +106,7 @@ def test_average_pooling_propagates_exact_moments_and_is_not_taken_for_binary_un
 def test_gauss_hermite_expectation_is_exact_where_the_answer_is_known():
     """E[r²] = σ² and E[r⁴] = 3σ⁴ (polynomials of degree < 128: exact), E[cos r] = exp(−σ²/2), with σ a
     number or a tensor of per-unit standard deviations."""
-    from glrnet.surrogates import gauss_expectation
+    from glrnet.robustness.surrogates import gauss_expectation
     like = torch.zeros(3, dtype=torch.float64)
     sigma = torch.tensor([0.1, 1.0, 3.0], dtype=torch.float64)
     torch.testing.assert_close(gauss_expectation(lambda r: r**2, sigma, like), sigma**2)

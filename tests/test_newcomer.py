@@ -51,9 +51,9 @@ def test_bench_glr_unknown_config_is_one_line():
 
 
 @pytest.mark.parametrize("text,match", [
-    ("[experiment]\nepsilon = 0.1\n", r"unknown key\(s\) epsilon in \[experiment\]; valid: name, dataset"),
-    ("[default]\nlr = 0.1\n", r"unknown section\(s\) \[default\]; valid: \[experiment\], \[defaults\]"),
-    ("[study]\nmodel = ['x']\n", r"unknown key\(s\) model in \[study\]"),
+    ("[experiment]\nepsilon = 0.1\n", r"\[experiment\]: unknown key 'epsilon'; valid: name, notes, seeds$"),
+    ("[default]\nlr = 0.1\n", r"unknown section \[default\]; valid: \[experiment\], \[datasets\], \[defaults\]"),
+    ("[replications]\nmodel = ['x']\n", r"\[replications\]: unknown key 'model'; valid: models, replications, variants$"),
     ("[experiment]\nseeds = [0, 0]\n", "seeds must be a list of distinct integers"),
 ])
 def test_spec_typos_are_rejected_with_the_valid_names(tmp_path, text, match):
@@ -127,8 +127,8 @@ def test_files_are_written_with_the_umask_mode(tmp_path):
 
 
 def test_failed_sanity_checks_reach_the_console_and_every_eps_is_in_the_summary(monkeypatch, tmp_path, capsys):
-    import glrnet.protocol as rb
-    from glrnet.attack_settings import AttackSettings
+    import glrnet.robustness.protocol as rb
+    from glrnet.robustness.settings import AttackSettings
     eps = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
     rows = [{"model": "m", "attack": a, "eps": e, "acc_ot": 0.5, "acc_lap": float("nan"), "images": 4}
             for a in ("worst-case", "transfer-fgsm") for e in eps] + \
@@ -153,7 +153,7 @@ def test_parallel_data_groups_are_accepted_as_documented():
 def test_robustness_flags_are_the_attack_settings_fields(capsys):
     from dataclasses import fields
 
-    from glrnet.attack_settings import AttackSettings
+    from glrnet.robustness.settings import AttackSettings
     with pytest.raises(SystemExit):
         main(["robustness", "--help"])
     text = capsys.readouterr().out

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import glrnet
-from glrnet.control_variates import get_control_variate
+from glrnet.estimators.control_variates import get_control_variate
 from glrnet.estimators import glr_parameters, reference_estimate
-from glrnet.layers import Layout, probe
-from glrnet.samplers import IID, Sampler, get_sampler
+from glrnet.nn import Layout, probe
+from glrnet.estimators.samplers import IID, Sampler, get_sampler
 from stats import assert_means_equal, flat_grads, means_equal
 from test_estimator import pathwise_samples, small_problem, total_variance
 
@@ -33,8 +33,13 @@ class Recording(Sampler):
     def drawn_per_group(self):
         return self.inner.drawn_per_group
 
-    def check(self, replications):
-        self.inner.check(replications)
+    def for_replications(self, replications, min_groups=1):
+        inner = self.inner.for_replications(replications, min_groups)
+        if inner is self.inner:
+            return self
+        sized = Recording(inner)
+        sized.chunks = self.chunks
+        return sized
 
     def group_ids(self, k, device=None):
         return self.inner.group_ids(k, device)
@@ -87,7 +92,7 @@ def weight_site(build, which=(nn.Conv2d, nn.Linear), first_only=False, site="wei
     """The same problem with the noise of some layers on their parameters (``site = "weight"`` or "flipout")."""
     def make():
         model, x, y = build()
-        layers = [m for m in glrnet.layers.noisy_layers(model) if isinstance(m, which)]
+        layers = [m for m in glrnet.nn.noisy_layers(model) if isinstance(m, which)]
         for m in layers[:1] if first_only else layers:
             m.site = site
         return model, x, y
@@ -107,15 +112,16 @@ def replay_reference(model, x, y, est, rec):
     chunks, out = list(rec.chunks), {}
     for active, per_set in zip(sets, est._per_set(len(sets))):
         layout, taken, parts, groups, offset = Layout(pr, active), 0, [], [], 0
+        sampler = est.sampler.for_replications(per_set, est.control_variate.min_groups)
         while taken < per_set:
             c = chunks.pop(0)
             parts.append(c)
-            groups.append(est.sampler.group_ids(c.shape[0]) + offset)
-            offset += c.shape[0] // est.sampler.group_size
+            groups.append(sampler.group_ids(c.shape[0]) + offset)
+            offset += c.shape[0] // sampler.group_size
             taken += c.shape[0]
-        noise = {i: v.reshape(per_set, x.shape[0], *(pr.shapes[i] if pr.layers[i].site == "activity" else (-1,)))
+        noise = {i: v.reshape(per_set, x.shape[0], *(pr.shapes[i] if isinstance(pr.perturbations[i], glrnet.Activity) else (-1,)))
                  for i, v in layout.views(torch.cat(parts)).items()}
-        out.update(reference_estimate(model, x, y, est.loss, noise, torch.cat(groups), est.sampler.group_size,
+        out.update(reference_estimate(model, x, y, est.loss, noise, torch.cat(groups), sampler.group_size,
                                       est.control_variate))
     assert not chunks
     return [g for i in range(len(pr.layers)) for g in out[i]]
@@ -212,8 +218,8 @@ def pathwise_one_layer(model, x, y, layer, n, replications, seed):
     for _ in range(n):
         r = torch.empty(replications, x.shape[0], layout.width)
         IID().fill_(pr.layers[layer].noise, r, gen)
-        inj = glrnet.layers.Injection(pr.layers, replications, x.shape[0], layout.views(r))
-        o = glrnet.layers.noisy_forward(model, x, inj, pr.layers[layer])
+        inj = glrnet.nn.Injection(pr.layers, replications, x.shape[0], layout.views(r))
+        o = glrnet.nn.noisy_forward(model, x, inj, pr.layers[layer])
         loss = glrnet.get_loss("cross_entropy")(o, y.repeat(replications)).mean()
         out.append(flat_grads(torch.autograd.grad(loss, params)))
     return torch.stack(out)
@@ -333,7 +339,7 @@ def test_noise_families_dispatch_by_registration():
     from torch.distributions import Cauchy, Normal
 
     from glrnet.checkpoint import save_model
-    from glrnet.noise import describe, score, score_autograd
+    from glrnet.nn.noise import describe, score, score_autograd
 
     class MyNormal(Normal):
         pass

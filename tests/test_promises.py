@@ -151,11 +151,11 @@ def test_robustness_report_does_not_repeat_the_headline_column(tmp_path):
 
 
 def test_every_figure_has_axis_labels_a_titled_run_and_a_legend_off_the_data(runs, tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
-
     from glrnet import plots
+    from glrnet.robustness import reports
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append((Path(path).name, fig)))
+    monkeypatch.setattr(reports, "save_figure", lambda fig, path: figures.append((Path(path).name, fig)))
     hist = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "val_acc_ot": 0.5} for e in (1, 2, 3)]
     plots.plot_curves(hist, tmp_path / "c.png", title="bp-2hidden: BP", val_name="validation")
     plots.figure_training_curves(tmp_path / "f5.png", {"a": hist, "b": hist})
@@ -167,7 +167,7 @@ def test_every_figure_has_axis_labels_a_titled_run_and_a_legend_off_the_data(run
     rob = [{"model": m, "attack": a, "eps": e, "acc_ot": 0.3, "acc_lap": 0.2}
            for m in ("a", "b") for a in ("worst-case", "transfer-fgsm") for e in (0.1, 0.2)]
     rob += [{"model": m, "attack": "none", "eps": 0.0, "acc_ot": 0.9, "acc_lap": 0.9} for m in ("a", "b")]
-    plots.figure_worst_case(tmp_path / "w.png", rob, ["a", "b"], {"a": "acc_lap", "b": "acc_ot"}, "spec")
+    reports.figure_worst_case(tmp_path / "w.png", rob, ["a", "b"], {"a": "acc_lap", "b": "acc_ot"}, "spec")
     assert len(figures) == 6
     for name, fig in figures:
         fig.canvas.draw()
@@ -182,7 +182,6 @@ def test_every_figure_has_axis_labels_a_titled_run_and_a_legend_off_the_data(run
             if legend is not None and name in ("t.png", "w.png", "c.png"):
                 box = legend.get_window_extent()
                 assert not box.overlaps(ax.get_window_extent()), name  # legend outside the axes
-        plt.close(fig)
     titles = {name: " ".join([fig._suptitle.get_text() if fig._suptitle else ""] + [a.get_title() for a in fig.axes])
               for name, fig in figures}
     assert "bp-2hidden" in titles["c.png"] and "src" in titles["t.png"] and "spec" in titles["w.png"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import glrnet
-from glrnet import surrogates
-from glrnet.attacks import fgsm, pgd
+from glrnet.robustness import surrogates
+from glrnet.robustness.attacks import fgsm, pgd
 from glrnet.robustness import (AttackSettings, LAPClassifier, attack_forward, attack_model, attack_plan,
                                lr_input_jacobian, smoothed_derivative, surrogates_for)
 from glrnet.train import TrainConfig, train
@@ -92,7 +92,7 @@ def test_bpda_eot_gradient_equals_the_analytic_smoothed_gradient(float64):
     model, x, c = one_hidden_threshold()
     with torch.enable_grad():
         xr = x.clone().requires_grad_(True)
-        noise = model.sample_noise(64, 6, generator=torch.Generator().manual_seed(0))
+        noise = glrnet.nn.sample_noise(model, 64, 6, generator=torch.Generator().manual_seed(0))
         (g,) = torch.autograd.grad((attack_forward(model, xr, noise) @ c).mean(0).sum(), xr)
     torch.testing.assert_close(g, analytic_grad(model, x, c).detach())
 
@@ -148,7 +148,7 @@ def test_surrogate_backward_passes():
     torch.manual_seed(0)
     model = glrnet.NoisyMLP([3, 4, 2], activation="threshold")
     x = torch.rand(5, 3)
-    noise = model.sample_noise(5, generator=torch.Generator().manual_seed(0))
+    noise = glrnet.nn.sample_noise(model, 5, generator=torch.Generator().manual_seed(0))
     for s in ("gauss", "sigmoid:1", "sigmoid:4", "ste"):
         torch.testing.assert_close(attack_forward(model, x, noise, s), model(x, noise=noise))
     v = torch.linspace(-3, 3, 7)
@@ -172,7 +172,7 @@ def test_pgd_respects_the_budget_and_the_pixel_range():
 
 def test_escalation_attacks_only_survivors_and_never_revives_a_broken_image(digits_models, monkeypatch):
     *_, x, y, thr = digits_models
-    import glrnet.protocol as rb
+    import glrnet.robustness.protocol as rb
     st = AttackSettings(steps=2, eot_samples=2, lr_samples=16, spsa_samples=4, spsa_steps=1, random_draws=1,
                         lap_replications=50, losses=("ce",), max_doublings=3)
     alive = attack_model(thr, True, x, y, 0.1, st)["worst-case"]["lap"]
@@ -199,8 +199,8 @@ def test_an_interrupted_protocol_resumes_from_its_journal_with_the_uninterrupted
     and ends with the same robustness.csv as a run in one sitting, escalation included."""
     from dataclasses import replace
 
-    import glrnet.attacks as atk
-    from glrnet.protocol import attack_and_report
+    import glrnet.robustness.attacks as atk
+    from glrnet.robustness.protocol import attack_and_report
     bp, _, x, y, thr = digits_models
     st = AttackSettings(steps=2, eot_samples=2, lr_samples=16, spsa_samples=4, spsa_steps=1, random_draws=1,
                         lap_replications=50, losses=("ce",), max_doublings=1)
@@ -239,7 +239,7 @@ def test_an_interrupted_protocol_resumes_from_its_journal_with_the_uninterrupted
     assert done > 0 and not (tmp_path / "again" / "robustness_journal.safetensors").exists()
     import csv
 
-    from glrnet.journal import survivors
+    from glrnet.robustness.journal import survivors
     rows = list(csv.DictReader(open(tmp_path / "once" / "robustness.csv")))
     last = [r for r in rows if r["model"] == "thr" and r["attack"].startswith("worst-case") and r["eps"] == "0.1"][-1]
     alive = survivors(tmp_path / "cut" / "robustness_journal.safetensors", "thr", 0.1)   # the escalated worst case
@@ -257,9 +257,9 @@ def test_an_interrupted_protocol_resumes_from_its_journal_with_the_uninterrupted
 def test_journals_of_separate_processes_merge_into_one_report(digits_models, tmp_path, monkeypatch):
     """The protocol split over two processes (one model each) and merged gives the one-process report,
     running no attack again; a journal of other settings is refused."""
-    import glrnet.attacks as atk
-    from glrnet.journal import JOURNAL, merge_journals
-    from glrnet.protocol import attack_and_report
+    import glrnet.robustness.attacks as atk
+    from glrnet.robustness.journal import JOURNAL, merge_journals
+    from glrnet.robustness.protocol import attack_and_report
     bp, glr_model, x, y, thr = digits_models
     st = AttackSettings(steps=2, eot_samples=2, lr_samples=16, spsa_samples=4, spsa_steps=1, random_draws=1,
                         lap_replications=50, losses=("ce",), max_doublings=1)
@@ -295,8 +295,8 @@ def test_gauss_surrogate_smooths_a_weight_noise_layer_with_the_noise_it_causes(f
     (which is √3 too small here)."""
     from torch.distributions import Normal
 
-    from glrnet.activations import threshold
-    from glrnet.surrogates import _derivative
+    from glrnet.nn.activations import threshold
+    from glrnet.robustness.surrogates import _derivative
     layer = glrnet.NoisyLinear(4, 3, activation="threshold", noise=Normal(0.0, 0.05), site=site)
     sigma = 0.05 * math.sqrt(4 * 2.0 ** 2 + 1)                     # input x = (2, 2, 2, 2): ‖(x, 1)‖ = √17
     n = 4000
@@ -318,7 +318,7 @@ def test_gauss_surrogate_smooths_a_weight_noise_layer_with_the_noise_it_causes(f
 
 
 def test_targeted_apgd_outside_the_plan_breaks_the_bp_network_and_names_its_loss(digits_models):
-    from glrnet.attacks import AttackContext, distance, resolve_attack
+    from glrnet.robustness.attacks import AttackContext, distance, resolve_attack
     bp, _, x, y, _ = digits_models
     st = AttackSettings(steps=10, eot_samples=1)
     fn, arg = resolve_attack("apgdt-dlr[exact]")

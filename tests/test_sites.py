@@ -3,7 +3,6 @@ finite differences, alone and beside activity noise, dense and convolutional), t
 alternatives with GLR's interface (ES, SPSA, forward gradients: each unbiased for what it
 estimates), scale-aware noise and parameter-free normalisation."""
 
-import json
 import math
 
 import pytest
@@ -11,8 +10,8 @@ import torch
 from torch.distributions import Normal
 
 import glrnet
-from glrnet.alternatives import ES, SPSA, ForwardGradient
-from glrnet.layers import rescale_noise_
+from glrnet.estimators.alternatives import ES, SPSA, ForwardGradient
+from glrnet.nn import rescale_noise_
 from stats import assert_means_equal, flat_grads, means_equal
 from test_estimator import pathwise_samples
 
@@ -45,7 +44,7 @@ def test_weight_site_unbiased_vs_pathwise(float64, sites, sampler, baseline):
 def test_weight_site_convolutions_unbiased_vs_pathwise(float64, site):
     from test_cnn import tiny_cnn
     net, x, y = tiny_cnn()
-    for m in glrnet.layers.noisy_layers(net):
+    for m in glrnet.nn.noisy_layers(net):
         if isinstance(m, torch.nn.Conv2d):
             m.site, m.noise = site, Normal(0.0, 0.3)
     glr = glr_samples(net, x, y, n=120, replications=400)
@@ -74,8 +73,8 @@ def pathwise_channel_samples(model, x, y, n, replications, seed=2):
     """Pathwise (autograd) gradients of what the channel site estimates: for the one channel-site layer, channel
     c's parameters get ∇θ_c E[L | the replication perturbs channel c] (O times its share of the mean loss's
     gradient, from the replications that perturbed c); every other parameter ∇θ E[L], all its noise on."""
-    from glrnet.layers import Injection, Layout, noisy_forward, probe
-    from glrnet.samplers import IID
+    from glrnet.nn import Injection, Layout, noisy_forward, probe
+    from glrnet.estimators.samplers import IID
     pr = probe(model, x)
     layout, gen = Layout(pr), torch.Generator().manual_seed(seed)
     (j,) = [i for i, m in enumerate(pr.layers) if m.site == "channel"]
@@ -84,7 +83,7 @@ def pathwise_channel_samples(model, x, y, n, replications, seed=2):
     own = [next(q for q, pp in enumerate(params) if pp is p) for p in chan.parameters()]
     for _ in range(n):
         r = layout.fill_(IID(), torch.empty(replications, x.shape[0], layout.width), gen)
-        c = chan.channel_split(layout.views(r)[j])[1]
+        c = pr.perturbations[j].split(layout.views(r)[j])[1]
         inj = Injection(pr.layers, replications, x.shape[0], layout.views(r))
         losses = glrnet.get_loss("cross_entropy")(noisy_forward(model, x, inj, layout.first),
                                                   y.repeat(replications)).reshape(replications, -1).mean(1)
@@ -145,7 +144,7 @@ def test_weight_effect_and_perturbed_are_the_layer_at_perturbed_parameters(float
                                  glrnet.NoisyConv2d(3, 2, 3, activation="sigmoid", site="weight"), torch.nn.Flatten(),
                                  glrnet.NoisyLinear(18, 3, site="weight"), input_shape=(2, 7, 7)).double()
     x = torch.rand(B, 2, 7, 7)
-    noise = net.sample_noise(k, B, generator=torch.Generator().manual_seed(1))
+    noise = glrnet.nn.sample_noise(net, k, B, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         fast = net(x, noise)
     torch.testing.assert_close(fast, net(x, noise))
@@ -155,15 +154,17 @@ def test_weight_effect_and_perturbed_are_the_layer_at_perturbed_parameters(float
                                    glrnet.NoisyConv2d(3, 2, 2, stride=2, bias=False)], ids=["linear", "grouped", "conv"])
 def test_flipout_effect_is_the_layer_at_per_input_sign_flipped_parameters(float64, layer):
     """layer(hₙ ⊙ ς; e) ⊙ ρ = layer(hₙ; θ + e ⊙ Mₖₙ) − layer(hₙ; θ), parameter by parameter, and the batch
-    contraction ``flip_sum`` is Σₙ aₙ Mₙ."""
+    contraction ``mask_sum`` is Σₙ aₙ Mₙ."""
     layer = layer.double()
     k, B = 3, 4
     h = torch.rand(B, *((5,) if isinstance(layer, torch.nn.Linear) else (layer.in_channels, 6, 6)))
-    r = torch.randn(k, B, layer.parameter_count + layer.flip_width)
-    e, rho, vs = layer.flip_split(r)
+    flip = glrnet.Flipout(Normal(0.0, 1.0))
+    r = torch.randn(k, B, flip.width(layer, ()))
+    e, rho, vs = flip.split(layer, r)
     assert set(rho.unique().tolist()) | set(vs.unique().tolist()) == {-1.0, 1.0}
-    got = layer.flip_effect(h, e, rho, vs, k, B)
-    mask = layer.flip_mask(rho, vs)
+    z = layer.affine(h)
+    got = flip.forward(layer, h, r, k, B, grad=False).reshape(k, *z.shape) - z
+    mask = flip.mask(layer, rho, vs)
     for kk in range(k):
         for n in range(B):
             params = [p + d for p, d in zip(layer.parameters(), layer.split_parameters(e[kk] * mask[kk, n]))]
@@ -171,7 +172,7 @@ def test_flipout_effect_is_the_layer_at_per_input_sign_flipped_parameters(float6
             want = torch.func.functional_call(layer, dict(zip(names, params)), (h[n:n + 1],)) - layer(h[n:n + 1])
             torch.testing.assert_close(got[kk, n], want[0])
     a = torch.randn(k, B)
-    torch.testing.assert_close(layer.flip_sum(a, rho, vs), torch.einsum("kb,kbp->kp", a, mask))
+    torch.testing.assert_close(flip.mask_sum(layer, a, rho, vs), torch.einsum("kb,kbp->kp", a, mask))
 
 
 def test_flipout_needs_symmetric_noise_and_averages_over_the_batch(float64):
@@ -181,7 +182,7 @@ def test_flipout_needs_symmetric_noise_and_averages_over_the_batch(float64):
     unbiased target."""
     model, x, y = mlp(("flipout", "activity"))
     model[0].noise = torch.distributions.Gumbel(0.0, 1.0)
-    with pytest.raises(ValueError, match="site 'flipout', which needs noise symmetric"):
+    with pytest.raises(ValueError, match="'flipout' needs noise symmetric"):
         glrnet.GLR(replications=4).estimate(model, x, y)
     traces = {}
     for site in ("weight", "flipout"):
@@ -204,9 +205,9 @@ def test_weight_site_saves_loads_and_predicts(tmp_path, site):
     g = torch.Generator().manual_seed(0)
     p = glrnet.predict_proba(back, x, "lap", 200, generator=g)
     torch.testing.assert_close(p, glrnet.predict_proba(model, x, "lap", 200, generator=torch.Generator().manual_seed(0)))
-    with pytest.raises(ValueError, match="unknown perturbation site"):
+    with pytest.raises(ValueError, match="unknown perturbation 'synapse'"):
         glrnet.NoisyLinear(2, 2, site="synapse")
-    from glrnet.surrogates import surrogates_for
+    from glrnet.robustness.surrogates import surrogates_for
     assert surrogates_for(back) == ["exact"]            # no likelihood-ratio input gradient without unit noise first
     assert surrogates_for(mlp(("activity", "weight"))[0]) == ["exact", "lr"]
 
@@ -337,60 +338,10 @@ def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
             TrainConfig(**bad).validate()
 
 
-def test_scale_spec_runs_end_to_end_and_is_checked(tmp_path):
-    from pathlib import Path
-
-    from glrnet.cli import main
-    from glrnet.scale import load_scale_spec
-    spec = Path(__file__).parent / "data" / "scale-smoke.toml"
-    assert main(["reproduce", "--spec", str(spec), "--out", str(tmp_path / "out"), "--quiet"]) == 0
-    quality = (tmp_path / "out" / "quality.md").read_text()
-    assert "| bp | sigmoid | cross_entropy | 0 / 1.000 | 0 / 1.000 | 1.000 |" in quality
-    assert "| forward | threshold" not in quality            # not applicable: skipped, not run
-    training = (tmp_path / "out" / "training_digits.md").read_text()
-    assert "| combined | threshold | zero_one |" in training and (tmp_path / "out" / "progress_digits.png").exists()
-    long = (tmp_path / "out" / "long" / "training_digits.md").read_text()     # the named section, on its own
-    assert "| bp | sigmoid | cross_entropy |" in long and "| zero_one |" not in long
-    final = (tmp_path / "out" / "long" / "quality_final_digits.md").read_text()   # GLR runs only, each K
-    assert "| combined | threshold | cross_entropy | 4 |" in final and "| 8 |" in final and "| bp |" not in final
-    assert json.loads((tmp_path / "out" / "long" / "digits" / "runs" / "bp-sigmoid-cross_entropy" / "metrics.json")
-                      .read_text())["config"]["epochs"] == 2
-    rb = (tmp_path / "out" / "robustness-cnn" / "glr" / "robustness.md").read_text()   # the [[robustness]] table
-    assert "combined-threshold-cross_entropy" in rb and "transfer-fgsm" in rb and "worst-case 2×" in rb
-    assert (tmp_path / "out" / "robustness-cnn" / "glr" / "robustness_journal.safetensors").exists()
-    packaged = load_scale_spec(Path(glrnet.__file__).parent / "specs" / "scale.toml")
-    assert "combined" in packaged["techniques"] and packaged["training"][0]["seconds"] == 180
-    techniques = packaged["techniques"]
-    base, k384 = techniques["weight-layerwise-cosine"][1], techniques["weight-layerwise-k384-cosine5"][1]
-    assert k384 == {**base, "replications": 384, "epochs": 5}     # like = "weight-layerwise-cosine", two changes
-    assert [t.get("name") for t in packaged["training"]] == [None, "alone", "flipout", "hour", "hour-resnet", "hour-weight",
-                                                              "hour-layerwise", "compute", "compute-k", "hour-resnet-layerwise", "relative-weight",
-                                                              "channel", "hour-channel", "decay", "centered", "hour-centered"]
-    assert [r["name"] for r in packaged["robustness"]] == ["bp", "glr", "glr-weight", "glr-layerwise", "glr-channel",
-                                                           "glr-centered", "glr-pilots", "glr-channel-pilots", "glr-layerwise-300"]
-    bad = tmp_path / "bad.toml"
-    for old, new, match in (("budget = 8", "budgett = 8", r"unknown key\(s\) budgett in \[quality\]"),
-                            ('["bp", "sigmoid", "cross_entropy"]', '["bpp", "sigmoid", "cross_entropy"]',
-                             r"\[training\] runs take"),
-                            ('name = "long"', "", r"needs its own name"),
-                            ('name = "es"\n', 'name = "es"\nlike = "nope"\n',
-                             r"technique 'es': like = 'nope' names no earlier \[\[techniques\]\] entry"),
-                            ('datasets = ["digits"]', 'datasets = ["mnist"]',
-                             r"datasets name 'mnist', which is not a \[\[datasets\]\] name"),
-                            ('runs = [["long", "combined"', 'runs = [["", "combined"',
-                             r"\[\[robustness\]\] 'glr' runs and source take \[section, technique, unit, loss\] of a "
-                             r"\[\[training\]\] run on 'digits', got \['', 'combined', 'threshold', 'cross_entropy'\]"),
-                            ("max_doublings = 1", "max_doublings = 0",
-                             r"\[\[robustness\]\] 'glr' settings: attack setting max_doublings must be ≥ 1, got 0")):
-        bad.write_text(spec.read_text().replace(old, new))
-        with pytest.raises(ValueError, match=match):
-            load_scale_spec(bad)
-
-
 def test_local_losses_estimate_each_blocks_own_objective(float64):
     """Block b's estimate is unbiased for ∇ E[L(head_b) | noise in block b only], the pathwise gradient
     through the network truncated at head b with noise in block b's layers alone."""
-    from glrnet.layers import Injection, Layout, LocalLosses, noisy_forward, probe
+    from glrnet.nn import Injection, Layout, LocalLosses, noisy_forward, probe
     torch.manual_seed(0)
     blocks = [torch.nn.Sequential(glrnet.NoisyConv2d(1, 2, 3, activation="sigmoid"), torch.nn.MaxPool2d(2)),
               torch.nn.Sequential(glrnet.NoisyConv2d(2, 2, 2, activation="sigmoid"))]
@@ -399,7 +350,7 @@ def test_local_losses_estimate_each_blocks_own_objective(float64):
     net = LocalLosses(blocks, heads)
     x, y = torch.rand(3, 1, 8, 8), torch.randint(0, 3, (3,))
     glr = glr_samples(net, x, y, n=120, replications=600)
-    sizes = [sum(p.numel() for p in m.parameters()) for m in glrnet.layers.noisy_layers(net)]
+    sizes = [sum(p.numel() for p in m.parameters()) for m in glrnet.nn.noisy_layers(net)]
     cols = torch.split(glr, sizes, dim=1)          # conv0, conv1, head0, head1 (module order)
     gen = torch.Generator().manual_seed(9)
     for b, owned in ((0, (0, 2)), (1, (1, 3))):
@@ -410,7 +361,7 @@ def test_local_losses_estimate_each_blocks_own_objective(float64):
         params = [p for m in net.block_layers(b) for p in m.parameters()]
         path = []
         for _ in range(120):
-            r = layout.fill_(glrnet.samplers.IID(), torch.empty(600, 3, layout.width), gen)
+            r = layout.fill_(glrnet.estimators.samplers.IID(), torch.empty(600, 3, layout.width), gen)
             out = noisy_forward(run, x, Injection(pr.layers, 600, 3, layout.views(r)), layout.first)
             loss = torch.nn.functional.cross_entropy(out, y.repeat(600))
             path.append(flat_grads(torch.autograd.grad(loss, params)))
@@ -419,23 +370,11 @@ def test_local_losses_estimate_each_blocks_own_objective(float64):
     assert torch.equal(net(x), net.truncated(1)(x))         # the prediction is the last head's
 
 
-def test_progress_figure_reads_runs_whose_unit_has_a_colon(tmp_path):
-    """A run of ``centered:threshold`` lives in ``<technique>-centered_threshold-<loss>``; the progress figure's
-    series are read from there (they were missed, and the figure drawn empty, before)."""
-    from glrnet.scale import progress_series
-    run = tmp_path / "runs" / "t-centered_threshold-cross_entropy"
-    run.mkdir(parents=True)
-    (run / "progress.csv").write_text("step,epoch,seconds,budget_seconds,val_acc_ot\n10,1,2.0,1.5,0.5\n20,1,4.0,3.0,0.75\n")
-    rows = [{"technique": "t", "unit": "centered:threshold", "loss": "cross_entropy"},
-            {"technique": "u", "unit": "threshold", "loss": "cross_entropy"}]     # no progress.csv: left out
-    assert progress_series(tmp_path / "runs", rows) == {"t · centered:threshold · cross_entropy": ([1.5, 3.0], [0.5, 0.75])}
-
-
 def test_attack_surrogate_differentiates_through_the_centring():
     """An attacker's gradient through ``centered:threshold`` with the ``sigmoid:4`` surrogate is the chain rule
     through the centring (the mean's share included): with one hidden layer and a linear output it equals
     autograd's input gradient of the same network with ``centered:sigmoid:4`` units, to rounding."""
-    from glrnet.surrogates import attack_forward
+    from glrnet.robustness.surrogates import attack_forward
 
     def net(act):
         torch.manual_seed(0)
@@ -453,9 +392,9 @@ def test_centered_activation_keeps_every_channel_firing_and_round_trips(tmp_path
     """``centered:<φ>`` centres each input's pre-activation per channel (per unit set for a dense layer) before φ:
     a channel whose pre-activations are all far below 0 still fires at about half of its positions; the name
     round-trips through saving; back-propagation refuses a centred threshold; attacks get the threshold's surrogates."""
-    from glrnet.activations import get_activation, is_step
+    from glrnet.nn.activations import get_activation, is_step
     from glrnet.checkpoint import load_model, save_model
-    from glrnet.surrogates import surrogates_for
+    from glrnet.robustness.surrogates import surrogates_for
     phi = get_activation("centered:threshold")
     assert repr(phi) == "centered:threshold" and is_step(phi) and repr(get_activation("centered:sigmoid:4")) == "centered:sigmoid:4"
     v = torch.randn(5, 3, 6, 6) - 50.0

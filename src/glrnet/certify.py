@@ -42,9 +42,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from .layers import Injection, Layout, NoisyLayer, noisy_forward, probe
-from .model import check_batch
-from .samplers import IID
+from .estimators.samplers import IID
+from .nn.injection import Layout, check_batch, noisy_forward, probe
+from .nn.intercept import record_preactivations
+from .nn.layers import NoisyLayer
 
 
 @dataclass
@@ -65,8 +66,8 @@ class Certificate:
 
 def noise_site(layer: NoisyLayer) -> str:
     """Where a noisy layer's noise enters: ``"activity"`` (its units), or ``"weight"``, ``"flipout"``,
-    ``"channel"`` (its parameters): the one place that reads it."""
-    return getattr(layer, "site", "activity")
+    ``"channel"`` (its parameters): its perturbation's name, the one place that reads it."""
+    return layer.perturbation.name
 
 
 def first_layer(model: nn.Module, x: Tensor) -> NoisyLayer:
@@ -75,9 +76,8 @@ def first_layer(model: nn.Module, x: Tensor) -> NoisyLayer:
     naming what fails."""
     pr = probe(model, x)
     layer = pr.layers[pr.order[0]]
-    with torch.no_grad(), Injection(pr.layers, 1, 1, record=True) as inj:
-        model(x[:1])
-    h = inj.inputs[pr.order[0]]
+    with torch.no_grad():
+        h = record_preactivations(model, x[:1]).inputs[layer]
     if h.numel() != x[:1].numel() or not torch.equal(h.reshape(-1), x[:1].reshape(-1)):
         raise ValueError("certify: the first noisy layer must see the input itself (no module before it), so that "
                          "its pre-activation is W₁x + b₁")
@@ -123,7 +123,7 @@ def _sample(model: nn.Module, x: Tensor, samples: int, predictor: str, generator
     for k0 in range(0, samples, chunk):
         k = min(chunk, samples - k0)
         r = layout.fill_(IID(), buf[:k], generator)
-        out = noisy_forward(model, x, Injection(layout.probe.layers, k, len(x), layout.views(r)), layout.first)
+        out = noisy_forward(model, x, layout.injection(k, len(x), r), layout.first)
         out = out.reshape(k, len(x), -1)
         if predictor == "vote":
             total += torch.nn.functional.one_hot(out.argmax(-1), out.shape[-1]).sum(0).double()

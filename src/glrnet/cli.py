@@ -7,14 +7,14 @@ import json
 import sys
 from dataclasses import fields
 
-from . import distributed
-from .activations import ACTIVATIONS, get_activation
 from .data import DATASETS, SPLITS, DataError, describe_datasets
-from .losses import LOSSES
-from .attack_settings import DEFAULT_EPS, HELP, NORMS, AttackSettings, settings_fields
-from .estimators import INJECTIONS
-from .noise import KINDS
-from .samplers import SAMPLERS
+from .estimators import SAMPLERS
+from .estimators import distributed
+from .estimators.glr import INJECTIONS
+from .nn.activations import ACTIVATIONS, get_activation
+from .nn.losses import LOSSES
+from .nn.noise import kinds
+from .robustness.settings import DEFAULT_EPS, HELP, NORMS, AttackSettings, settings_fields
 from .train import METHODS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -106,7 +106,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-activation", type=_activation, default=None,
                    help="activation on the output layer too (default: none, the authors' code)")
     g.add_argument("--loss", choices=list(LOSSES), default=d.loss, help="per-sample loss")
-    g.add_argument("--noise", choices=KINDS, default=d.noise, help="neuron noise distribution")
+    g.add_argument("--noise", choices=kinds(), default=d.noise, help="neuron noise distribution")
     g.add_argument("--noise-std", type=float, default=d.noise_std, help="noise standard deviation σ")
     g = p.add_argument_group("estimator")
     g.add_argument("--method", choices=METHODS, default=d.method, help="glr; bp (back-propagation); or a "
@@ -299,7 +299,7 @@ def cmd_evaluate(args) -> int:
     import torch
 
     from .checkpoint import load_model
-    from .model import predict
+    from .predict import predict
     from .train import TrainConfig, resolve_device
     device = resolve_device(args.device)
     path = Path(args.run)
@@ -349,8 +349,8 @@ def cmd_robustness(args) -> int:
 
     from .checkpoint import load_model, write_index
     from .data import load_run_dataset
-    from .protocol import attack_and_report
-    from .attack_settings import validate_eps
+    from .robustness.protocol import attack_and_report
+    from .robustness.settings import validate_eps
     from .train import TrainConfig, resolve_device
     resolve_device(args.device)
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -437,23 +437,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", default=None, help="download cache (default: $GLRNET_CACHE or ~/.cache/glrnet)")
     d.set_defaults(func=cmd_datasets)
 
-    r = sub.add_parser("reproduce", help="the seed's Tables 1 and 2 (and robustness) from a spec file",
-                       formatter_class=_Formatter,
-                       description="Run an experiment spec end to end: train every model (finished runs are "
-                                   "reused, interrupted ones resumed), calibrate ε, transfer FGSM, write tables, "
-                                   "CSV and figures, then the adaptive-attack protocol.")
+    r = sub.add_parser("reproduce", help="run an experiment spec: the paper's tables, certified radii, the technique "
+                       "study", formatter_class=_Formatter,
+                       description="Run an experiment spec end to end: train its runs (finished runs are reused, "
+                                   "interrupted ones resumed), then its analyses: the transfer tables (ε calibrated, "
+                                   "FGSM transferred, tables, CSV and figures), certified radii, the technique study, "
+                                   "and the adaptive-attack protocol.")
     r.add_argument("--spec", default=None, help="experiment spec: a TOML file, or the name of a packaged one "
-                   "(paper, paper-seeds, fashion, fashion-seeds, mnist-10k, quick, certified); default: paper")
+                   "(paper, paper-seeds, fashion, fashion-seeds, mnist-10k, certified, scale, quick); default: paper")
     r.add_argument("--seeds", type=_seeds, default=None, help="train and evaluate every model once per seed, "
                    "e.g. 0,1,2 (tables show mean and min–max); default: the spec's seeds, else each model's own")
-    r.add_argument("--dataset", choices=DATASETS, default=None, help="override the spec's dataset (a certified-radii "
-                   "spec: run only its entries of this dataset)")
-    r.add_argument("--data-dir", default=None, help="IDX folder for mnist / fashion-mnist")
-    r.add_argument("--quick", action="store_true", help="the whole pipeline on digits, the packaged quick.toml (minutes on 2 CPU cores; "
-                   "--no-robustness skips the attacks, most of it)")
+    r.add_argument("--dataset", default=None, help="run only this [[datasets]] entry of the spec (its name or "
+                   "dataset), e.g. one process per dataset into one --out")
+    r.add_argument("--data-dir", default=None, help="the folder that holds one folder per dataset (mnist/, "
+                   "fashion-mnist/, ...), e.g. ../shared/data (default: download into the cache)")
+    r.add_argument("--quick", action="store_true", help="the packaged quick spec: the whole pipeline on digits "
+                   "(minutes on 2 CPU cores; --no-robustness skips the attacks, most of it); not with another --spec")
     r.add_argument("--no-robustness", action="store_true", help="skip the adaptive-attack evaluation")
     r.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    r.add_argument("--out", required=True, help="output folder (models already trained there are reused)")
+    r.add_argument("--out", required=True, help="output folder of this spec's results (a rerun into it reuses "
+                   "what is finished); a folder that holds anything else is refused")
     r.add_argument("--export", default=None, help="also copy the reports (tables, CSV, figures, spec; no weights) "
                    "to this folder, e.g. docs/results/mnist")
     r.add_argument("--quiet", action="store_true", help="less output")

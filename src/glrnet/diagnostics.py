@@ -15,8 +15,9 @@ from torch import Tensor
 
 from torch import nn
 
-from .layers import Injection, noisy_layers
-from .model import bind
+from .nn.injection import bind
+from .nn.intercept import record_preactivations
+from .nn.modules import noisy_layers
 
 NOISE_FIELDS = ["layer", "shape", "spectral_norm", "preact_rms", "noise_std", "rms_over_std", "frac_within_std"]
 
@@ -26,13 +27,8 @@ def noise_scale(model: nn.Module, x: Tensor) -> list[dict]:
     """One row per noisy layer (execution order): spectral norm of its weight (a convolution's
     reshaped to (out, in·kh·kw)), RMS of its noise-free pre-activation on ``x``, σ, RMS/σ, and the
     fraction of (unit, input) pairs with |z| < σ."""
-    x = bind(model, x)
-    layers = noisy_layers(model)
-    with Injection(layers, 1, x.shape[0], record=True) as inj:
-        model(x)
     rows = []
-    for t, i in enumerate(inj.order):
-        m, z = layers[i], inj.preactivations[i]
+    for t, (m, z) in enumerate(record_preactivations(model, bind(model, x)).preactivations.items()):
         std = float(m.noise.stddev)
         w = m.weight.double().reshape(m.weight.shape[0], -1)
         rms = z.double().pow(2).mean().sqrt().item()

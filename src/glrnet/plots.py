@@ -1,21 +1,14 @@
-"""Figures (matplotlib, headless): training curves and the paper's figures."""
+"""Figures (matplotlib, headless): training curves and the paper's figures.
+
+Figures are built as ``matplotlib.figure.Figure`` objects and saved directly: no pyplot, so no backend
+is chosen or changed and a user's interactive session is left as it was."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-def _save(fig, path) -> None:
-    from .checkpoint import atomic_path
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+from .utils.figures import save_figure as _save, styles as _styles, subplots
 
 
 def plot_curves(history: list[dict], path, title: str = "", val_name: str = "validation") -> None:
@@ -23,7 +16,7 @@ def plot_curves(history: list[dict], path, title: str = "", val_name: str = "val
 
     ``val_name`` says what the held-out curve is: "validation", or "test" for a run trained
     without a validation split."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = subplots(figsize=(5.5, 3.6))
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="training loss")
     ax.plot(epochs, [h["val_loss"] for h in history], "s--", label=f"{val_name} loss")
@@ -44,7 +37,7 @@ def plot_curves(history: list[dict], path, title: str = "", val_name: str = "val
 def _activation_panel(ax, names, title):
     import torch
 
-    from .activations import get_activation
+    from .nn.activations import get_activation
     x = torch.linspace(-4, 4, 2001)
     for name in names:
         y = get_activation(name)(x)
@@ -62,7 +55,7 @@ def _activation_panel(ax, names, title):
 
 def figure_sigmoid_slopes(path) -> None:
     """Seed Figure 2: sigmoid at several slopes approaches the threshold step."""
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, ax = subplots(figsize=(5, 3.4))
     _activation_panel(ax, ["sigmoid", "sigmoid:2", "sigmoid:5", "sigmoid:20", "threshold"],
                       "sigmoid with slope s → threshold")
     ax.set_ylim(-0.1, 1.1)
@@ -71,7 +64,7 @@ def figure_sigmoid_slopes(path) -> None:
 
 def figure_extra_activations(path) -> None:
     """Seed Figure 7: the three further activations."""
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+    fig, axes = subplots(1, 3, figsize=(10, 3))
     for ax, name in zip(axes, ["abs", "arctan_inv", "log_abs_minus_x"]):
         _activation_panel(ax, [name], name)
     axes[2].set_ylim(-6, 4)
@@ -83,7 +76,7 @@ def figure_training_curves(path, histories: dict[str, list[dict]], val_name: str
     n = len(histories)
     cols = min(4, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False)
     for ax, (name, hist) in zip(axes.flat, histories.items()):
         ep = [h["epoch"] for h in hist]
         ax.plot(ep, [h["train_loss"] for h in hist], "o-", ms=3, label="train")
@@ -102,7 +95,7 @@ def figure_training_curves(path, histories: dict[str, list[dict]], val_name: str
 def figure_adversarial_examples(path, x, sets: dict, eps: float, image_shape, count: int = 6) -> None:
     """Seed Figure 6: original test images and their FGSM versions from each source."""
     sources = sorted({s for s, e in sets if e == eps})
-    fig, axes = plt.subplots(1 + len(sources), count, figsize=(1.4 * count, 1.5 * (1 + len(sources))))
+    fig, axes = subplots(1 + len(sources), count, figsize=(1.4 * count, 1.5 * (1 + len(sources))))
     rows = [("original", x)] + [(f"{s}\nε={eps:.3f}", sets[s, eps]) for s in sources]
     for r, (label, imgs) in enumerate(rows):
         for c in range(count):
@@ -115,15 +108,9 @@ def figure_adversarial_examples(path, x, sets: dict, eps: float, image_shape, co
     _save(fig, path)
 
 
-def _styles(n):
-    """n distinguishable (colour, marker) pairs: tab20 colours, markers cycling after 10."""
-    cmap, markers = plt.get_cmap("tab20"), "osD^v<>ph*"
-    return [(cmap(i % 20), markers[i % len(markers)]) for i in range(n)]
-
-
 def figure_transfer(path, rows: list[dict], source: str, models: list[str], title: str = "") -> None:
     """Accuracy vs ε under FGSM transferred from ``source``: OT (left) and LAP (right) panels."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(11, 4), sharey=True)
     for (color, marker), m in zip(_styles(len(models)), models):
         rs = sorted((r for r in rows if r["model"] == m and r["source"] == source), key=lambda r: r["eps"])
         if not rs:
@@ -159,28 +146,6 @@ def figure_transfer(path, rows: list[dict], source: str, models: list[str], titl
     _save(fig, path)
 
 
-def figure_worst_case(path, rows: list[dict], models: list[str], keys: dict, title: str = "") -> None:
-    """Adaptive worst case (solid) and transfer FGSM (dashed) against ε, one line pair per model,
-    each on its defended predictor (``keys[m]``: acc_lap or acc_ot)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for (color, marker), m in zip(_styles(len(models)), models):
-        key = keys[m]
-        clean = next((r[key] for r in rows if r["model"] == m and r["attack"] == "none"), None)
-        for attack, style in (("worst-case", "-"), ("transfer-fgsm", "--")):
-            rs = sorted((r for r in rows if r["model"] == m and r["attack"] == attack), key=lambda r: r["eps"])
-            if rs:
-                ax.plot([0.0] + [r["eps"] for r in rs], [clean] + [r[key] for r in rs], style, marker=marker, ms=4,
-                        color=color, label=f"{m} ({'LAP' if key == 'acc_lap' else 'OT'})" if attack == "worst-case"
-                        else None)
-    ax.set_xlabel("ε (L∞)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"{title + ': ' if title else ''}adaptive worst case (solid) vs transfer FGSM (dashed)", fontsize=9)
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-    _save(fig, path)
-
-
 def paper_figures(out, spec, metrics, rows, sets, x, y, headline, image_shape) -> None:
     import csv as _csv
     out = Path(out)
@@ -199,7 +164,7 @@ def paper_figures(out, spec, metrics, rows, sets, x, y, headline, image_shape) -
 
 def figure_certified(path, certs: dict, y, title: str = "") -> None:
     """Certified accuracy against the L2 radius, one line per model (``certs``: name → Certificate)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     y = y.cpu()
     for (color, marker), (name, cert) in zip(_styles(len(certs)), certs.items()):
         radii = sorted({0.0, *cert.radius[(cert.prediction == y)].tolist()})
@@ -212,4 +177,19 @@ def figure_certified(path, certs: dict, y, title: str = "") -> None:
     ax.set_title(f"{title + ': ' if title else ''}certified accuracy (CERTIFY, α = "
                  f"{next(iter(certs.values())).alpha:g})", fontsize=9)
     ax.legend(fontsize=8, frameon=False)
+    _save(fig, path)
+
+
+def figure_progress(path, series: dict[str, tuple[list[float], list[float]]], title: str = "") -> None:
+    """Validation accuracy (OT) against training seconds, one line per run (``series``: label → (seconds, accuracy))."""
+    fig, ax = subplots(figsize=(7, 4.5))
+    for (color, _), (label, (s, acc)) in zip(_styles(len(series)), series.items()):
+        ax.plot(s, acc, color=color, lw=1.2, label=label)
+    ax.set_xlabel("training seconds (budget clock)")
+    ax.set_ylabel("validation accuracy (OT)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    if series:        # no run evaluated on the way (a budget shorter than eval_every): no legend to draw
+        ax.legend(fontsize=6, frameon=False, ncol=2)
     _save(fig, path)

@@ -24,19 +24,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed as dist_utils
-from .activations import get_activation, is_smooth
+from .estimators import distributed as dist_utils
+from .nn.activations import get_activation, is_smooth
 from .checkpoint import (atomic_write_csv, atomic_write_text, load_checkpoint, read_checkpoint_meta, save_checkpoint,
                          save_model)
 from .data import SPLITS, Dataset, load_dataset
-from .estimators import GLR, Backprop
-from .losses import get_loss
-from .estimators import INJECTIONS
-from .layers import MaxPool2d, rescale_noise_
-from .model import (NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, Residual, forward_replications,
-                    noise_draw, predict_proba)
-from .samplers import SAMPLERS
-from .noise import KINDS, make_noise
+from .estimators import SAMPLERS, GLR, Backprop
+from .estimators.glr import INJECTIONS
+from .estimators.samplers import IID
+from .nn import MaxPool2d, NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, Residual, get_loss
+from .nn.injection import Layout, noisy_forward, probe
+from .nn.noise import kinds, make_noise
+from .nn.perturbations import get_perturbation
+from .nn.rescale import rescale_noise_
+from .predict import predict_proba
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
               "rmsprop": torch.optim.RMSprop}
@@ -132,7 +133,7 @@ class TrainConfig:
         checks = [(self.method in METHODS, f"unknown method {self.method!r}; valid: {', '.join(METHODS)}"),
                   (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"),
                   (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}"),
-                  (self.noise in KINDS, f"unknown noise {self.noise!r}; valid: {', '.join(KINDS)}"),
+                  (self.noise in kinds(), f"unknown noise {self.noise!r}; valid: {', '.join(kinds())}"),
                   (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}"),
                   (self.injection in INJECTIONS,
                    f"unknown injection {self.injection!r}; valid: {', '.join(INJECTIONS)}"),
@@ -194,7 +195,7 @@ class TrainConfig:
         if unused:
             raise ValueError(next(iter(unused.values())))
         if self.method == "forward":
-            from .alternatives import ForwardGradient
+            from .estimators import ForwardGradient
             ForwardGradient(self.loss)  # differentiable loss
             if not is_smooth(self.activation):
                 raise ValueError(f"forward gradients need a smooth activation, not {self.activation!r} (use glr or es)")
@@ -309,7 +310,9 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
         chosen = {"first": trainable[:1], "conv": [m for m in trainable if isinstance(m, NoisyConv2d)],
                   "all": trainable}[cfg.weight_noise]
         for m in chosen:   # "first": the first trainable layer only (few parameters: ES-style NSR ≈ √(P/K) stays small)
-            m.site, m.noise = "flipout" if cfg.flipout else "channel" if cfg.channelwise else "weight", wnoise
+            m.perturbation = get_perturbation("flipout" if cfg.flipout else "channel" if cfg.channelwise else "weight",
+                                              wnoise)
+            m.perturbation.check(m)
     return model
 
 
@@ -372,7 +375,7 @@ def _local_losses(mods: list, shape: tuple[int, ...], num_classes: int, cfg: Tra
     """The stack as LocalLosses blocks: a block starts at every convolution or residual block; each but
     the last gets the head Flatten → NoisyLinear(·, classes); the last block's head is the classifier
     (flatten and the dense layers)."""
-    from .layers import LocalLosses
+    from .nn import LocalLosses
     flat_at = next(i for i, m in enumerate(mods) if isinstance(m, torch.nn.Flatten))
     starts = [i for i, m in enumerate(mods[:flat_at]) if isinstance(m, (NoisyConv2d, Residual))]
     blocks = [torch.nn.Sequential(*mods[a:b]) for a, b in zip(starts, starts[1:] + [flat_at])]
@@ -401,7 +404,7 @@ def input_smoothing_layer(pixels: int, input_noise_std: float, kind: str = "gaus
 def build_producer(cfg: TrainConfig, generator: torch.Generator):
     """The gradient producer of a config: GLR (possibly distributed) or back-propagation."""
     if cfg.method in ("es", "spsa", "forward"):   # the same budget: replications forward passes per input
-        from .alternatives import ES, SPSA, ForwardGradient
+        from .estimators import ES, SPSA, ForwardGradient
         if cfg.method == "es":
             return ES(cfg.loss, population=cfg.replications // 2 * 2, sigma=cfg.weight_noise_std,
                       memory_budget_mb=cfg.memory_budget_mb, generator=generator)
@@ -446,8 +449,10 @@ def evaluate(model: NoisySequential, x, y, loss, noisy: bool, replications: int 
         total = 0.0
         for i in range(0, len(x), 500):
             xi, yi = x[i:i + 500], y[i:i + 500]
-            layout, r = noise_draw(model, xi, replications, generator)
-            o = forward_replications(model, xi, layout, r)
+            layout = Layout(probe(model, xi))
+            r = layout.fill_(IID(), xi.new_empty(replications, xi.shape[0], layout.width), generator)
+            o = noisy_forward(model, xi, layout.injection(replications, xi.shape[0], r), layout.first).reshape(
+                replications, xi.shape[0], -1)
             total += loss_fn(o.reshape(-1, o.shape[-1]), yi.repeat(replications)).double().sum().item()
         result["loss"] = total / (len(x) * replications)
     else:

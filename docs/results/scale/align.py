@@ -8,12 +8,12 @@ import sys
 import torch
 from glrnet.train import TrainConfig
 from glrnet.data import load_dataset
-from glrnet.scale import _initial_model
+from glrnet.experiments import initial_model
 data = load_dataset("mnist", sys.argv[1] if len(sys.argv) > 1 else "../shared/data/mnist", None, 0.1)
 x, y = data.x_train[:32], data.y_train[:32]
 for norm in ("none", "layer"):
     cfg = TrainConfig(arch="lenet", hidden=[], activation="sigmoid", norm=norm).validate()
-    model = _initial_model(cfg, data)
+    model = initial_model(cfg, data)
     layers = list(model.noisy_layers)
     per = []
     for n in range(32):

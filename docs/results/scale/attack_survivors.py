@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from glrnet.attack_settings import AttackSettings
-from glrnet.attacks import AttackContext, correct, distance, resolve_attack
+from glrnet.robustness.settings import AttackSettings
+from glrnet.robustness.attacks import AttackContext, correct, distance, resolve_attack
 from glrnet.checkpoint import load_model
 from glrnet.data import load_run_dataset
-from glrnet.distributed import stream_seed
-from glrnet.journal import fingerprint, read_journal, survivors
+from glrnet.utils.seeding import stream_seed
+from glrnet.robustness.journal import fingerprint, read_journal, survivors
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--run", required=True)

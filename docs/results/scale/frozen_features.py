@@ -14,7 +14,7 @@ import torch
 
 from glrnet.checkpoint import load_model
 from glrnet.data import load_dataset
-from glrnet.scale import _initial_model
+from glrnet.experiments import initial_model
 from glrnet.train import TrainConfig
 
 ap = argparse.ArgumentParser()
@@ -51,7 +51,7 @@ for dataset in ("mnist", "fashion-mnist"):
                       activation="threshold", replications=96, baseline=True, injection="layerwise",
                       weight_noise="conv", weight_noise_std=0.05).validate()
     data = load_dataset(dataset, cfg.data_dir, None, 0.1)
-    init = _initial_model(cfg, data)
+    init = initial_model(cfg, data)
     w0 = [m.weight.detach().clone() for m in init.noisy_layers[:-1]]
     acc = fit_output_layer(init, data, args.epochs)
     print(f"| {dataset} | initial (random) convolutions, frozen | {acc:.4f} | – |", flush=True)

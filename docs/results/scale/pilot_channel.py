@@ -3,7 +3,7 @@ cost per estimate at the initial weights of the threshold LeNet (MNIST) and the 
 (Fashion-MNIST), conv weight noise σ_w = 0.05, layer-wise injection, leave-one-out baseline: every
 channel of the layer perturbed in each replication (`weight-layerwise`) against one channel per
 replication, at equal replications per layer and with the replications moved to where they are cheap
-(the study's own measurement, glrnet.scale.gradient_quality: one batch of 32).
+(the study's own measurement, glrnet.experiments.gradient_quality: one batch of 32).
 
     OMP_NUM_THREADS=1 python docs/results/scale/pilot_channel.py ../shared/data [samples]
 """

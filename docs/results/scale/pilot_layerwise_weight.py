@@ -3,7 +3,7 @@ per-layer NSR at the initial weights of the threshold LeNet (MNIST) and residual
 (Fashion-MNIST), conv weight noise σ_w = 0.05 with the leave-one-out baseline, every noisy layer
 perturbed in every replication ("all", the `weight-conv` technique) against one layer per replication
 ("layerwise"), with and without antithetic pairs; the study's own measurement
-(glrnet.scale.gradient_quality: one batch of 32, K noisy passes per input).
+(glrnet.experiments.gradient_quality: one batch of 32, K noisy passes per input).
 
     OMP_NUM_THREADS=1 python docs/results/scale/pilot_layerwise_weight.py ../shared/data
 """

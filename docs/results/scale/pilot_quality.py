@@ -1,13 +1,13 @@
 """The pilot behind the hour-long runs' choice of technique (pilots.md): per-layer NSR at the initial
 weights for variants of `combined` (LeNet, MNIST) and of `resnet-combined` (Fashion-MNIST), with the
-study's own measurement (glrnet.scale.gradient_quality; K = 96, one batch of 32).
+study's own measurement (glrnet.experiments.gradient_quality; K = 96, one batch of 32).
 
     OMP_NUM_THREADS=1 python docs/results/scale/pilot_quality.py ../shared/data
 """
 import sys
 
 from glrnet.data import load_dataset
-from glrnet.scale import gradient_quality
+from glrnet.experiments import gradient_quality
 from glrnet.train import TrainConfig
 
 root = sys.argv[1] if len(sys.argv) > 1 else "../shared/data"

@@ -1,8 +1,8 @@
 """The pilots' gradient-quality rows (pilots.md): for each (dataset, base configuration, samples, variants),
 one markdown row per variant with the per-layer NSR and the cost per estimate, measured by the study's own
-glrnet.scale.gradient_quality on one batch of 32 training images at the initial weights."""
+glrnet.experiments.gradient_quality on one batch of 32 training images at the initial weights."""
 from glrnet.data import load_dataset
-from glrnet.scale import gradient_quality
+from glrnet.experiments import gradient_quality
 from glrnet.train import TrainConfig
 
 

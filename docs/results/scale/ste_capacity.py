@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from glrnet.activations import Centered
+from glrnet.nn.activations import Centered
 from glrnet.data import load_dataset
-from glrnet.layers import Injection, noisy_layers
+from glrnet.nn import Injection, noisy_layers
 from glrnet.train import TrainConfig, build_model
 
 root = sys.argv[1] if len(sys.argv) > 1 else "../shared/data"

@@ -11,14 +11,14 @@ import torch
 
 from glrnet.checkpoint import load_model, read_checkpoint_meta
 from glrnet.data import load_dataset
-from glrnet.layers import Injection, noisy_layers
+from glrnet.nn import Injection, noisy_layers
 from glrnet.train import TrainConfig, build_model
 
 
 def load(path: str, data):
     if path == "init":                       # the study's initial weights
-        from glrnet.scale import _initial_model
-        return _initial_model(TrainConfig(arch="lenet", hidden=[], activation="threshold"), data)
+        from glrnet.experiments import initial_model
+        return initial_model(TrainConfig(arch="lenet", hidden=[], activation="threshold"), data)
     if not path.endswith("checkpoint.safetensors"):
         return load_model(path)[0]
     from safetensors.torch import load_file

@@ -1,39 +1,28 @@
-"""Gradient producers: the GLR estimator, and back-propagation for the baselines.
+"""The GLR estimator: the fast path of :func:`~glrnet.estimators.reference.reference_estimate`.
 
-Both write ``param.grad`` (adding to it, as autograd does) and leave the step to any
-``torch.optim`` optimizer::
+It writes ``param.grad`` (adding to it, as autograd does) and leaves the step to any ``torch.optim``
+optimizer::
 
     est = glrnet.GLR(loss="zero_one", replications=1000)
     opt.zero_grad(); stats = est.backward(model, x, y); opt.step()
 
-The generalized likelihood ratio (Xiao, Peng, Hong & Ke). A noisy layer l maps its input h
-to v = layer(h) + r, r ~ f i.i.d. per unit, with score s(r) = −d log f(r)/dr. Then
+The generalized likelihood ratio (Xiao, Peng, Hong & Ke). A noisy layer l maps its input h to
+v = layer(h) + r, r ~ f i.i.d. per unit, with score s(r) = −d log f(r)/dr. Then
 
     ∇θₗ E[L] = E[ L · J_θₗ(layer(h))ᵀ s(r) ],
 
-the layer's own parameter gradient under the cotangent L · s(r) (for a linear layer
-∂/∂Wₐᵦ = E[L · s(rₐ) · hᵦ]). Neither φ nor L is differentiated: only f. With K
-replications of each of the B inputs, and loss weights w = L − b from a control variate,
+the layer's own parameter gradient under the cotangent L · s(r). Neither φ nor L is differentiated:
+only f. :class:`GLR` computes the reference's numbers fast — in chunks of replications under a memory
+budget, the first noisy layer's input shared by all replications, closed-form layer gradients, the
+Normal score reusing the noise buffer — and is tested equal to it on the same noise. It composes:
 
-    Ĝₗ = 1/(K·B) Σₖ Σᵢ J_θₗ(layer(hₖᵢ))ᵀ (wₖᵢ · s(rₖᵢ)),
-
-which is exactly the autograd gradient of Σₗ ⟨stop_grad(w ⊙ s(rₗ)), layerₗ(stop_grad(hₗ))⟩ / (K·B):
-:func:`reference_estimate`, a few lines. :class:`GLR` computes the same numbers fast — in
-chunks of replications under a memory budget, the first noisy layer's input shared by all
-replications, closed-form layer gradients, the Normal score reusing the noise buffer — and
-is tested equal to the reference on the same noise. The parts it composes:
-
-* a sampler (samplers.py): i.i.d., antithetic pairs, randomized QMC;
-* a control variate (control_variates.py): none, leave-one-out (leave-group-out);
-* a perturbation site per layer (``layer.site``): ``"activity"`` (noise on the output units, the
-  seed's neurons) or ``"weight"`` (noise eₖ on the layer's parameters, one draw per replication
-  shared by the batch: ∇θ E[L(θ + e)] = E[L · s(e)], the evolution-strategies likelihood ratio;
-  valid for any φ, and its dimension is the parameter count, not the unit count), or ``"flipout"``
-  (that perturbation with per-input random signs on rows and columns, Wen et al. 2018: each input's
-  noise is again i.i.d. f, but different inputs' are uncorrelated, so the noise averages over the batch);
-* an injection: ``"all"`` (every noisy layer noisy in every replication: the seed's
-  estimator, unbiased for ∇E[L]) or ``"layerwise"`` (each replication noisy in one layer only:
-  K/n replications per layer, unbiased for layer l's parameters for ∇E[L with noise in l only]).
+* a sampler (:mod:`.samplers`): i.i.d., antithetic pairs, randomized QMC, or any registered one;
+* a control variate (:mod:`.control_variates`): none, leave-one-out (leave-group-out), or any registered one;
+* each layer's perturbation object (:mod:`glrnet.nn.perturbations`: activity, weight, flipout, channel),
+  or one ``perturbation`` given to the estimator for every layer (ES is GLR with weight perturbation);
+* an injection: ``"all"`` (every noisy layer noisy in every replication: the seed's estimator,
+  unbiased for ∇E[L]) or ``"layerwise"`` (each replication noisy in one layer only: K/n replications
+  per layer, unbiased for layer l's parameters for ∇E[L with noise in l only]).
 """
 
 from __future__ import annotations
@@ -45,13 +34,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .activations import is_step
+from ..nn.injection import Layout, Probe, check_batch, noisy_forward, probe
+from ..nn.losses import LossLike, get_loss, loss_name
+from ..nn.modules import LocalLosses, noisy_layers
+from ..nn.noise import linear_score_scale
+from ..nn.perturbations import Perturbation
 from .control_variates import ControlVariate, get_control_variate
-from .layers import WEIGHT_SITES, Injection, Layout, Probe, noisy_forward, noisy_layers, probe
-from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
-from .model import bind, check_batch
-from .noise import PREFETCH_CHUNK_MB, Buffers, NoiseStream, linear_score_scale, score
+from .reference import trainable
 from .samplers import Sampler, get_sampler
+from .streams import PREFETCH_CHUNK_MB, Buffers, NoiseStream
 
 INJECTIONS = ("all", "layerwise")
 CHUNK_MB = 64.0   # working set of one chunk when the replications do not all fit the memory budget
@@ -73,11 +64,6 @@ class GradStats:
     extra: dict = field(default_factory=dict)
 
 
-def trainable(layer: nn.Module) -> list[nn.Parameter]:
-    """A noisy layer's parameters that train (``requires_grad``), in ``parameters()`` order."""
-    return [p for p in layer.parameters(recurse=False) if p.requires_grad]
-
-
 def glr_parameters(model: nn.Module) -> list[list[nn.Parameter]]:
     """Each noisy layer's trainable parameters (module order); a ``ValueError`` naming any trainable
     parameter outside a noisy layer (GLR estimates a parameter through the noise it feeds)."""
@@ -91,60 +77,30 @@ def glr_parameters(model: nn.Module) -> list[list[nn.Parameter]]:
     return [trainable(layer) for layer in layers]
 
 
-# ---------------------------------------------------------------------------- the definition
-def reference_estimate(model: nn.Module, x: Tensor, y: Tensor, loss, noise: dict[int, Tensor], groups: Tensor,
-                       group_size: int, control_variate: ControlVariate) -> dict[int, list[Tensor]]:
-    """The GLR estimate by its definition, for readers and tests (slow: no chunking, no sharing).
-
-    ``noise[i]`` (K, B, *units): the noise of noisy layer i (index into ``noisy_layers(model)``);
-    layers without an entry are noise-free. ``groups`` (K,): the sampler's dependence groups.
-    Returns, per layer with noise, the gradients of its trainable parameters.
-    """
-    layers = noisy_layers(model)
-    K, B = next(iter(noise.values())).shape[:2]
-    with torch.no_grad(), Injection(layers, K, B, noise, record=True) as inj:
-        out = model(x.repeat(K, *[1] * (x.dim() - 1)))                   # K·B full noisy passes
-    w = control_variate.weights(loss(out, y.repeat(K)).reshape(K, B), groups, group_size)
-    with torch.enable_grad():
-        surrogate = 0.0
-        for i, r in noise.items():
-            layer = layers[i]
-            theta = torch.cat([p.reshape(-1) for p in layer.parameters(recurse=False)])
-            if layer.site in WEIGHT_SITES:   # θ + eₖ: ∇θ E[L] = E[L s(e)], eₖ shared by replication k's inputs
-                s = layer.weight_score(r)                    # (K, P); channel site: O·s(eₖ) on channel cₖ
-                surrogate = surrogate + (w.sum(1) @ s * theta).sum()
-                continue
-            if layer.site == "flipout":   # θ + eₖ ⊙ Mₖₙ for input n: its score s(eₖ) ⊙ Mₖₙ
-                e, rho, vs = layer.flip_split(r)
-                s = score(layer.noise, e).unsqueeze(1) * layer.flip_mask(rho, vs)       # (K, B, P)
-                surrogate = surrogate + (torch.einsum("kb,kbp->p", w, s) * theta).sum()
-                continue
-            cotangent = w.reshape(K, B, *[1] * (r.dim() - 2)) * score(layer.noise, r)   # w ⊙ s(r)
-            z = layer.affine(inj.inputs[i].detach())                      # layer(stop_grad(h))
-            surrogate = surrogate + (cotangent.reshape(z.shape) * z).sum()
-        params = {i: trainable(layers[i]) for i in noise}
-        grads = iter(torch.autograd.grad(surrogate / (K * B), [p for ps in params.values() for p in ps]))
-    return {i: [next(grads) for _ in ps] for i, ps in params.items()}
+def fill_grads(model: nn.Module, grads: list[Tensor]) -> None:
+    """Add ``grads`` (aligned with ``glr_parameters(model)`` flattened) to the parameters' ``.grad``."""
+    for p, g in zip((p for group in glr_parameters(model) for p in group), grads):
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
 
 
-# ---------------------------------------------------------------------------- the fast path
 @dataclass
 class _Sums:
     """Running sums of one sub-estimate (one set of noisy layers, one batch of replications)."""
 
-    grads: dict[int, list[Tensor]]          # Σ a · (layer gradient under s)
+    grads: dict[int, list[Tensor]]          # Σ a · (layer gradient under s), every parameter of the layer
     loss_per_input: Tensor                  # Sᵢ = Σₖ Lₖᵢ, (B,)
     c: float = 0.0                          # w = a − c·Sᵢ
-    score_per_input: dict = field(default_factory=dict)   # layer → Σₖ sₖᵢ (B, *units) [chunked baseline]
-    grads_per_input: dict = field(default_factory=dict)   # layer → Σₖ per-input gradients [chunked baseline]
-    shared_inputs: dict = field(default_factory=dict)     # layer → its input (B, *in), if shared
+    state: dict = field(default_factory=dict)   # layer → what its perturbation keeps for the correction
     nonfinite: Tensor | None = None
 
 
 class GLR:
     """Generalized likelihood ratio estimator of ∇θ E[mean batch loss] for any ``nn.Module`` whose
     trainable parameters live in noisy layers (:class:`~glrnet.NoisyLinear`,
-    :class:`~glrnet.NoisyConv2d`) at any depth. Frozen parameters are skipped.
+    :class:`~glrnet.NoisyConv2d`) at any depth. Frozen parameters stay frozen.
 
     Requires: each layer's noise density f differentiable (Normal, Laplace, Logistic, ...).
     No requirement on the activations or the loss: only loss *values* are used.
@@ -152,37 +108,33 @@ class GLR:
     Args:
         loss: registered name (``cross_entropy``, ``zero_one``) or callable
             ``(outputs (N, C), targets (N,)) → (N,)``.
-        replications: K, noisy replications of every input (the budget of noisy forward passes
-            per input; with ``injection="layerwise"`` split evenly over the n noisy layers, K/n each);
-            with ``injection="layerwise"`` also a sequence, one count per noisy layer in execution order
-            (per layer of each block for a local-losses model), K their sum: spend replications where a
-            layer's estimate needs them and its replications are cheap.
-        baseline: the leave-one-out control variate (leave-group-out for antithetic / QMC
-            groups); ``False``: the seed's plain estimator; or a name / ControlVariate.
-        sampler: ``"iid"``, ``"antithetic"`` (pairs r, −r), ``"qmc"`` (randomized Sobol nets),
-            or a :class:`~glrnet.samplers.Sampler`.
-        injection: ``"all"`` (every noisy layer noisy in every replication) or ``"layerwise"``
-            (each replication noisy in one layer only: layer l's estimate comes from its own K/n
-            replications, with its own baseline, and is unbiased for ∇ of E[L with noise in layer
-            l only]; the layers before l run once per input, so its passes are cheaper).
+        replications: K, noisy replications of every input (with ``injection="layerwise"`` split
+            evenly over the n noisy layers, K/n each; or a sequence, one count per noisy layer in
+            execution order (per layer of each block for a local-losses model), K their sum).
+        baseline: the control variate: ``True`` (leave-one-out: leave-group-out for antithetic / QMC
+            groups), ``False`` (none: the seed's plain estimator), a registered name or an instance.
+        sampler: a registered name (``"iid"``, ``"antithetic"``, ``"qmc"``, ...) or a
+            :class:`~glrnet.estimators.samplers.Sampler`.
+        injection: ``"all"`` or ``"layerwise"`` (module docstring).
+        perturbation: a :class:`~glrnet.nn.perturbations.Perturbation` used in every noisy layer
+            instead of its own (with its noise, or each layer's where it has none); the model is untouched.
         memory_budget_mb: bound on the working set; replications are processed in chunks.
         generator: ``torch.Generator`` for the noise (on the model's device). Default: one
             seeded from the global RNG at first use, so ``torch.manual_seed`` governs it.
-        check_finite: raise :class:`NonFiniteLossError` if a loss is NaN/inf (one host
-            synchronisation per call; turn off for CUDA-graph style training).
+        check_finite: raise :class:`NonFiniteLossError` if a loss is NaN/inf, and check the inputs'
+            values and labels (host synchronisations); ``False``: none on the estimator's path.
         prefetch: on a CPU, draw the next chunk's noise on a helper thread while the current
             chunk is processed (torch's intra-op threads lowered by one for the call, then
             restored). ``"auto"`` (default): only where drawing the noise dominates the work —
             fewer than ``PREFETCH_FLOPS_PER_NOISE`` multiply-adds per noise value after the first
-            noisy layer (the seed's 196-20-10 MLP: yes; a LeNet or a 784-256-256-10 MLP: no);
-            benchmarks/bench_glr.py and bench_cnn.py measure what it buys.
+            noisy layer (the seed's 196-20-10 MLP: yes; a LeNet or a 784-256-256-10 MLP: no).
         variance_batches: R, the independent sub-estimates ``estimate(..., return_variance=True)``
             splits the replications into.
     """
 
     def __init__(self, loss: LossLike = "cross_entropy", replications: int = 1000,
                  baseline: bool | str | ControlVariate = True, sampler: str | Sampler = "iid",
-                 injection: str = "all", memory_budget_mb: float = 256.0,
+                 injection: str = "all", perturbation: Perturbation | None = None, memory_budget_mb: float = 256.0,
                  generator: torch.Generator | None = None, check_finite: bool = True, prefetch: bool | str = "auto",
                  variance_batches: int = 10):
         self.loss = get_loss(loss)
@@ -205,7 +157,9 @@ class GLR:
             raise ValueError(f"prefetch must be True, False or 'auto', got {prefetch!r}")
         if not isinstance(variance_batches, int) or variance_batches < 2:
             raise ValueError(f"variance_batches must be an integer ≥ 2, got {variance_batches!r}")
-        self.replications, self.injection = replications, injection
+        if perturbation is not None and not isinstance(perturbation, Perturbation):
+            raise ValueError(f"perturbation must be a Perturbation object, got {type(perturbation).__name__}")
+        self.replications, self.injection, self.perturbation = replications, injection, perturbation
         self.sampler, self.control_variate = get_sampler(sampler), get_control_variate(baseline)
         if injection == "all":
             self._check_split(self._local_replications(), "replications")
@@ -220,27 +174,24 @@ class GLR:
 
     def __repr__(self) -> str:
         k = self.replications if self.layer_replications is None else list(self.layer_replications)
+        extra = "" if self.perturbation is None else f", perturbation={self.perturbation}"
         return (f"GLR(loss={loss_name(self.loss)}, replications={k}, "
-                f"baseline={self.control_variate}, sampler={self.sampler}, injection={self.injection})")
+                f"baseline={self.control_variate}, sampler={self.sampler}, injection={self.injection}{extra})")
 
     def _check_split(self, k: int, what: str) -> None:
         """``k`` replications must form whole sampler groups, enough for the control variate."""
-        self.sampler.check(k)
-        groups = k // self.sampler.group_size
+        sampler = self.sampler.for_replications(k, self.control_variate.min_groups)
+        groups = k // sampler.group_size
         if groups < self.control_variate.min_groups:
             raise ValueError(f"the {self.control_variate} baseline needs ≥ {self.control_variate.min_groups} "
-                             f"groups of {self.sampler.group_size} replication(s) ({self.sampler} sampler); "
+                             f"groups of {sampler.group_size} replication(s) ({sampler} sampler); "
                              f"{what} = {k} gives {groups}")
 
     # ------------------------------------------------------------------ public API
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> GradStats:
         """Add the GLR estimate of ∇θ (1/B) Σᵢ E[L(xᵢ, yᵢ)] to every trainable parameter's ``.grad``."""
         grads, stats = self.estimate(model, x, y)
-        for p, g in zip((p for group in glr_parameters(model) for p in group), grads):
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
+        fill_grads(model, grads)
         return stats
 
     @torch.no_grad()
@@ -252,8 +203,10 @@ class GLR:
         ``variance_batches`` independent sub-estimates (each with its own baseline); the estimate is
         their mean and ``stats.variance`` its per-element variance, their sample variance / R."""
         glr_parameters(model)
-        pr = probe(model, bind(model, x))
-        x = check_batch(model, x, y, classes=pr.classes)   # one pass over the inputs, labels checked too
+        x = check_batch(model, x, y, values=False)
+        pr = probe(model, x, self.perturbation)
+        if self.check_finite:   # one pass over the inputs' values, labels checked too
+            check_batch(model, x, y, classes=pr.classes)
         sets = self._layer_sets(model, x, pr)       # [(module run, its probe, active layers, → model's index)]
         per_sets = self._per_set(len(sets))
         batches = self.variance_batches if return_variance else 1
@@ -271,7 +224,7 @@ class GLR:
             count = self._ranks() * per_batch * self._global_batch(x)   # (replication, input) pairs per sub-estimate
             for _ in range(batches):
                 sums, n = self._accumulate(run, x, y, layout, per_batch)
-                subs.append((count, {to_model[i]: g for i, g in self._finalize(sums, run_pr).items()}))
+                subs.append((count, {to_model[i]: g for i, g in self._finalize(sums, layout).items()}))
                 loss_sum = loss_sum + sums.loss_per_input.sum()
                 nonfinite = nonfinite + sums.nonfinite
                 chunks += n
@@ -320,9 +273,8 @@ class GLR:
     def _layer_sets(self, model: nn.Module, x: Tensor, pr: Probe) -> list:
         """The sub-estimates: (module to run, its probe, its noisy layers that carry noise, their index in
         ``pr``). ``injection="all"``: one, the whole model; ``"layerwise"``: one per noisy layer. A
-        :class:`~glrnet.layers.LocalLosses` model: one per block (or per layer of it, layerwise), each run
+        :class:`~glrnet.nn.modules.LocalLosses` model: one per block (or per layer of it, layerwise), each run
         on the network truncated at that block's head, so that its loss is the head's (Ren et al. 2023)."""
-        from .layers import LocalLosses
         local = model
         if isinstance(model, nn.Sequential) and len(model) == 1:      # e.g. NoisySequential(LocalLosses(...))
             local = model[0]
@@ -334,7 +286,7 @@ class GLR:
         sets = []
         for b in range(len(local.blocks)):
             run = local.truncated(b)
-            run_pr = probe(run, x)
+            run_pr = probe(run, x, self.perturbation)
             mine = {id(m) for m in local.block_layers(b)}
             active = [i for i in run_pr.order if id(run_pr.layers[i]) in mine]
             to_model = {i: index[id(run_pr.layers[i])] for i in active}
@@ -345,112 +297,66 @@ class GLR:
     # ------------------------------------------------------------------ one sub-estimate
     def _accumulate(self, model: nn.Module, x: Tensor, y: Tensor, layout: Layout, replications: int):
         """Σ over ``replications`` local replications, noisy in ``layout.active`` (see _Sums)."""
-        pr, B, m = layout.probe, x.shape[0], self.sampler.group_size
+        pr, B = layout.probe, x.shape[0]
+        sampler = self.sampler.for_replications(replications, self.control_variate.min_groups)
+        m = sampler.group_size
         K = replications * self._ranks()            # the sub-estimate's replications over all ranks
         prefetch = self._prefetch(layout, x)
-        sizes = self._chunk_sizes(layout, B, x.element_size(), replications, m, prefetch)
+        sizes = self._chunk_sizes(layout, B, x.element_size(), replications, sampler, prefetch)
         direct = len(sizes) == 1 and self._ranks() == 1   # all K at hand: w formed directly
-        if not direct and not hasattr(self.control_variate, "split"):
-            raise ValueError(f"control variate {self.control_variate} needs all replications in one chunk")
+        if not direct and not self.control_variate.chunkable:
+            raise ValueError(f"control variate {self.control_variate} needs all {replications} replications in one "
+                             f"chunk: raise memory_budget_mb (now {self.memory_budget_mb:g}) or lower replications")
         y_rep = y.repeat(sizes[0])
-        sums = _Sums(grads={i: [torch.zeros_like(p) for p in trainable(pr.layers[i])] for i in layout.active},
+        learn = [i for i in layout.active if trainable(pr.layers[i])]       # frozen layers: noise, no sums
+        sums = _Sums(grads={i: [torch.zeros_like(p) for p in pr.layers[i].parameters(recurse=False)] for i in learn},
                      loss_per_input=torch.zeros(B, dtype=x.dtype, device=x.device),
                      nonfinite=torch.zeros((), dtype=torch.long, device=x.device))
         gen = self._generator(x.device)
-        draw = lambda k, slot: layout.fill_(self.sampler, self._buffers.get(k, B, layout.width, x, slot), gen)  # noqa: E731
+        draw = lambda k, slot: layout.fill_(sampler, self._buffers.get(k, B, layout.width, x, slot), gen)  # noqa: E731
         linear = None if layout.shared is None else linear_score_scale(layout.shared)
         for noise in NoiseStream(prefetch).chunks(draw, sizes, x.device):
             k = noise.shape[0]
-            inj = Injection(pr.layers, k, B, layout.views(noise), record=True)
+            inj = layout.injection(k, B, noise, record=True)
             out = noisy_forward(model, x, inj, layout.first)
             losses = self.loss(out.reshape(k * B, -1), y_rep[:k * B]).reshape(k, B)
-            sums.nonfinite += (~torch.isfinite(losses)).sum()
+            if self.check_finite:
+                sums.nonfinite += (~torch.isfinite(losses)).sum()
             sums.loss_per_input += losses.sum(0)
-            groups = self.sampler.group_ids(k, x.device)
+            groups = sampler.group_ids(k, x.device)
             if direct:
                 a, c = self.control_variate.weights(losses, groups, m), 0.0
             else:
                 a, c = self.control_variate.split(losses, groups, m, K)
             sums.c = c
-            score_scale = 1.0
+            scale = 1.0
             if linear is not None:      # Normal noise: s(r) = r/σ², so the noise buffer is the score
-                a, score_scale = a * linear, linear
-            for i, r in layout.views(noise).items():
-                layer, unit, h = pr.layers[i], pr.shapes[i], inj.inputs[i]
-                keep = _trainable_mask(layer)
-                if layer.site != "activity":
-                    g = self._weight_site_sums(layer, i, r, a, c, score_scale, linear is not None, sums)
-                    for acc, gi in zip(sums.grads[i], (g for g, kp in zip(g, keep) if kp)):
-                        acc.add_(gi)
-                    continue
-                s = (r if linear is not None else score(layer.noise, r)).reshape(k, B, *unit)
+                a, scale = a * linear, linear
+            views = layout.views(noise)
+            for i in learn:
+                h = inj.inputs[i]
                 # the input is computed once per input and no noise reached it: shared by the replications
                 # and the chunks (a chunk of k = 1 has B rows everywhere: rows alone do not tell)
                 shared = h.shape[0] == B and i in inj.noise_free_inputs
-                if c:
-                    if i not in sums.score_per_input:
-                        sums.score_per_input[i] = torch.zeros(B, *unit, dtype=x.dtype, device=x.device)
-                    sums.score_per_input[i].add_(s.sum(0), alpha=score_scale)
-                    if shared:
-                        sums.shared_inputs[i] = h
-                    else:
-                        g_in = layer.glr_grads_per_input(h.reshape(k, B, *h.shape[1:]), s)
-                        acc = sums.grads_per_input.setdefault(i, [torch.zeros_like(g) for g in g_in])
-                        for t, g in zip(acc, g_in):
-                            t.add_(g, alpha=score_scale)
-                if shared:   # the input is the same for all replications: Σₖ a s first (one bmm per input)
-                    if linear is not None:   # reads the noise slice in place
-                        sa = torch.bmm(a.t().unsqueeze(1), r.transpose(0, 1)).reshape(B, *unit)
-                    else:
-                        sa = torch.einsum("kb,kb...->b...", a, s)
-                    g = layer.glr_grads(h, sa)
-                else:
-                    aw = a.reshape(k, B, *[1] * len(unit))
-                    g = layer.glr_grads(h, (s * aw).reshape(k * B, *unit))
-                for acc, gi in zip(sums.grads[i], (g for g, kp in zip(g, keep) if kp)):
+                g = layout.perturbations[i].accumulate(
+                    pr.layers[i], sums.state.setdefault(i, {}), h, views[i], a, unit=pr.shapes[i], shared=shared,
+                    linear=linear is not None, scale=scale, chunked=bool(c))
+                for acc, gi in zip(sums.grads[i], g):
                     acc.add_(gi)
         if sums.c:
             sums.loss_per_input = self._combine_loss_sums(sums.loss_per_input, x)
         return sums, len(sizes)
 
-    @staticmethod
-    def _weight_site_sums(layer, i: int, r: Tensor, a: Tensor, c: float, score_scale: float, linear: bool,
-                          sums: _Sums) -> list[Tensor]:
-        """A weight-site layer's Σₖ (Σᵢ aₖᵢ) s(eₖ) (flipout: Σₖ s(eₖ) ⊙ Σᵢ aₖᵢ Mₖᵢ), per parameter; with the
-        chunked baseline (c ≠ 0) it also accumulates the score sums its correction needs."""
-        if layer.site in WEIGHT_SITES:     # one perturbation per replication
-            s = layer.weight_score(r, (lambda e: e) if linear else None)                # (k, P)
-            if c:
-                acc = sums.score_per_input.setdefault(i, torch.zeros(s.shape[1], dtype=s.dtype, device=s.device))
-                acc.add_(s.sum(0), alpha=score_scale)
-            return layer.split_parameters(a.sum(1) @ s)
-        e, rho, vs = layer.flip_split(r)
-        s = e if linear else score(layer.noise, e)
-        if c:                          # per input: Σₖ s(eₖ) ⊙ Mₖᵢ, (B, P)
-            acc = sums.score_per_input.setdefault(i, torch.zeros(r.shape[1], s.shape[1], dtype=s.dtype,
-                                                                 device=s.device))
-            acc.add_(torch.einsum("kp,kbp->bp", s, layer.flip_mask(rho, vs)), alpha=score_scale)
-        return layer.split_parameters((s * layer.flip_sum(a, rho, vs)).sum(0))
-
-    def _finalize(self, sums: _Sums, pr: Probe) -> dict[int, list[Tensor]]:
-        """Σ w · (layer gradient under s) per layer: subtract the c·Sᵢ part of w (chunked baseline)."""
-        if not sums.c:
-            return sums.grads
-        out, S = {}, sums.loss_per_input
+    def _finalize(self, sums: _Sums, layout: Layout) -> dict[int, list[Tensor]]:
+        """Σ w · (layer gradient under s) per layer, trainable parameters only: subtract the c·Sᵢ part of w
+        (chunked control variate)."""
+        out = {}
         for i, gs in sums.grads.items():
-            layer = pr.layers[i]
-            if layer.site in WEIGHT_SITES:    # Σₖ Σᵢ c Sᵢ s(eₖ) = c (Σᵢ Sᵢ) Σₖ s(eₖ)
-                correction = layer.split_parameters(S.sum() * sums.score_per_input[i])
-            elif layer.site == "flipout":     # Σᵢ c Sᵢ Σₖ s(eₖ) ⊙ Mₖᵢ
-                correction = layer.split_parameters(S @ sums.score_per_input[i])
-            elif i in sums.shared_inputs:
-                sw = S.reshape(-1, *[1] * (sums.score_per_input[i].dim() - 1)) * sums.score_per_input[i]
-                correction = layer.glr_grads(sums.shared_inputs[i], sw)
-            else:
-                correction = [torch.einsum("b,b...->...", S, g) for g in sums.grads_per_input[i]]
-            keep = _trainable_mask(layer)
-            correction = [c for c, kp in zip(correction, keep) if kp]
-            out[i] = [g - sums.c * corr for g, corr in zip(gs, correction)]
+            layer = layout.probe.layers[i]
+            if sums.c:
+                corr = layout.perturbations[i].correction(layer, sums.state[i], sums.loss_per_input)
+                gs = [g - sums.c * c for g, c in zip(gs, corr)]
+            out[i] = [g for g, p in zip(gs, layer.parameters(recurse=False)) if p.requires_grad]
         return out
 
     def _prefetch(self, layout: Layout, x: Tensor) -> bool:
@@ -459,24 +365,19 @@ class GLR:
             return bool(self.prefetch)
         if x.device.type != "cpu" or (torch.get_num_threads() < 2 and (os.cpu_count() or 1) < 2):
             return False
-        pr, flops = layout.probe, 0
-        if any(pr.layers[i].site in WEIGHT_SITES for i in layout.active):
+        if not layout.per_input:
             return False                     # one row of noise per replication: never the bottleneck
+        pr, flops = layout.probe, 0
         for i in layout.active[1:]:          # the first noisy layer runs once per input
             layer, unit = pr.layers[i], pr.shapes[i]
             flops += layer.weight.numel() * (math.prod(unit[1:]) if isinstance(layer, nn.Conv2d) else 1)
         return flops < PREFETCH_FLOPS_PER_NOISE * layout.width
 
-    def _chunk_sizes(self, layout: Layout, B: int, itemsize: int, replications: int, m: int,
+    def _chunk_sizes(self, layout: Layout, B: int, itemsize: int, replications: int, sampler: Sampler,
                      prefetch: bool) -> list[int]:
         """Replications per chunk so that the working set stays under the memory budget."""
-        extra = 0  # per-input gradients of convolutions under the chunked baseline unfold their inputs
-        for i in layout.active:
-            layer = layout.probe.layers[i]
-            if self.baseline and isinstance(layer, torch.nn.Conv2d) and layer.site == "activity":
-                extra += layer.weight[0].numel() * math.prod(layout.probe.shapes[i][1:])
-            if layer.site == "channel":   # a narrow slice whose layer's outputs are still per replication
-                extra += 4 * math.prod(layout.probe.shapes[i])
+        extra = sum(layout.perturbations[i].chunk_extra(layout.probe.layers[i], layout.probe.shapes[i], self.baseline)
+                    for i in layout.active)
         per_replication = max(B, 1) * (6 * layout.width + extra + 8) * itemsize  # noise, scores, v, φ(v), loss
         if prefetch:                            # two chunks in flight, each cache-sized
             budget = min(self.memory_budget_mb / 2, PREFETCH_CHUNK_MB)
@@ -487,7 +388,8 @@ class GLR:
         k = int(budget * 2**20) // per_replication
         # whole groups, each generator call a multiple of 16 values (torch's CPU normal_ draws in blocks of
         # 16, so the same stream gives the same noise however the replications are chunked)
-        align = m * (16 // math.gcd(self.sampler.drawn_per_group * B * layout.width, 16))
+        m = sampler.group_size
+        align = m * (16 // math.gcd(sampler.drawn_per_group * B * layout.width, 16))
         k = min(max(align, k // align * align), replications)
         return [min(k, replications - s) for s in range(0, replications, k)]
 
@@ -514,46 +416,3 @@ class GLR:
 
     def _all_reduce(self, tensors: list[Tensor]) -> None:
         """Sum across processes (single process: nothing to do)."""
-
-
-def _trainable_mask(layer: nn.Module) -> list[bool]:
-    return [p.requires_grad for p in layer.parameters(recurse=False)]
-
-
-class Backprop:
-    """Back-propagation through the same network, for the baselines (same interface as GLR).
-
-    ``noise=False``: the noise-free network (the seed's BP baseline). ``noise=True``: the
-    pathwise gradient through K noisy replications — unbiased for smooth φ and L, and the
-    reference the GLR tests compare against. Requires a differentiable loss. Works for any
-    ``nn.Module`` with noisy layers at any depth.
-    """
-
-    def __init__(self, loss: LossLike = "cross_entropy", noise: bool = False, replications: int = 1,
-                 generator: torch.Generator | None = None):
-        if isinstance(loss, str) and loss not in DIFFERENTIABLE:
-            get_loss(loss)  # unknown names get the listing error first
-            raise ValueError(f"back-propagation needs a differentiable loss; {loss!r} is not "
-                             f"(use GLR, or one of {sorted(DIFFERENTIABLE)})")
-        if replications < 1:
-            raise ValueError(f"replications must be ≥ 1, got {replications}")
-        self.loss = get_loss(loss)
-        self.noise, self.replications, self.generator = noise, replications, generator
-
-    def __repr__(self) -> str:
-        return f"Backprop(loss={loss_name(self.loss)}, noise={self.noise}, replications={self.replications})"
-
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> GradStats:
-        x = check_batch(model, x, y)
-        if any(m.activation is not None and is_step(m.activation)
-               for m in noisy_layers(model)):
-            raise ValueError("back-propagation through the 'threshold' activation gives zero gradients; use GLR")
-        if self.noise:
-            from .model import forward_replications, noise_draw
-            layout, r = noise_draw(model, x, self.replications, self.generator)
-            out = forward_replications(model, x, layout, r)
-            loss = self.loss(out.reshape(-1, out.shape[-1]), y.repeat(self.replications)).mean()
-        else:
-            loss = self.loss(model(x), y).mean()
-        loss.backward()
-        return GradStats(loss=loss.detach(), replications=self.replications if self.noise else 1)

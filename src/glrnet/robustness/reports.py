@@ -7,8 +7,9 @@ import json
 import math
 from pathlib import Path
 
-from .attack_settings import CONVERGENCE_TOLERANCE, AttackSettings
-from .checkpoint import atomic_write_csv, atomic_write_text
+from .settings import CONVERGENCE_TOLERANCE, AttackSettings
+from ..utils.figures import save_figure, styles, subplots
+from ..utils.files import atomic_write_csv, atomic_write_text
 
 ROBUST_FIELDS = ["model", "attack", "eps", "acc_ot", "acc_lap", "acc_vote", "images"]
 
@@ -73,7 +74,6 @@ def write_reports(out: Path, rows: list[dict], checks: list[dict], headline: flo
         lines.append(f"| {c['model']} | {c['check']} | {c['value']} | {'yes' if c['pass'] else 'NO'} |")
     atomic_write_text(out / "robustness.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "robustness_checks.json", json.dumps(checks, indent=1, ensure_ascii=False))
-    from .plots import figure_worst_case
     figure_worst_case(out / "robustness_worst_case.png", rows, models, {m: key_of(m) for m in models}, title)
 
 
@@ -100,3 +100,25 @@ def write_seed_spread(out: Path, rows: list[dict], checks: list[dict], base: dic
             cells.append(f"{sum(v) / len(v):.3f} ({min(v):.3f}–{max(v):.3f})")
         lines.append(f"| {name} | {len(vals)} | {cells[0]} | {cells[1]} |")
     atomic_write_text(out / "robustness_seeds.md", "\n".join(lines) + "\n")
+
+
+def figure_worst_case(path, rows: list[dict], models: list[str], keys: dict, title: str = "") -> None:
+    """Adaptive worst case (solid) and transfer FGSM (dashed) against ε, one line pair per model,
+    each on its defended predictor (``keys[m]``: acc_lap or acc_ot)."""
+    fig, ax = subplots(figsize=(6.5, 4))
+    for (color, marker), m in zip(styles(len(models)), models):
+        key = keys[m]
+        clean = next((r[key] for r in rows if r["model"] == m and r["attack"] == "none"), None)
+        for attack, style in (("worst-case", "-"), ("transfer-fgsm", "--")):
+            rs = sorted((r for r in rows if r["model"] == m and r["attack"] == attack), key=lambda r: r["eps"])
+            if rs:
+                ax.plot([0.0] + [r["eps"] for r in rs], [clean] + [r[key] for r in rs], style, marker=marker, ms=4,
+                        color=color, label=f"{m} ({'LAP' if key == 'acc_lap' else 'OT'})" if attack == "worst-case"
+                        else None)
+    ax.set_xlabel("ε (L∞)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{title + ': ' if title else ''}adaptive worst case (solid) vs transfer FGSM (dashed)", fontsize=9)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    save_figure(fig, path)

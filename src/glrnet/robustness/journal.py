@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .checkpoint import save_tensors_atomic
+from ..utils.files import save_tensors_atomic
 
 JOURNAL = "robustness_journal.safetensors"
 #: bumped whenever an attack changes what it computes, so that a journal never replays a superseded attack

@@ -20,10 +20,11 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Normal
 
-from .activations import Centered, activation_name
-from .layers import _ACTIVE, WEIGHT_SITES, NoisyLayer, NoisySequential
+from ..nn.activations import Centered, activation_name
+from ..nn.containers import NoisySequential
+from ..nn.intercept import intercept
+from ..nn.layers import NoisyLayer
 from .surrogates import gauss_expectation
 
 
@@ -38,12 +39,10 @@ def _noise_variance(layer: NoisyLayer, h2: Tensor) -> Tensor | float:
     """The variance of ``layer``'s own noise on each pre-activation unit, given E[h²] of its input: σ² for
     activity noise; for parameter noise (i.i.d., variance σ², on every weight and bias) σ²·layer(E[h²];
     weights 1) — the channel site's while its channel is the one drawn."""
-    if layer.site == "activity":
-        if not isinstance(layer.noise, Normal):
-            raise ValueError(f"moment surrogates assume Gaussian unit noise; {type(layer).__name__} has {layer.noise!r}")
-        return float(layer.noise.variance)
-    ones = h2.new_full((1, layer.parameter_count), float(layer.noise.variance))
-    return layer.weight_effect(h2, ones, 1, h2.shape[0])[0]   # a sum of many terms: Gaussian, whatever f is
+    try:
+        return layer.perturbation.preactivation_variance(layer, h2)
+    except NotImplementedError:
+        raise ValueError(f"moment surrogates have no rule for perturbation {layer.perturbation.name!r}") from None
 
 
 def _unit(layer: NoisyLayer, mean: Tensor, var: Tensor | float) -> tuple[Tensor, Tensor, bool]:
@@ -58,14 +57,15 @@ def _unit(layer: NoisyLayer, mean: Tensor, var: Tensor | float) -> tuple[Tensor,
     m = smoothed(phi, mean, s)
     binary = activation_name(phi) == "threshold"
     m2 = m if binary else smoothed(lambda u: phi(u) ** 2, mean, s)
-    if layer.site == "channel":
-        O, fixed = layer.weight.shape[0], phi(mean).detach()
-        m, m2 = m / O + fixed * (1 - 1 / O), m2 / O + fixed ** 2 * (1 - 1 / O)
+    q = layer.perturbation.perturbed_fraction(layer)
+    if q < 1:
+        fixed = phi(mean).detach()
+        m, m2 = m * q + fixed * (1 - q), m2 * q + fixed ** 2 * (1 - q)
     return m, (m2 - m * m).clamp_min(0), binary
 
 
 class _MeanField:
-    """The active-injection protocol (:meth:`glrnet.layers.Injection.apply`) of the mean-field network."""
+    """The handler (:mod:`glrnet.nn.intercept`) of the mean-field network."""
 
     def apply(self, layer: NoisyLayer, h: Tensor) -> Tensor:
         return _unit(layer, layer.affine(h), _noise_variance(layer, h * h))[0]
@@ -73,11 +73,8 @@ class _MeanField:
 
 def mean_field_forward(model: nn.Module, x: Tensor) -> Tensor:
     """The mean-field network's output on ``x`` (deterministic, differentiable for any φ)."""
-    token = _ACTIVE.set(_MeanField())
-    try:
+    with intercept(_MeanField()):
         return model(model.bind(x) if hasattr(model, "bind") else x)
-    finally:
-        _ACTIVE.reset(token)
 
 
 def _pool_moments(pool: nn.Module, m: Tensor, v: Tensor, binary: bool) -> tuple[Tensor, Tensor, bool]:
@@ -106,8 +103,6 @@ def moment_forward(model: NoisySequential, x: Tensor) -> tuple[Tensor, Tensor]:
 def _propagate(modules: nn.Sequential, m: Tensor, v: Tensor, binary: bool) -> tuple[Tensor, Tensor, bool]:
     for module in modules:
         if isinstance(module, NoisyLayer):
-            if module.site not in WEIGHT_SITES + ("activity", "flipout"):   # flipout: the weight site's marginals
-                raise ValueError(f"moment propagation has no rule for site {module.site!r}")
             # Var[θᵀh] = Σ θ² Var[h] for independent inputs: the layer with squared weights and no bias
             sq = [p.reshape(-1) ** 2 for p in module.parameters(recurse=False)]
             if module.bias is not None:
@@ -136,7 +131,7 @@ def deterministic_surrogates(model: NoisySequential) -> list[str]:
     """The deterministic surrogates that apply to ``model``: ``mean`` (Gaussian unit noise) and ``moments``
     (the modules :func:`moment_forward` has rules for), tried on an example input (none without
     ``model.input_shape``)."""
-    out, x = [], model._example()
+    out, x = [], model.example_input()
     for name, forward in (("mean", mean_field_forward), ("moments", moment_forward)):
         try:
             with torch.no_grad():

@@ -14,8 +14,9 @@ A control variate gives two things:
   lets the fast path process replications in chunks, and across processes. A control
   variate without ``split`` works only when all K replications fit one chunk.
 
-To add one: subclass :class:`ControlVariate` here, implement both, add it to
-``CONTROL_VARIATES``.
+To add one: subclass :class:`ControlVariate` in one file, implement ``weights`` (and ``split``, or set
+``chunkable = False``), and :func:`register_control_variate` it; the estimator, the CLI's choices, the
+specs and the tests pick it up (``tests/test_extensions.py`` shows one).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def group_sums(losses: Tensor, groups: Tensor, group_size: int) -> Tensor:
 class ControlVariate:
     name = "control variate"
     min_groups = 1
+    chunkable = True    # has ``split``: works when the replications are processed in chunks or across processes
 
     def weights(self, losses: Tensor, groups: Tensor, group_size: int) -> Tensor:
         """w (K, B) from all K replications' losses (K, B) and their group ids (K,)."""
@@ -75,7 +77,17 @@ class LeaveOneOut(ControlVariate):
         return losses + group_sums(losses, groups, m) / (replications - m), 1.0 / (replications - m)
 
 
-CONTROL_VARIATES = {"none": NoBaseline, "leave-one-out": LeaveOneOut}
+CONTROL_VARIATES: dict[str, type[ControlVariate]] = {}
+
+
+def register_control_variate(cls: type[ControlVariate]) -> type[ControlVariate]:
+    """Make ``cls`` available by its ``name`` (``GLR(baseline=...)``, the CLI, specs)."""
+    CONTROL_VARIATES[cls.name] = cls
+    return cls
+
+
+for _cls in (NoBaseline, LeaveOneOut):
+    register_control_variate(_cls)
 
 
 def get_control_variate(baseline: bool | str | ControlVariate) -> ControlVariate:

@@ -40,11 +40,11 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .attack_settings import CONVERGENCE_TOLERANCE, DEFAULT_EPS, AttackSettings, validate_eps
+from .settings import CONVERGENCE_TOLERANCE, DEFAULT_EPS, AttackSettings, validate_eps
 from .attacks import attack_model, attack_plan, correct
-from .distributed import stream_seed
+from ..utils.seeding import stream_seed
 from .journal import JOURNAL, AttackJournal, fingerprint
-from .model import NoisySequential
+from ..nn.containers import NoisySequential
 from .reports import ROBUST_FIELDS, write_reports, write_seed_spread  # noqa: F401 (ROBUST_FIELDS re-exported)
 
 

@@ -1,9 +1,9 @@
 """BPDA surrogates: the backward passes an attacker uses through discontinuous activations.
 
 The forward is always exact; only the gradient through φ is replaced (Athalye et al. 2018).
-A surrogate is applied by the noisy-forward context (:class:`glrnet.layers.Injection`), which
-wraps each noisy layer's activation for the duration of one pass: the model's own forward
-knows nothing about attacks.
+A surrogate is applied by :class:`SurrogateInjection`, a noisy pass (:class:`glrnet.nn.injection.Injection`)
+whose layers' activation is wrapped for the duration of the pass: the model's own forward knows nothing
+about attacks.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 from torch.distributions import Normal
 
-from .activations import Centered, activation_name, is_smooth, is_step
-from .layers import Injection, forward_with_flat_noise
-from .model import NoisySequential
+from ..nn.activations import Centered, activation_name, is_smooth, is_step
+from ..nn.containers import NoisySequential
+from ..nn.injection import Injection, forward_with_flat_noise, probe
+from ..nn.perturbations import Activity
 
 _GH = np.polynomial.hermite.hermgauss(64)
 
@@ -49,9 +50,8 @@ def surrogates_for(model: NoisySequential) -> list[str]:
     :func:`glrnet.attacks.attack_plan` appends them after these, :class:`glrnet.oracles.LAPClassifier` takes them.
     """
     acts = {a for a in model.activations() if a is not None}
-    from .layers import probe
-    pr = probe(model, model._example()) if getattr(model, "input_shape", None) else None
-    lr = [] if pr is not None and pr.layers[pr.order[0]].site != "activity" else ["lr"]   # needs unit noise first
+    pr = probe(model, model.example_input()) if getattr(model, "input_shape", None) else None
+    lr = [] if pr is not None and not isinstance(pr.perturbations[pr.order[0]], Activity) else ["lr"]   # unit noise first
     if all(is_smooth(a) for a in acts):
         return ["exact"] + lr
     if any(is_step(a) for a in acts):
@@ -87,7 +87,7 @@ def _derivative(model: NoisySequential, surrogate: str):
             raise ValueError("the Gaussian-smoothed surrogate assumes Gaussian noise")
         def gauss(layer):
             inner = getattr(layer.activation, "inner", layer.activation)
-            if layer.site == "activity":
+            if isinstance(layer.perturbation, Activity):
                 return lambda v, z: smoothed_derivative(inner, z, float(layer.noise.stddev))
             # weight sites: the pre-activation's noise is the weights' effect v − z, of std σ_w·‖patch, 1‖ (not
             # σ_w): smoothed with its root mean square over the perturbed entries, measured on the attack's own
@@ -112,15 +112,30 @@ def attack_forward(model: NoisySequential, x: Tensor, noise: Tensor | None = Non
         return model(x) if noise is None else forward_with_flat_noise(model, x, noise)
     d = _derivative(model, surrogate)
 
-    def wrap(v, z, layer):
+    class Pass(SurrogateInjection):
+        derivative = staticmethod(d)
+    if noise is None:
+        with Pass(model.noisy_layers, 1, x.shape[0]):
+            return model(x)
+    return forward_with_flat_noise(model, x, noise, injection=Pass)
+
+
+class SurrogateInjection(Injection):
+    """A noisy pass whose units output φ(v) exactly but back-propagate ``derivative(layer)(v, z)`` in place of
+    φ'(v), z the pre-activation without noise (BPDA). Subclasses set ``derivative``: layer → (v, z) → φ'."""
+
+    derivative = None
+
+    def activate(self, i, layer, v, h):
         phi = layer.activation
+        if phi is None:
+            return v
+        z = v if i not in self.noise else layer.affine(h)
+        if z.shape[0] != v.shape[0]:   # the batch grew at this layer: z once per input
+            z = z.unsqueeze(0).expand(v.shape[0] // z.shape[0], *z.shape).reshape(v.shape)
         if isinstance(phi, Centered):   # centre by autograd (the chain rule through the mean), then the inner φ's surrogate
             v, z, phi = phi.center(v), phi.center(z), phi.inner
-        return _Surrogate.apply(v, z, phi, d(layer))
-    if noise is None:
-        with Injection(model.noisy_layers, 1, x.shape[0], surrogate=wrap):
-            return model(x)
-    return forward_with_flat_noise(model, x, noise, surrogate=wrap)
+        return _Surrogate.apply(v, z, phi, self.derivative(layer))
 
 
 def default_surrogate(model: NoisySequential) -> str:

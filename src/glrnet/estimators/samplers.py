@@ -8,8 +8,9 @@ variance, and a control variate must respect it: replications come in *groups* (
 a QMC net) that depend on each other and on nothing else, and ``group_ids`` says which
 (the leave-one-out baseline then leaves out the whole group; see control_variates.py).
 
-To add a sampler: subclass :class:`Sampler`, implement ``fill_`` and ``group_ids``, and
-register it in ``SAMPLERS``; the estimator, the LAP predictor and the tests pick it up.
+To add a sampler: subclass :class:`Sampler` in one file, implement ``fill_`` (and ``group_ids`` if its
+groups are not consecutive), and :func:`register_sampler` it; the estimator, the LAP predictor, the
+CLI's choices, the specs and the tests pick it up (``tests/test_extensions.py`` shows one).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 from torch.distributions import Distribution
 from torch.quasirandom import SobolEngine
 
-from .noise import icdf_, sample_
+from ..nn.noise import icdf_, sample_
 
 
 class Sampler:
@@ -32,11 +33,14 @@ class Sampler:
     group_size = 1
     drawn_per_group = 1   # replications' worth of values a group takes from the generator
 
-    def check(self, replications: int) -> None:
-        """A ``ValueError`` if ``replications`` cannot be split into whole groups."""
+    def for_replications(self, replications: int, min_groups: int = 1) -> "Sampler":
+        """The sampler to use for calls of ``replications`` replications (this one, or a configured copy;
+        this object is never changed), or a ``ValueError`` if they cannot be split into whole groups.
+        ``min_groups``: where the sampler may choose its group size, at least this many groups."""
         if replications % self.group_size:
             raise ValueError(f"sampler {self.name!r} draws groups of {self.group_size} replications; "
                              f"replications = {replications} is not a multiple")
+        return self
 
     def fill_(self, dist: Distribution, out: Tensor, generator: torch.Generator | None) -> Tensor:
         raise NotImplementedError
@@ -86,7 +90,8 @@ class QMC(Sampler):
     evenly than independent draws. Dimensions beyond Sobol's 21201 reuse the base
     coordinates with their own shifts (still exactly uniform, no QMC gain there).
 
-    ``points=None``: the largest power of two ≤ 16 dividing the replications of a call.
+    ``points=None``: the largest power of two ≤ 16 dividing the replications of a call (and leaving the
+    control variate the groups it needs).
     """
 
     name = "qmc"
@@ -98,18 +103,23 @@ class QMC(Sampler):
         self.points, self.seed = points, seed
         self.group_size = points or 2
         self._base: dict = {}
+        self._sized: dict = {}   # points=None: the configured copy for each group size
 
     @property
     def drawn_per_group(self):
         return self.group_size
 
-    def check(self, replications):
-        if self.points is None:
-            self.group_size = math.gcd(replications, 16)
-            self.group_size = 1 << (self.group_size.bit_length() - 1)
-            if self.group_size < 2:
-                raise ValueError(f"sampler 'qmc' needs an even number of replications, got {replications}")
-        super().check(replications)
+    def for_replications(self, replications, min_groups=1):
+        if self.points is not None:
+            return super().for_replications(replications)
+        points = 1 << (math.gcd(replications, 16).bit_length() - 1)
+        while points > 2 and replications // points < min_groups:
+            points //= 2
+        if points < 2:
+            raise ValueError(f"sampler 'qmc' needs an even number of replications, got {replications}")
+        if points not in self._sized:
+            self._sized[points] = QMC(points, self.seed)
+        return self._sized[points]
 
     def _base_points(self, width: int, device) -> Tensor:
         """(points, width) Sobol points as integers in [0, 2^BITS) (scrambled once, fixed seed)."""
@@ -133,7 +143,17 @@ class QMC(Sampler):
         return out.copy_(icdf_(dist, u))     # F⁻¹ in float64: float32 would round u near 1 to 1 (r = ∞)
 
 
-SAMPLERS = {"iid": IID, "antithetic": Antithetic, "qmc": QMC}
+SAMPLERS: dict[str, type[Sampler]] = {}
+
+
+def register_sampler(cls: type[Sampler]) -> type[Sampler]:
+    """Make ``cls`` available by its ``name`` (``GLR(sampler=...)``, predictors, the CLI, specs)."""
+    SAMPLERS[cls.name] = cls
+    return cls
+
+
+for _cls in (IID, Antithetic, QMC):
+    register_sampler(_cls)
 
 
 def get_sampler(sampler: str | Sampler) -> Sampler:

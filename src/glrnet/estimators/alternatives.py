@@ -8,8 +8,8 @@ GLR's K replications at equal cost (``forward_passes``).
 ``ES``  evolution strategies with antithetic weight perturbation of every layer (Salimans et al.
         2017): ĝ = 1/(nσ) Σⱼ ½(L(θ + σεⱼ) − L(θ − σεⱼ)) εⱼ over n pairs, εⱼ ~ N(0, I), on the
         noise-free network. Unbiased for ∇θ E_ε[L(θ + σε)] (the Gaussian smoothing of the loss;
-        any φ and L); it *is* GLR with every layer's site = "weight", antithetic noise and no
-        baseline, and runs through that vectorised path. ``rank_shaping`` replaces the batch-mean
+        any φ and L); it *is* GLR with a :class:`~glrnet.nn.perturbations.Weight` perturbation N(0, σ²)
+        in every layer, antithetic noise and no baseline (the model is not touched). ``rank_shaping`` replaces the batch-mean
         losses by centred ranks (OpenAI-ES fitness shaping; changes the objective, labelled so).
 ``SPSA`` two-point simultaneous perturbation, MeZO's estimator (Malladi et al. 2023; Spall 1992):
         ĝ = 1/n Σⱼ (L(θ + εzⱼ) − L(θ − εzⱼ)) / (2ε) · zⱼ, zⱼ ~ N(0, I) (or Rademacher), ε small;
@@ -25,26 +25,17 @@ GLR's K replications at equal cost (``forward_passes``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from .activations import activation_name, is_smooth
+from ..nn.activations import activation_name, is_smooth
+from ..nn.injection import Injection, Layout, check_batch, noisy_forward, probe
+from ..nn.losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
+from ..nn.modules import noisy_layers
+from ..nn.perturbations import Weight
 from .control_variates import ControlVariate
-from .estimators import GLR, GradStats, glr_parameters
-from .layers import Injection, Layout, noisy_forward, noisy_layers, probe
-from .losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
-from .model import bind, check_batch
-
-
-def _fill_grads(model: nn.Module, grads: list[Tensor]) -> None:
-    for p, g in zip((p for group in glr_parameters(model) for p in group), grads):
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
+from .glr import GLR, GradStats, fill_grads, glr_parameters
 
 
 class CenteredRanks(ControlVariate):
@@ -54,6 +45,7 @@ class CenteredRanks(ControlVariate):
 
     name = "centered-ranks"
     min_groups = 2
+    chunkable = False
 
     def weights(self, losses: Tensor, groups: Tensor, group_size: int) -> Tensor:
         k = losses.shape[0]
@@ -81,8 +73,8 @@ class ES:
             raise ValueError(f"ES sigma must be > 0, got {sigma}")
         self.population, self.sigma, self.rank_shaping = population, float(sigma), rank_shaping
         self._glr = GLR(loss, replications=population, baseline=CenteredRanks() if rank_shaping else False,
-                        sampler="antithetic", memory_budget_mb=memory_budget_mb, generator=generator,
-                        prefetch=False)
+                        sampler="antithetic", perturbation=Weight(Normal(0.0, self.sigma)),
+                        memory_budget_mb=memory_budget_mb, generator=generator, prefetch=False)
         self.loss = self._glr.loss
 
     @property
@@ -94,22 +86,12 @@ class ES:
                 f"rank_shaping={self.rank_shaping})")
 
     def estimate(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[list[Tensor], GradStats]:
-        """The ES estimate (aligned with ``glr_parameters``), without touching ``.grad``: every noisy
-        layer is switched to weight noise N(0, σ²) for the call and restored after."""
-        layers = noisy_layers(model)
-        saved = [(m.site, m.noise) for m in layers]
-        noise = Normal(torch.tensor(0.0), torch.tensor(self.sigma))
-        try:
-            for m in layers:
-                m.site, m.noise = "weight", noise
-            return self._glr.estimate(model, x, y)
-        finally:
-            for m, (site, nz) in zip(layers, saved):
-                m.site, m.noise = site, nz
+        """The ES estimate (aligned with ``glr_parameters``), without touching ``.grad``."""
+        return self._glr.estimate(model, x, y)
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> GradStats:
         grads, stats = self.estimate(model, x, y)
-        _fill_grads(model, grads)
+        fill_grads(model, grads)
         return stats
 
 
@@ -177,7 +159,7 @@ class SPSA:
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> GradStats:
         grads, stats = self.estimate(model, x, y)
-        _fill_grads(model, grads)
+        fill_grads(model, grads)
         return stats
 
 
@@ -211,7 +193,7 @@ class ForwardGradient:
 
     def estimate(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[list[Tensor], GradStats]:
         glr_parameters(model)
-        x = check_batch(model, bind(model, x), y)
+        x = check_batch(model, x, y)
         layers = noisy_layers(model)
         for m in layers:
             if m.activation is not None and not is_smooth(m.activation):
@@ -221,13 +203,17 @@ class ForwardGradient:
         layout, B = Layout(pr), x.shape[0]
         with torch.no_grad(), Injection(layers, 1, B, record=True) as inj:   # each layer's input h
             out0 = model(x)
+        for i in pr.order:
+            if pr.perturbations[i].name != "activity":
+                raise ValueError(f"forward gradients perturb the units' activity; noisy layer {i} has perturbation "
+                                 f"{pr.perturbations[i].name!r} (use GLR or ES)")
         loss0 = self.loss(out0, y).mean()
         gen = self.generator
         if gen is None:
             gen = self.generator = torch.Generator(device=x.device).manual_seed(int(torch.randint(0, 2**62, ())))
 
         def per_sample_loss(delta):
-            out = noisy_forward(model, x, Injection(layers, 1, B, layout.views(delta)), layout.first)
+            out = noisy_forward(model, x, layout.injection(1, B, delta), layout.first)
             return self.loss(out, y)
 
         cot = {i: torch.zeros(B, *pr.shapes[i], dtype=x.dtype, device=x.device) for i in pr.order}
@@ -253,5 +239,5 @@ class ForwardGradient:
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> GradStats:
         grads, stats = self.estimate(model, x, y)
-        _fill_grads(model, grads)
+        fill_grads(model, grads)
         return stats

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from .distributed import stream_seed
+from ..utils.seeding import stream_seed
 
 DEFAULT_EPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)   # the ε sweep of the tables and of the protocol
 NORMS = ("Linf", "L2")

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .estimators import GLR
+from ..utils.seeding import stream_seed
+from .glr import GLR
 
 
 def world_size() -> int:
@@ -76,13 +77,6 @@ def shard_batch(x: Tensor, y: Tensor, cfg) -> tuple[Tensor, Tensor]:
         return x, y
     d, d_count, _, _ = grid_position(cfg.parallel)
     return torch.tensor_split(x, d_count)[d], torch.tensor_split(y, d_count)[d]
-
-
-def stream_seed(*keys: int) -> int:
-    """A 63-bit seed for the stream named by integer ``keys``: NumPy's SeedSequence hashing,
-    built to give statistically independent streams for distinct keys (and the same on every run)."""
-    import numpy as np
-    return int(np.random.SeedSequence([k % 2**63 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def rank_generator(seed: int, device="cpu") -> torch.Generator:

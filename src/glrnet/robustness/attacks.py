@@ -22,11 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .checkpoint import save_tensors_atomic
-from .distributed import stream_seed
-from .losses import cross_entropy
+from ..nn.containers import NoisySequential
+from ..nn.losses import cross_entropy
+from ..predict import predict, predict_proba
+from ..utils.files import save_tensors_atomic
+from ..utils.seeding import stream_seed
 from .moments import deterministic_surrogates
-from .model import NoisySequential, predict, predict_proba
 from .oracles import LAPClassifier, spsa_gradient
 from .surrogates import surrogates_for
 

@@ -10,8 +10,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .model import NoisySequential
-from .noise import score
+from ..nn.containers import NoisySequential
+from ..nn.injection import probe, sample_noise
+from ..nn.intercept import record_preactivations
+from ..nn.noise import score
+from ..nn.perturbations import Activity
 from .moments import mean_field_forward, moment_logits
 from .surrogates import attack_forward, default_surrogate
 
@@ -65,7 +68,7 @@ class LAPClassifier(nn.Module):
             return torch.log_softmax(attack_forward(self.model, flat, None, self.surrogate), -1)
         if self.surrogate == "lr":
             return _LRLogProb.apply(flat, self.model, self.samples, self.generator)
-        noise = self.model.sample_noise(self.samples, len(flat), generator=self.generator)
+        noise = sample_noise(self.model, self.samples, len(flat), x=self.model.bind(flat), generator=self.generator)
         p = torch.softmax(attack_forward(self.model, flat, noise, self.surrogate), -1).mean(0)
         return p.clamp_min(1e-12).log()
 
@@ -88,22 +91,28 @@ def lr_input_jacobian(model: NoisySequential, x: Tensor, fn, samples: int, gen: 
     Neither φ nor ``fn`` is differentiated. ``fn``: (S, N, C) → (S, N, M).
     Returns (jacobian (N, M, D), mean of fn (N, M)).
     """
-    from .layers import probe
     pr = probe(model, model.bind(x))
     first = pr.layers[pr.order[0]]
-    if first.site != "activity":
+    if not isinstance(pr.perturbations[pr.order[0]], Activity):
         raise ValueError("the likelihood-ratio input gradient needs activity noise on the first noisy layer")
-    r = model.sample_noise(samples, len(x), generator=gen)
+    r = sample_noise(model, samples, len(x), x=model.bind(x), generator=gen)
     g = fn(model(x, noise=r))
     centred = g - (g.sum(0, keepdim=True) - g) / (samples - 1)
     s0 = score(first.noise, r[..., :pr.width(pr.order[0])])
     cot = torch.einsum("snm,snw->nmw", centred, s0) / samples       # E[(g − b) s(r⁽⁰⁾)], (N, M, units)
     with torch.enable_grad():  # W⁽⁰⁾ᵀ cot: the first layer's transpose (a convolution's: transposed), by one batched vjp
         xr = x.detach().reshape(len(x), -1).requires_grad_(True)
-        z0 = model.first_preactivation(xr).reshape(len(x), -1)
+        z0 = first_preactivation(model, xr).reshape(len(x), -1)
         (jac,) = torch.autograd.grad(z0, xr, cot.transpose(0, 1), is_grads_batched=True)
     jac = jac.transpose(0, 1)
     return jac, g.mean(0)
+
+
+def first_preactivation(model: nn.Module, x: Tensor) -> Tensor:
+    """The first noisy layer's pre-activation without noise, (B, *units): a deterministic, differentiable
+    function of the input (the likelihood-ratio input gradient goes through it)."""
+    rec = record_preactivations(model, model.bind(x) if hasattr(model, "bind") else x)
+    return next(iter(rec.preactivations.values()))
 
 
 def spsa_gradient(prob_fn, samples: int, delta: float, gen: torch.Generator):

@@ -1,0 +1,1 @@
+"""Small utilities shared by every layer of glrnet: seeding and atomic file writing."""
