@@ -51,9 +51,9 @@ def parametrize(name: str, values):
         cases = getattr(fn, "cases", {})
         fn.cases = {name: list(values), **cases}
         if pytest is not None:
-            params = [pytest.param(v, marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")],
-                                   id=str(v)) if name == "device" and v == "cuda" else pytest.param(v, id=str(v))
-                      for v in values]
+            gpu = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]
+            params = [pytest.param(v, marks=gpu, id=str(v)) if name == "device" and v == "cuda"
+                      else pytest.param(v, id=str(v)) for v in values]
             fn = pytest.mark.parametrize(name, params)(fn)
         return fn
     return mark
@@ -271,8 +271,8 @@ def test_low_precision_parameters_get_gradients_of_their_own_dtype(device, dtype
         assert p.grad is not None and p.grad.dtype == dt and p.grad.device.type == dev.type, name
         assert torch.isfinite(p.grad).all(), name
     ref = (copy.deepcopy(model).float(), x.float(), y)
-    a = samples(*low, n=200, seed=2, device=dev, replications=48, injection="layerwise")
-    b = samples(*ref, n=200, seed=3, device=dev, replications=48, injection="layerwise")
+    a = samples(*low, n=120, seed=2, device=dev, replications=48, injection="layerwise")
+    b = samples(*ref, n=120, seed=3, device=dev, replications=48, injection="layerwise")
     ok, report = means_equal(a, b)
     print(f"{dtype} vs float32 on {device}: {report}")
     assert ok, report

@@ -136,7 +136,8 @@ def stage_env(a) -> None:
            "torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available(),
            "device_requested": a.device, "smoke": a.smoke, "budget_s": a.budget_s,
            "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
-           "env": {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PYTHONPATH") if k in os.environ}}
+           "env": {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PYTHONPATH")
+                   if k in os.environ}}
     from importlib.metadata import PackageNotFoundError, version
     for mod in ("numpy", "scipy", "scikit-learn", "matplotlib", "tqdm", "safetensors", "pytest"):
         try:
@@ -323,7 +324,10 @@ def run_stage(a, stage: str, seconds: float) -> dict:
            *argv_without_stage(a.argv)]
     t = time.time()
     print(f"== stage {stage}: up to {seconds:.0f} s", flush=True)
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    env = dict(os.environ)
+    if a.smoke:       # one torch thread per process: on a busy shared CPU, spinning thread pools stall toy runs
+        env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=os.setpgrp)   # its own process group: stopped with its children
     try:
         rc = proc.wait(timeout=seconds)
         status = "ok" if rc == 0 else f"failed (exit code {rc})"
@@ -440,7 +444,8 @@ def main(argv=None) -> int:
     started = time.time()
     import torch
     if a.device.startswith("cuda") and not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+        build = ("a CPU-only build" if torch.version.cuda is None else
+                 f"CUDA {torch.version.cuda}, but no GPU is visible")
         sys.stderr.write(f"device_check: error: --device {a.device}: this torch ({torch.__version__}) is {build}; "
                          "use --smoke for the CPU rehearsal or --device cpu for the full sizes on the CPU\n")
         return 2

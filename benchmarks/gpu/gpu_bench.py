@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -251,6 +250,7 @@ def measure(cfg: dict, device: torch.device, repeats: int, warmup: int) -> list[
                             torch.Generator(device=device).manual_seed(2))
     times = median_times(fns, repeats, warmup, device)
     floor = times["floor"]["wall_s"]
+    floor_peak = peak_memory_mb(fns["floor"], device)
     rows = []
     for name, est in ests.items():
         step = times[name]["wall_s"]
@@ -264,11 +264,10 @@ def measure(cfg: dict, device: torch.device, repeats: int, warmup: int) -> list[
                      "event_ratio": None if ev is None or not fev else ev / fev,
                      "sample_replications_per_s": K * B / step, "chunks": chunks,
                      "peak_memory_mb": peak_memory_mb(fns[name], device),
-                     "floor_peak_memory_mb": peak_memory_mb(fns["floor"], device),
+                     "floor_peak_memory_mb": floor_peak,
                      "host_syncs": host_syncs(fns[name], device), "repeats": repeats, "warmup": warmup})
-    del model, x, y, fns, ests
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    fns.clear()
+    ests.clear()
     return rows
 
 
@@ -331,6 +330,8 @@ def run(out: Path, profile_out: Path | None, device: str, smoke: bool, repeats: 
                 torch.cuda.empty_cache()
             continue
         per_config.append(time.time() - t)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()       # the configuration's buffers are gone: return their memory
         result["rows"] += rows
         for r in rows:
             print(f"{label:45s} {r['variant']:15s} step {r['step_ms']:9.3f} ms  floor {r['floor_ms']:9.3f} ms  "
