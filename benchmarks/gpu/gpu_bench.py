@@ -51,18 +51,19 @@ BIG_BUDGET_MB = 16384.0       # "budget" variants: every replication in one chun
 
 
 def configurations(smoke: bool) -> list[dict]:
-    """The benchmark rows' configurations (``smoke``: the same networks at toy K and B)."""
-    mlps = [("seed-mlp", [196, 20, 10], 10000, 25), ("large-mlp", [784, 256, 256, 10], 1000, 64)]
-    out = []
-    for name, sizes, K, B in mlps:
-        for act in ("threshold",) if smoke else ("sigmoid", "threshold"):
-            out.append(dict(name=f"{name} {'-'.join(map(str, sizes))} {act}", net="mlp", sizes=sizes, activation=act,
-                            technique="activity", K=60 if smoke else K, B=5 if smoke else B))
-    for technique in ("activity", "weight", "layerwise"):
+    """The benchmark rows' configurations, most important first (a stage short of time drops the last ones):
+    the seed's MLP, the LeNet's layer-wise technique (the training stage's), its weight and activity noise, the
+    large MLP. ``smoke``: the same networks at toy K and B."""
+    def mlp(name, sizes, K, B):
+        return [dict(name=f"{name} {'-'.join(map(str, sizes))} {act}", net="mlp", sizes=sizes, activation=act,
+                     technique="activity", K=60 if smoke else K, B=5 if smoke else B)
+                for act in (("threshold",) if smoke else ("sigmoid", "threshold"))]
+    out = mlp("seed-mlp", [196, 20, 10], 10000, 25)
+    for technique in ("layerwise", "weight", "activity"):
         for K in ((6,) if smoke else (96, 384, 1536)):
             out.append(dict(name=f"lenet threshold {technique}", net="lenet", activation="threshold",
                             technique=technique, K=K, B=4 if smoke else 32))
-    return out
+    return out + mlp("large-mlp", [784, 256, 256, 10], 1000, 64)
 
 
 def build(cfg: dict, device: torch.device):
