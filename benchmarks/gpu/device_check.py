@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -312,9 +313,13 @@ def stage_train(a) -> None:
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="glrnet-gpu-train-"))
     names = [n for n in a.train_runs.split(",") if n] or None
     end = time.time() + a.stage_seconds - (2.0 if a.smoke else 5.0)     # train.json written before the limit
-    gpu_train.run_all(Path(a.out) / "train.json", Path(a.out) / "train.log", work, Path(a.data_dir), a.device,
-                      a.smoke, end, names, mnist_k=a.mnist_k, mnist_epochs=a.mnist_epochs,
-                      fashion_k=a.fashion_k, memory_budget_mb=a.memory_budget_mb)
+    try:
+        gpu_train.run_all(Path(a.out) / "train.json", Path(a.out) / "train.log", work, Path(a.data_dir), a.device,
+                          a.smoke, end, names, mnist_k=a.mnist_k, mnist_epochs=a.mnist_epochs,
+                          fashion_k=a.fashion_k, memory_budget_mb=a.memory_budget_mb)
+    finally:
+        if not a.work:                  # a temporary folder of ours: what the runs reported is in train.json
+            shutil.rmtree(work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- the whole
