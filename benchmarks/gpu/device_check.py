@@ -153,25 +153,28 @@ def stage_env(a) -> None:
     except Exception:
         env["git_commit"] = None
     if torch.cuda.is_available():
-        devs = []
-        for i in range(torch.cuda.device_count()):
-            pr = torch.cuda.get_device_properties(i)
-            devs.append({"index": i, "name": pr.name, "total_memory_gib": pr.total_memory / 2**30,
-                         "capability": f"{pr.major}.{pr.minor}", "multiprocessors": pr.multi_processor_count})
-        env["devices"] = devs
-        t = time.time()                     # first use: context creation, a draw, a product
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.empty(1024, 1024, device="cuda").normal_(generator=g)
-        float((x @ x).sum())
-        env["cuda_first_use_s"] = time.time() - t
-        free, total = torch.cuda.mem_get_info()
-        env["memory_free_gib"], env["memory_total_gib"] = free / 2**30, total / 2**30
-        try:
-            env["nvidia_smi"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
-                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+        try:       # whatever fails here, env.json is still written, saying what
+            devs = []
+            for i in range(torch.cuda.device_count()):
+                pr = torch.cuda.get_device_properties(i)
+                devs.append({"index": i, "name": pr.name, "total_memory_gib": pr.total_memory / 2**30,
+                             "capability": f"{pr.major}.{pr.minor}", "multiprocessors": pr.multi_processor_count})
+            env["devices"] = devs
+            t = time.time()                     # first use: context creation, a draw, a product
+            g = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.empty(1024, 1024, device="cuda").normal_(generator=g)
+            float((x @ x).sum())
+            env["cuda_first_use_s"] = time.time() - t
+            free, total = torch.cuda.mem_get_info()
+            env["memory_free_gib"], env["memory_total_gib"] = free / 2**30, total / 2**30
+            try:
+                env["nvidia_smi"] = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
+                     "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+            except Exception as e:
+                env["nvidia_smi"] = f"unavailable ({type(e).__name__})"
         except Exception as e:
-            env["nvidia_smi"] = f"unavailable ({type(e).__name__})"
+            env["cuda_error"] = f"{type(e).__name__}: {e}"
     env["seconds"] = time.time() - t0
     write_json(Path(a.out) / "env.json", env)
     gpu = env.get("devices", [{}])[0].get("name", "no GPU")
