@@ -245,9 +245,10 @@ class GLR:
                 per_layer.setdefault(i, []).append([g / count for g in sub[i]])
         grads, variance = [], []
         for i in range(len(pr.layers)):       # module order: aligned with glr_parameters(model)
-            for j in range(len(per_layer[i][0])):
+            params = trainable(pr.layers[i])    # none: a frozen layer (its noise drawn, no sums kept)
+            for j, p in enumerate(params):
                 stack = torch.stack([b[j] for b in per_layer[i]])
-                grads.append(stack.mean(0).to(x.dtype))
+                grads.append(stack.mean(0).to(p.dtype))
                 if return_variance:
                     variance.append(stack.var(0) / stack.shape[0])
         if self.check_finite:   # one host synchronisation: the non-finite losses and gradient entries together
