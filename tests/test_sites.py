@@ -99,7 +99,7 @@ def pathwise_channel_samples(model, x, y, n, replications, seed=2):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("sampler", ["iid", "antithetic", "qmc"])
+@pytest.mark.parametrize("sampler", list(glrnet.estimators.SAMPLERS))
 @pytest.mark.parametrize("problem", ["mlp", "cnn"])
 def test_channel_site_unbiased_for_each_channels_own_objective(float64, problem, sampler):
     """Site "channel" (one output channel's parameters perturbed per replication, its likelihood ratio × O):

@@ -26,17 +26,19 @@ from tqdm.auto import tqdm
 
 from .estimators import distributed as dist_utils
 from .nn.activations import get_activation, is_smooth
-from .checkpoint import (atomic_write_csv, atomic_write_text, load_checkpoint, read_checkpoint_meta, save_checkpoint,
-                         save_model)
-from .data import SPLITS, Dataset, load_dataset
-from .estimators import SAMPLERS, GLR, Backprop
+from .checkpoint import (atomic_write_csv, atomic_write_text, load_checkpoint, output_lock, read_checkpoint_meta,
+                         save_checkpoint, save_model)
+from .data import SPLITS, DataError, Dataset, digits_folder_message, load_dataset
+from .certify import first_layer, project_spectral_norm_, project_stiefel_
+from .estimators import ES, GLR, SAMPLERS, SPSA, Backprop, ForwardGradient
 from .estimators.glr import INJECTIONS
 from .estimators.samplers import IID
-from .nn import MaxPool2d, NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, Residual, get_loss
+from .nn import LocalLosses, MaxPool2d, NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, Residual, get_loss
 from .nn.injection import Layout, noisy_forward, probe
 from .nn.noise import kinds, make_noise
 from .nn.perturbations import get_perturbation
 from .nn.rescale import rescale_noise_
+from .plots import plot_curves
 from .predict import predict_proba
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
@@ -189,13 +191,11 @@ class TrainConfig:
             if not ok:
                 raise ValueError(msg)
         if self.dataset == "digits" and self.data_dir is not None:
-            from .data import DataError, digits_folder_message
             raise DataError(digits_folder_message(self.data_dir))
         unused = unused_options(self)
         if unused:
             raise ValueError(next(iter(unused.values())))
         if self.method == "forward":
-            from .estimators import ForwardGradient
             ForwardGradient(self.loss)  # differentiable loss
             if not is_smooth(self.activation):
                 raise ValueError(f"forward gradients need a smooth activation, not {self.activation!r} (use glr or es)")
@@ -289,7 +289,6 @@ def parse_arch(arch: str) -> list[tuple[str, list[int]]]:
 def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
     """A ``ValueError`` naming the options in which ``cfg`` differs from the run saved in ``ckpt``
     (read from its metadata alone, before any weight is loaded); ``epochs`` may grow."""
-    from .checkpoint import read_checkpoint_meta
     saved = dict(asdict(TrainConfig.from_saved(read_checkpoint_meta(ckpt)["config"])), epochs=cfg.epochs)
     if saved != dict(asdict(cfg), epochs=cfg.epochs):
         diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
@@ -375,7 +374,6 @@ def _local_losses(mods: list, shape: tuple[int, ...], num_classes: int, cfg: Tra
     """The stack as LocalLosses blocks: a block starts at every convolution or residual block; each but
     the last gets the head Flatten → NoisyLinear(·, classes); the last block's head is the classifier
     (flatten and the dense layers)."""
-    from .nn import LocalLosses
     flat_at = next(i for i, m in enumerate(mods) if isinstance(m, torch.nn.Flatten))
     starts = [i for i, m in enumerate(mods[:flat_at]) if isinstance(m, (NoisyConv2d, Residual))]
     blocks = [torch.nn.Sequential(*mods[a:b]) for a, b in zip(starts, starts[1:] + [flat_at])]
@@ -404,7 +402,6 @@ def input_smoothing_layer(pixels: int, input_noise_std: float, kind: str = "gaus
 def build_producer(cfg: TrainConfig, generator: torch.Generator):
     """The gradient producer of a config: GLR (possibly distributed) or back-propagation."""
     if cfg.method in ("es", "spsa", "forward"):   # the same budget: replications forward passes per input
-        from .estimators import ES, SPSA, ForwardGradient
         if cfg.method == "es":
             return ES(cfg.loss, population=cfg.replications // 2 * 2, sigma=cfg.weight_noise_std,
                       memory_budget_mb=cfg.memory_budget_mb, generator=generator)
@@ -485,7 +482,6 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     cfg.validate()
     if out_dir is None or dist_utils.rank() != 0:
         return _train(cfg, out_dir, resume, quiet, data, progress, desc)
-    from .checkpoint import output_lock
     with output_lock(out_dir):
         return _train(cfg, out_dir, resume, quiet, data, progress, desc)
 
@@ -538,7 +534,6 @@ def _train(cfg: TrainConfig, out_dir: str | Path | None, resume: bool, quiet: bo
 
     first_norm = None
     if cfg.max_first_norm is not None:   # keeps the noise meaningful: ‖W₁‖₂ ≤ c (docs/robustness.md, certified radii)
-        from .certify import first_layer, project_spectral_norm_, project_stiefel_
         layer, shape = first_layer(model, data.x_train[:1]), tuple(model.bind(data.x_train[:1]).shape[1:])
         project = project_stiefel_ if cfg.first_norm_projection == "stiefel" else project_spectral_norm_
         first_norm = lambda: project(layer, cfg.max_first_norm, shape)  # noqa: E731
@@ -635,7 +630,6 @@ def _train(cfg: TrainConfig, out_dir: str | Path | None, resume: bool, quiet: bo
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         save_model(out / "model.safetensors", model, {"config": asdict(cfg)})
-        from .plots import plot_curves
         plot_curves(history, out / "curves.png", title=f"{desc or out.name}: {cfg.method.upper()} · {cfg.activation} · {cfg.loss}",
                     val_name=val_name)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, ensure_ascii=False))
