@@ -23,7 +23,7 @@ from safetensors.torch import load_file, safe_open
 
 from .nn.containers import NoisyMLP, NoisySequential
 from .nn.noise import make_noise
-from .utils.files import atomic_path, atomic_write_csv, atomic_write_text, save_tensors_atomic  # noqa: F401
+from .utils.files import atomic_write_csv, atomic_write_text, save_tensors_atomic  # noqa: F401 (re-exported)
 
 FORMAT = 1
 

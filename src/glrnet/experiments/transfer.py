@@ -213,7 +213,8 @@ def run_transfer(site: Site) -> dict:
     scales = {name: noise_scale(model, data.x_test[:2000]) for name, model in own.items()}
     atomic_write_csv(out / "noise_scale.csv", [{"model": n, **r} for n, rs in scales.items() for r in rs],
                      ["model", *NOISE_FIELDS])
-    atomic_write_text(out / "noise_scale.md", "# Noise against signal, per layer (2000 test images)\n\n"
+    images = min(2000, len(data.x_test))
+    atomic_write_text(out / "noise_scale.md", f"# Noise against signal, per layer ({images} test images)\n\n"
                       "σ is the neurons' noise standard deviation; z the noise-free pre-activation W x + b.\n\n"
                       + noise_scale_table(scales))
 
