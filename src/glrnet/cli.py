@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from dataclasses import fields
 
 from .data import DATASETS, SPLITS, DataError, describe_datasets
-from .estimators import SAMPLERS
+from .estimators import CONTROL_VARIATES, SAMPLERS
 from .estimators import distributed
 from .estimators.glr import INJECTIONS
 from .nn.activations import ACTIVATIONS, get_activation
+from .nn.perturbations import PERTURBATIONS
 from .nn.losses import LOSSES
 from .nn.noise import kinds
 from .robustness.settings import DEFAULT_EPS, HELP, NORMS, AttackSettings, settings_fields
@@ -114,9 +116,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "(forward gradients, activity perturbation; smooth units)")
     g.add_argument("--replications", type=int, default=d.replications, help="K noisy replications per input (es, "
                    "spsa, forward: forward passes per input and step)")
-    g.add_argument("--weight-noise", choices=["none", "first", "conv", "all"], default=d.weight_noise,
-                   help="perturbation site: which noisy layers carry their noise on their parameters (weight "
-                        "site, one draw per replication) instead of their units")
+    g.add_argument("--weight-noise", default=d.weight_noise, metavar="WHICH[=PERTURBATION]",
+                   help="where the noise sits: which noisy layers (none, first, conv, all) carry it on their "
+                        "parameters instead of their units, and the registered perturbation they take: "
+                        + ", ".join(p for p in PERTURBATIONS if p != "activity") + " (default weight: one draw per "
+                        "replication), e.g. conv=flipout")
     g.add_argument("--flipout", action="store_true", help="weight site with flipout: each input of a batch sees "
                    "the replication's parameter noise with its own random signs on rows and columns (Wen et al. "
                    "2018), so the noise averages over the batch; needs --weight-noise and symmetric noise")
@@ -137,8 +141,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "(LayerNorm / GroupNorm(1) without affine) after every hidden noisy layer")
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=d.baseline,
                    help="leave-one-out baseline (control variate); --no-baseline: the seed's plain estimator")
+    g.add_argument("--control-variate", dest="baseline", choices=list(CONTROL_VARIATES), default=argparse.SUPPRESS,
+                   help="a registered control variate by name (--baseline: leave-one-out; --no-baseline: none)")
     g.add_argument("--sampler", choices=list(SAMPLERS), default=d.sampler,
-                   help="noise sampler: iid, antithetic (pairs r, −r), qmc (randomized Sobol nets)")
+                   help="noise sampler: " + ", ".join(SAMPLERS) + " (iid; antithetic: pairs r, −r; qmc: randomized "
+                        "Sobol nets; any registered by a --plugin)")
     g.add_argument("--injection", choices=list(INJECTIONS), default=d.injection,
                    help="all: every noisy layer noisy in every replication; layerwise: each replication noisy "
                         "in one layer (K split evenly over the layers)")
@@ -410,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and measure their adversarial robustness.")
     from . import __version__
     p.add_argument("--version", action="version", version=f"glrnet {__version__}")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (repeatable): the samplers, control variates, noise families, "
+                        "perturbations, activations and losses it registers become choices of every command")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train one model", formatter_class=_Formatter,
                        description="Train one noisy network (an MLP, or a CNN with --arch) by GLR or back-propagation; writes metrics.json, "
@@ -527,8 +537,21 @@ def _progress_for_logs() -> None:
     _PROGRESS_FOR_LOGS = True
 
 
+def load_plugins(argv: list[str]) -> None:
+    """Import the modules named by ``--plugin`` before the parser is built, so that what they register is
+    among its choices."""
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("--plugin=")]
+    names += [b for a, b in zip(argv, argv[1:]) if a == "--plugin"]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise SystemExit(f"glrnet: error: --plugin {name}: cannot import it ({e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    load_plugins(argv)
     args = build_parser().parse_args(argv)
     _progress_for_logs()
     try:

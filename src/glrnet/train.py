@@ -30,13 +30,13 @@ from .checkpoint import (atomic_write_csv, atomic_write_text, load_checkpoint, o
                          save_checkpoint, save_model)
 from .data import SPLITS, DataError, Dataset, digits_folder_message, load_dataset
 from .certify import first_layer, project_spectral_norm_, project_stiefel_
-from .estimators import ES, GLR, SAMPLERS, SPSA, Backprop, ForwardGradient
+from .estimators import CONTROL_VARIATES, ES, GLR, SAMPLERS, SPSA, Backprop, ForwardGradient
 from .estimators.glr import INJECTIONS
 from .estimators.samplers import IID
 from .nn import LocalLosses, MaxPool2d, NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, Residual, get_loss
 from .nn.injection import Layout, noisy_forward, probe
 from .nn.noise import kinds, make_noise
-from .nn.perturbations import get_perturbation
+from .nn.perturbations import PERTURBATIONS, get_perturbation
 from .nn.rescale import rescale_noise_
 from .plots import plot_curves
 from .predict import predict_proba
@@ -47,6 +47,18 @@ SCHEDULES = ("constant", "cosine", "step")
 METHODS = ("glr", "bp", "es", "spsa", "forward")   # forward-only alternatives: glrnet.alternatives
 PROJECTIONS = ("spectral", "stiefel")   # how --max-first-norm c constrains W₁ (glrnet.certify)
 WEIGHT_NOISE = ("none", "first", "conv", "all")   # which noisy layers perturb their parameters (site "weight")
+
+
+def weight_noise_parts(value: str, flipout: bool = False, channelwise: bool = False) -> tuple[str, str]:
+    """``--weight-noise WHICH[=PERTURBATION]`` as (which layers, the registered perturbation they take):
+    ``conv`` → ("conv", "weight"), ``all=flipout`` → ("all", "flipout"); the ``flipout`` / ``channelwise``
+    flags name the perturbation the older way."""
+    which, _, name = value.partition("=")
+    older = "flipout" if flipout else "channel" if channelwise else None
+    if name and older and name != older:
+        raise ValueError(f"weight noise {value!r} names perturbation {name!r}, and --{'flipout' if flipout else 'channelwise'}"
+                         f" names {older!r}: give one")
+    return which, name or older or "weight"
 NORMS = ("none", "layer")                # "layer": LayerNorm / GroupNorm(1) without affine after hidden layers
 
 
@@ -87,7 +99,7 @@ class TrainConfig:
     noise_std: float = 2.0
     method: str = "glr"
     replications: int = 1000
-    baseline: bool = True
+    baseline: bool | str = True          # the control variate: True (leave-one-out), False (none), or a registered name
     sampler: str = "iid"
     injection: str = "all"
     bp_noise: bool = False
@@ -137,6 +149,8 @@ class TrainConfig:
                   (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}"),
                   (self.noise in kinds(), f"unknown noise {self.noise!r}; valid: {', '.join(kinds())}"),
                   (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}"),
+                  (isinstance(self.baseline, bool) or self.baseline in CONTROL_VARIATES,
+                   f"unknown control variate {self.baseline!r}; valid: {', '.join(CONTROL_VARIATES)}"),
                   (self.injection in INJECTIONS,
                    f"unknown injection {self.injection!r}; valid: {', '.join(INJECTIONS)}"),
                   (self.parallel in ("replications", "data") or self.parallel.isdigit() and int(self.parallel) >= 1,
@@ -160,8 +174,11 @@ class TrainConfig:
                    f"input noise std (input-space smoothing) is for arch mlp, got arch {self.arch!r}"),
                   (self.input_noise_std is None or self.noise == "gaussian",
                    f"input noise std needs gaussian noise (the certificate's), got noise {self.noise!r}"),
-                  (self.weight_noise in WEIGHT_NOISE,
-                   f"unknown weight noise {self.weight_noise!r}; valid: {', '.join(WEIGHT_NOISE)}"),
+                  (weight_noise_parts(self.weight_noise)[0] in WEIGHT_NOISE,
+                   f"unknown weight noise {self.weight_noise!r}; valid: {', '.join(WEIGHT_NOISE)}, each optionally "
+                   f"=PERTURBATION ({', '.join(p for p in PERTURBATIONS if p != 'activity')})"),
+                  (weight_noise_parts(self.weight_noise, self.flipout, self.channelwise)[1] in PERTURBATIONS,
+                   f"unknown perturbation in weight noise {self.weight_noise!r}; valid: {', '.join(PERTURBATIONS)}"),
                   (self.weight_noise_std > 0, f"weight noise std must be > 0, got {self.weight_noise_std}"),
                   (self.relative_noise is None or self.relative_noise > 0,
                    f"relative noise must be > 0, got {self.relative_noise}"),
@@ -258,7 +275,7 @@ def unused_options(cfg: TrainConfig, given: set[str] | None = None) -> dict[str,
                    else "perturbs every weight itself (σ = --weight-noise-std)")
             out["weight_noise"] = (f"weight noise {cfg.weight_noise} sets GLR's perturbation site; method {method} "
                                    f"{why}: drop --weight-noise")
-        elif cfg.weight_noise == "conv" and cfg.arch == "mlp":
+        elif weight_noise_parts(cfg.weight_noise)[0] == "conv" and cfg.arch == "mlp":
             out["weight_noise"] = ("weight noise conv puts noise on the convolutions, and arch mlp has none: use "
                                    "--weight-noise first or all, or a convolutional --arch")
     return out
@@ -304,13 +321,13 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     layer but the output has φ = ``activation``."""
     model = _build_model(cfg, image_shape, num_classes)
     if cfg.weight_noise != "none":
+        which, name = weight_noise_parts(cfg.weight_noise, cfg.flipout, cfg.channelwise)
         wnoise = make_noise(cfg.noise, cfg.weight_noise_std)
         trainable = [m for m in model.noisy_layers if m.weight.requires_grad]
         chosen = {"first": trainable[:1], "conv": [m for m in trainable if isinstance(m, NoisyConv2d)],
-                  "all": trainable}[cfg.weight_noise]
+                  "all": trainable}[which]
         for m in chosen:   # "first": the first trainable layer only (few parameters: ES-style NSR ≈ √(P/K) stays small)
-            m.perturbation = get_perturbation("flipout" if cfg.flipout else "channel" if cfg.channelwise else "weight",
-                                              wnoise)
+            m.perturbation = get_perturbation(name, wnoise)
             m.perturbation.check(m)
     return model
 
