@@ -1,4 +1,4 @@
-"""Issue 17's parts: the weight perturbation site (unbiased against the pathwise gradient and against
+"""The parts past the MLP: the weight perturbation site (unbiased against the pathwise gradient and against
 finite differences, alone and beside activity noise, dense and convolutional), the forward-only
 alternatives with GLR's interface (ES, SPSA, forward gradients: each unbiased for what it
 estimates), scale-aware noise and parameter-free normalisation."""

@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", default=None, help="the folder that holds one folder per dataset (mnist/, "
                    "fashion-mnist/, ...), e.g. ../shared/data (default: download into the cache)")
     r.add_argument("--quick", action="store_true", help="the packaged quick spec: the whole pipeline on digits "
-                   "(minutes on 2 CPU cores; --no-robustness skips the attacks, most of it); not with another --spec")
+                   "(about half a minute on 2 idle cores; --no-robustness skips the attacks); not with another --spec")
     r.add_argument("--no-robustness", action="store_true", help="skip the adaptive-attack evaluation")
     r.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     r.add_argument("--out", required=True, help="output folder of this spec's results (a rerun into it reuses "
