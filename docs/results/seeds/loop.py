@@ -14,7 +14,6 @@ clean test accuracy (OT) and LAP (K = 1000). ``--resume`` continues from OUT/run
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time

@@ -19,7 +19,6 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from diagnose import CLASS_FIELDS, UNIT_FIELDS, diagnose, summary_line  # noqa: E402
