@@ -108,6 +108,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-activation", type=_activation, default=None,
                    help="activation on the output layer too (default: none, the authors' code)")
     g.add_argument("--loss", choices=list(LOSSES), default=d.loss, help="per-sample loss")
+    g.add_argument("--warmup-loss", choices=list(LOSSES), default=None, help="the loss of the first --warmup-epochs "
+                   "epochs (cross_entropy before the 0-1 loss keeps every class alive: docs/results/seeds)")
+    g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="epochs trained with --warmup-loss")
     g.add_argument("--noise", choices=kinds(), default=d.noise, help="neuron noise distribution")
     g.add_argument("--noise-std", type=float, default=d.noise_std, help="noise standard deviation σ")
     g = p.add_argument_group("estimator")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -113,6 +113,8 @@ class TrainConfig:
     batch_size: int = 32
     lap_replications: int = 1000
     eval_replications: int = 100
+    warmup_loss: str | None = None       # the loss of the first warmup_epochs epochs (e.g. cross_entropy before the 0-1 loss)
+    warmup_epochs: int = 0
     parallel: str = "replications"
     max_first_norm: float | None = None   # project the first noisy layer's operator norm onto ≤ this after each step
     first_norm_projection: str = "spectral"   # "spectral": ‖W₁‖₂ ≤ c; "stiefel": every singular value = c
@@ -144,6 +146,8 @@ class TrainConfig:
         if self.output_activation is not None:
             get_activation(self.output_activation)
         get_loss(self.loss)
+        if self.warmup_loss is not None:
+            get_loss(self.warmup_loss)
         checks = [(self.method in METHODS, f"unknown method {self.method!r}; valid: {', '.join(METHODS)}"),
                   (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"),
                   (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}"),
@@ -203,6 +207,10 @@ class TrainConfig:
                   (self.budget_clock in ("wall", "cpu"), f"budget clock must be wall or cpu, got {self.budget_clock!r}"),
                   (not self.local_losses or self.arch != "mlp", "local losses need a convolutional --arch"),
                   (self.eval_replications >= 1, f"eval replications must be ≥ 1, got {self.eval_replications}"),
+                  (0 <= self.warmup_epochs < self.epochs,
+                   f"warmup epochs must be in [0, epochs = {self.epochs}), got {self.warmup_epochs}"),
+                  ((self.warmup_loss is None) == (self.warmup_epochs == 0),
+                   "give --warmup-loss and --warmup-epochs together (a loss for the first epochs, and how many)"),
                   (self.replications >= 1, f"replications must be ≥ 1, got {self.replications}")]
         for ok, msg in checks:
             if not ok:
@@ -536,6 +544,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path | None, resume: bool, quiet: bo
     if cfg.method == "glr" and world > 1:
         gen = dist_utils.rank_generator(dist_utils.stream_seed(cfg.seed, 4), device)
     producer = build_producer(cfg, gen)
+    warmup = None if cfg.warmup_loss is None else build_producer(replace(cfg, loss=cfg.warmup_loss), gen)
     opt, sched = build_optimizer(cfg, model)
     history, start_epoch, train_seconds = [], 1, 0.0
     ckpt = out / "checkpoint.safetensors" if out is not None else None
@@ -584,7 +593,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path | None, resume: bool, quiet: bo
             opt.zero_grad(set_to_none=True)
             if cfg.relative_noise is not None or cfg.relative_weight_noise is not None:
                 rescale_noise_(model, xb, cfg.relative_noise, cfg.relative_weight_noise)   # σ from (θ, batch) only
-            stats = producer.backward(model, xb, yb)
+            stats = (warmup if epoch <= cfg.warmup_epochs else producer).backward(model, xb, yb)
             opt.step()
             if first_norm is not None:
                 first_norm()
