@@ -72,7 +72,7 @@ def test_the_tests_stage_reports_its_counts(smoke):
     c = t["counts"]
     assert t["total"] == sum(c.values()) == len(t["cases"]) > 0
     assert c["failed"] == c["error"] == c["xpassed"] == 0, [x for x in t["cases"] if x["outcome"] != "passed"]
-    assert c["passed"] >= 1 and c["xfailed"] >= 1          # the float16 loss statistic: a known defect, stated
+    assert c["passed"] >= 1
     if not torch.cuda.is_available():                      # the CUDA cases are skipped, not failed
         assert c["skipped"] >= 1 and all(x["outcome"] == "skipped" for x in t["cases"] if "[cuda" in x["id"])
     assert "passed" in (out / "tests.log").read_text()
