@@ -405,6 +405,22 @@ def test_spiking_unbiased_against_finite_differences_of_the_expected_loss(float6
     assert (glr.mean(0).abs() / se).max() > 5          # some directional derivative is resolved: the test has power
 
 
+@pytest.mark.parametrize("option", ["leave-one-out", "antithetic", "qmc"])
+def test_variance_reduction_carries_through_time(float64, option):
+    """Total variance of the plain estimate (i.i.d. noise, no baseline) over that of each option, on a spiking
+    network over 8 steps: measured 12× (baseline), 4.6× (antithetic), 3.7× (QMC) at K = 64; asserted ≥ 2×
+    and above 1 by more than 4 standard errors of the log ratio."""
+    from test_estimator import total_variance
+    model, x, y = lif_loop(steps=8)
+    kw = dict(baseline=True) if option == "leave-one-out" else dict(sampler=option, baseline=False)
+    plain = glr_samples(model, x, y, n=200, replications=64, seed=5, baseline=False)
+    other = glr_samples(model, x, y, n=200, replications=64, seed=6, **kw)
+    (v1, se1), (v2, se2) = total_variance(plain), total_variance(other)
+    ratio, se_log = v1 / v2, math.hypot(se1, se2)
+    print(f"{option}: variance plain / {option} = {ratio:.2f} (± {100 * se_log:.0f} %)")
+    assert ratio > 2 and math.log(ratio) - 4 * se_log > 0
+
+
 # ---------------------------------------------------------------------------------------------- the alternatives
 def test_backprop_through_time_uses_the_surrogate_derivative(float64):
     u = torch.linspace(-1, 1, 11, dtype=torch.float64, requires_grad=True)
