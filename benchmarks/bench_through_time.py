@@ -7,9 +7,11 @@ and its alternatives beside back-propagation through time, on a recurrent spikin
 The network reads one value per step (pixel-by-pixel sequential MNIST reads 196 on 14×14 images):
 ``TimeLoop(Leaky(inputs, hidden, recurrent=True), LeakyIntegrator(hidden, 10), readout="mean")``. Each
 (method, T) runs in a fresh process: one estimate on a tiny network (T = 2, 4 units, 2 inputs) does torch's
-one-time set-up, model and data are built, then the process's peak resident memory (``ru_maxrss``) is
-read before and after one estimate at T;
-the table gives the increase (the estimate's own working set; data and model excluded) and the wall time
+one-time set-up, model and data are built, the allocator's free memory is returned to the system, the
+process's peak resident memory is reset to its resident memory now (``/proc/self/clear_refs``), and one
+estimate at T runs (glibc told to map every block of 64 kB or more on its own, so that resident memory
+follows the tensors alive); the table gives the peak's increase over
+the resident memory before it (the estimate's own working set; data and model excluded) and the wall time
 of that estimate. Methods, all through the same ``backward(model, x, y)``:
 
 * ``bptt``          back-propagation through time, surrogate derivative (fast sigmoid, slope 25);
@@ -22,9 +24,10 @@ of that estimate. Methods, all through the same ``backward(model, x, y)``:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -62,8 +65,28 @@ def producer(method: str, replications: int):
     raise ValueError(method)
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0      # Linux: kilobytes
+def memory_mb() -> dict[str, float]:
+    """The process's resident memory now (VmRSS) and its peak (VmHWM), MB (Linux)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) / 1024.0
+    return out
+
+
+def reset_peak() -> None:
+    """Return the allocator's free memory to the system (``malloc_trim``), then set the peak (VmHWM) to the
+    resident memory now: writing 5 to /proc/self/clear_refs (Linux ≥ 4.0)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+# glibc: every allocation of 64 kB or more its own mapping, returned at free, so that the resident memory
+# follows the tensors alive (by default freed blocks stay resident and are reused unseen)
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def one(method: str, steps: int, batch: int, hidden: int, inputs: int, replications: int) -> dict:
@@ -73,11 +96,12 @@ def one(method: str, steps: int, batch: int, hidden: int, inputs: int, replicati
     est.backward(model, x, y)                 # warm-up on a tiny network: torch's one-time set-up, not the working set
     model, x, y = build(steps, batch, hidden, inputs)
     model.zero_grad()
-    before = peak_mb()
+    reset_peak()
+    before = memory_mb()["VmRSS"]
     t0 = time.perf_counter()
     est.backward(model, x, y)
     seconds = time.perf_counter() - t0
-    return {"method": method, "steps": steps, "peak_increase_mb": peak_mb() - before, "seconds": seconds}
+    return {"method": method, "steps": steps, "peak_increase_mb": memory_mb()["VmHWM"] - before, "seconds": seconds}
 
 
 def main() -> None:
@@ -101,7 +125,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", method, str(steps), "--batch", str(args.batch),
                    "--hidden", str(args.hidden), "--inputs", str(args.inputs),
                    "--replications", str(args.replications)]
-            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                            env={**os.environ, **CHILD_ENV}).stdout.strip()
                              .splitlines()[-1])
             rows.append(res)
             print(f"{method:13s} T = {steps:5d}: peak +{res['peak_increase_mb']:8.1f} MB, {res['seconds']:8.2f} s",

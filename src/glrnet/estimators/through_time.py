@@ -32,6 +32,8 @@ Back-propagation through time, by contrast, keeps every step's activations: memo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
@@ -80,6 +82,22 @@ def sampled_pass(model: nn.Module, x: Tensor, layout: Layout, k: int, sampler, g
     return run_pass(model, x, layout, k, PassNoise(layout, sampler, _seed(generator, x.device), k, x))[0]
 
 
+def chunk_sizes(layout: Layout, batch: int, itemsize: int, replications: int, group_size: int,
+                budget_mb: float) -> list[int]:
+    """Replications per chunk so that one step's working set stays under ``budget_mb``: per replication and input
+    a few copies of every layer's units (activations, states, noise, scores), and per replication a few copies
+    of each held draw (a weight perturbation's P values: one row per replication, not per input)."""
+    pr = layout.probe
+    units = sum(math.prod(pr.shapes[i]) for i in pr.order)
+    fresh = sum(pr.width(i) for i in layout.active if not pr.perturbations[i].held)
+    held = sum(pr.width(i) * (batch if pr.perturbations[i].per_input else 1)
+               for i in layout.active if pr.perturbations[i].held)
+    per_replication = itemsize * (batch * (6 * units + 4 * fresh) + 3 * held)
+    k = int(budget_mb * 2**20) // max(1, per_replication) // group_size * group_size
+    k = min(max(k, group_size), replications)
+    return [min(k, replications - s) for s in range(0, replications, k)]
+
+
 # ---------------------------------------------------------------------------------------------- the definition
 def reference_through_time(model: nn.Module, x: Tensor, y: Tensor, loss, noise: dict[int, list[Tensor]],
                            groups: Tensor, group_size: int, control_variate, perturbation=None
@@ -110,7 +128,7 @@ def accumulate_through_time(est, model: nn.Module, x: Tensor, y: Tensor, layout:
         raise ValueError("GLR through time runs in one process (its control variate needs every replication's loss)")
     pr, B = layout.probe, x.shape[0]
     sampler = est.sampler.for_replications(replications, est.control_variate.min_groups)
-    sizes = est._chunk_sizes(layout, B, x.element_size(), replications, sampler, False)
+    sizes = chunk_sizes(layout, B, x.element_size(), replications, sampler.group_size, est.memory_budget_mb)
     gen = est._generator(x.device)
     seeds = [_seed(gen, x.device) for _ in sizes]
     y_rep = y.repeat(sizes[0])
