@@ -265,6 +265,24 @@ def test_the_estimators_perturbation_applies_to_every_layer_through_time(float64
         torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12)
 
 
+def test_replications_per_layer_equal_the_definition(float64, recorded):
+    model, x, y = lif_loop()
+    est = glrnet.GLR(replications=[16, 48], injection="layerwise", generator=torch.Generator().manual_seed(0))
+    fast, _ = est.estimate(model, x, y)
+    for f, r in zip(fast, replay_reference(model, x, y, est, recorded)):
+        torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12)
+
+
+def test_variance_batches_and_non_finite_losses_through_time(float64):
+    model, x, y = lif_loop()
+    est = glrnet.GLR(replications=40, variance_batches=4, generator=torch.Generator().manual_seed(0))
+    grads, stats = est.estimate(model, x, y, return_variance=True)
+    assert len(stats.variance) == len(grads) and all((v > 0).any() for v in stats.variance)
+    nan_loss = lambda out, t: out.sum(-1) * float("nan")                 # noqa: E731
+    with pytest.raises(glrnet.NonFiniteLossError):
+        glrnet.GLR(loss=nan_loss, replications=8).estimate(model, x, y)
+
+
 def test_held_noise_needs_one_forward_pass_per_chunk_activity_noise_two():
     calls = []
     for site in ("weight", None):
