@@ -16,6 +16,7 @@ from .estimators import ES, GLR, SPSA, Backprop, ForwardGradient, GradStats, Non
 from .nn import (ACTIVATIONS, LOSSES, Activity, Channel, Flipout, Injection, LocalLosses, Logistic, NoisyConv2d,
                  NoisyLayer, NoisyLinear, NoisyMLP, NoisySequential, Perturbation, Residual, Sigmoid, Weight,
                  cross_entropy, get_activation, get_loss, make_noise, noisy_layers, zero_one)
+from .nn import Leaky, LeakyIntegrator, Readout, Recurrent, TimeDistributed, TimeLoop
 from .predict import predict, predict_proba
 
 try:
@@ -29,4 +30,7 @@ __all__ = [
     "Injection", "LOSSES", "LocalLosses", "Logistic", "NoisyConv2d", "NoisyLayer", "NoisyLinear", "NoisyMLP",
     "NoisySequential", "NonFiniteLossError", "Perturbation", "Residual", "SPSA", "Sigmoid", "Weight", "cross_entropy",
     "get_activation", "get_loss", "load_dataset", "make_noise", "noisy_layers", "predict", "predict_proba", "zero_one",
+]
+__all__ += [  # through time
+    "Leaky", "LeakyIntegrator", "Readout", "Recurrent", "TimeDistributed", "TimeLoop",
 ]

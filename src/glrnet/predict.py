@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .estimators.samplers import Sampler, get_sampler
 from .estimators.streams import PREFETCH_CHUNK_MB, Buffers, NoiseStream
+from .estimators.through_time import sampled_pass
 from .nn.injection import Layout, check_batch, noisy_forward, probe
 
 
@@ -63,9 +64,13 @@ def predict_proba(model: nn.Module, x: Tensor, mode: str = "ot", replications: i
         xi = x[i:i + images]
         B = xi.shape[0]
         draw = lambda k, slot: layout.fill_(sampler, buffers.get(k, B, width, x, slot), generator)  # noqa: E731
-        for r in NoiseStream(prefetch).chunks(draw, sizes, x.device):
-            k = r.shape[0]
-            out = noisy_forward(model, xi, layout.injection(k, B, r), layout.first)
+        if layout.probe.repeated:   # through time: each pass draws its noise step by step
+            outs = (sampled_pass(model, xi, layout, k, sampler, generator) for k in sizes)
+        else:
+            outs = (noisy_forward(model, xi, layout.injection(r.shape[0], B, r), layout.first)
+                    for r in NoiseStream(prefetch).chunks(draw, sizes, x.device))
+        for out in outs:
+            k = out.shape[0] // B
             out = out.reshape(k, B, -1)
             if mode == "vote":
                 total[i:i + B] += torch.nn.functional.one_hot(out.argmax(-1), classes).sum(0).to(total.dtype)

@@ -36,6 +36,7 @@ from ..nn.modules import noisy_layers
 from ..nn.perturbations import Weight
 from .control_variates import ControlVariate
 from .glr import GLR, GradStats, fill_grads, glr_parameters
+from .through_time import forward_gradient_through_time
 
 
 class CenteredRanks(ControlVariate):
@@ -200,17 +201,21 @@ class ForwardGradient:
                 raise ValueError(f"forward gradients need differentiable units; {activation_name(m.activation)!r} "
                                  "is not (use GLR or ES)")
         pr = probe(model, x)
-        layout, B = Layout(pr), x.shape[0]
-        with torch.no_grad(), Injection(layers, 1, B, record=True) as inj:   # each layer's input h
-            out0 = model(x)
         for i in pr.order:
             if pr.perturbations[i].name != "activity":
                 raise ValueError(f"forward gradients perturb the units' activity; noisy layer {i} has perturbation "
                                  f"{pr.perturbations[i].name!r} (use GLR or ES)")
-        loss0 = self.loss(out0, y).mean()
         gen = self.generator
         if gen is None:
             gen = self.generator = torch.Generator(device=x.device).manual_seed(int(torch.randint(0, 2**62, ())))
+        if pr.repeated:   # layers through time: a tangent on every step's pre-activation, two passes
+            grads, loss0 = forward_gradient_through_time(model, x, y, self.loss, self.directions, self.per_layer,
+                                                         gen, pr)
+            return grads, GradStats(loss=loss0, replications=self.directions)
+        layout, B = Layout(pr), x.shape[0]
+        with torch.no_grad(), Injection(layers, 1, B, record=True) as inj:   # each layer's input h
+            out0 = model(x)
+        loss0 = self.loss(out0, y).mean()
 
         def per_sample_loss(delta):
             out = noisy_forward(model, x, layout.injection(1, B, delta), layout.first)

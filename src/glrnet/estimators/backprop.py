@@ -11,6 +11,7 @@ from ..nn.losses import DIFFERENTIABLE, LossLike, get_loss, loss_name
 from ..nn.modules import noisy_layers
 from .glr import GradStats
 from .samplers import IID
+from .through_time import sampled_pass
 
 
 class Backprop:
@@ -44,9 +45,12 @@ class Backprop:
         if self.noise:
             layout, K = Layout(probe(model, x)), self.replications
             p = next(model.parameters())
-            r = layout.fill_(IID(), torch.empty(K, x.shape[0], layout.width, dtype=p.dtype, device=p.device),
-                             self.generator)
-            out = noisy_forward(model, x, layout.injection(K, x.shape[0], r), layout.first)
+            if layout.probe.repeated:   # through time: fresh noise at every step, drawn as the pass goes
+                out = sampled_pass(model, x, layout, K, IID(), self.generator)
+            else:
+                r = layout.fill_(IID(), torch.empty(K, x.shape[0], layout.width, dtype=p.dtype, device=p.device),
+                                 self.generator)
+                out = noisy_forward(model, x, layout.injection(K, x.shape[0], r), layout.first)
             loss = self.loss(out.reshape(-1, out.shape[-1]), y.repeat(K)).mean()
         else:
             loss = self.loss(model(x), y).mean()

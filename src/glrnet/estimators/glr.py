@@ -43,6 +43,7 @@ from .control_variates import ControlVariate, get_control_variate
 from .reference import trainable
 from .samplers import Sampler, get_sampler
 from .streams import PREFETCH_CHUNK_MB, Buffers, NoiseStream
+from .through_time import accumulate_through_time
 
 INJECTIONS = ("all", "layerwise")
 CHUNK_MB = 64.0   # working set of one chunk when the replications do not all fit the memory budget
@@ -306,6 +307,9 @@ class GLR:
     # ------------------------------------------------------------------ one sub-estimate
     def _accumulate(self, model: nn.Module, x: Tensor, y: Tensor, layout: Layout, replications: int):
         """Σ over ``replications`` local replications, noisy in ``layout.active`` (see _Sums)."""
+        if layout.probe.repeated:   # noisy layers applied once per time step: two passes, memory flat in T
+            grads, S, nonfinite, chunks = accumulate_through_time(self, model, x, y, layout, replications)
+            return _Sums(grads=grads, loss_per_input=S, nonfinite=nonfinite), chunks
         pr, B = layout.probe, x.shape[0]
         sampler = self.sampler.for_replications(replications, self.control_variate.min_groups)
         m = sampler.group_size

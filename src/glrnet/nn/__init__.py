@@ -15,6 +15,9 @@ from .losses import LOSSES, cross_entropy, get_loss, zero_one
 from .modules import LocalLosses, MaxPool2d, Residual, noisy_layers
 from .noise import Logistic, make_noise, register_noise
 from .rescale import rescale_noise_
+from .recurrent import Readout, Recurrent, StepLayer, TimeDistributed, TimeLoop
+from .spiking import FastSigmoid, Leaky, LeakyIntegrator
+from .through_time import TimeInjection
 from .perturbations import (PERTURBATIONS, Activity, Channel, Flipout, Perturbation, Weight, get_perturbation,
                             register_perturbation)
 
@@ -25,4 +28,8 @@ __all__ = [
     "get_activation", "get_loss", "get_perturbation", "intercept", "make_noise", "module_config",
     "module_from_config", "noisy_forward", "noisy_layers", "probe", "record_preactivations", "register_noise",
     "register_perturbation", "rescale_noise_", "sample_noise", "zero_one",
+]
+__all__ += [  # through time
+    "FastSigmoid", "Leaky", "LeakyIntegrator", "Readout", "Recurrent", "StepLayer", "TimeDistributed",
+    "TimeInjection", "TimeLoop",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -55,6 +55,7 @@ class Injection:
         self.shapes: dict[int, tuple[int, ...]] = {}
         self.order: list[int] = []
         self.noise_free_inputs: set[int] = set()
+        self.applications: dict[int, int] | None = None   # probe(): applications per layer, counted
 
     def __enter__(self):
         self._cm = intercept(self)
@@ -69,8 +70,12 @@ class Injection:
         if i is None:  # a noisy layer of another model
             return layer.act(layer.affine(h))
         if i in self.shapes:
+            if self.applications is not None:   # probing: count the applications (a layer through time)
+                self.applications[i] += 1
+                return layer.act(layer.affine(h))
             raise RuntimeError(f"noisy layer {i} ({type(layer).__name__}) ran twice in one forward pass; "
-                               "a noisy layer may be applied once per pass (use two layers)")
+                               "this pass applies a noisy layer once (the GLR estimator, Backprop(noise=True), "
+                               "ForwardGradient and LAP prediction apply it once per time step)")
         k, B = self.k, self.batch
         if h.shape[0] not in (B, k * B):
             raise RuntimeError(f"noisy layer {i} got a batch of {h.shape[0]} rows; expected {B} inputs or "
@@ -80,6 +85,8 @@ class Injection:
         if not any(j in self.noise for j in self.order):   # no noisy layer ran before this one
             self.noise_free_inputs.add(i)
         self.order.append(i)
+        if self.applications is not None:
+            self.applications[i] = 1
         r = self.noise.get(i)
         if r is None:
             v = layer.affine(h)
@@ -102,6 +109,12 @@ class Probe:
     shapes: dict[int, tuple[int, ...]]
     classes: int                      # width of the output
     perturbations: list[Perturbation]
+    applications: dict[int, int] = field(default_factory=dict)   # per layer per pass: T for a layer through time
+
+    @property
+    def repeated(self) -> bool:
+        """Whether some noisy layer is applied several times per pass (through time: glrnet.nn.through_time)."""
+        return any(n > 1 for n in self.applications.values())
 
     def width(self, i: int) -> int:
         """Noise values per (replication, input) of layer i."""
@@ -133,12 +146,14 @@ def probe(model: nn.Module, x: Tensor, perturbation: Perturbation | None = None)
         perts = [perturbation if perturbation.noise is not None else perturbation.with_noise(m.noise) for m in layers]
         for m, p in zip(layers, perts):
             p.check(m)
-    with Injection(layers, 1, 1, perturbations=perts) as inj:
+    inj = Injection(layers, 1, 1, perturbations=perts)
+    inj.applications = {}
+    with inj:
         out = model(x[:1])
     unused = [i for i in range(len(layers)) if i not in inj.shapes]
     if unused:
         raise ValueError(f"noisy layers {unused} of {type(model).__name__} are not used by its forward pass")
-    return Probe(layers, inj.order, inj.shapes, math.prod(out.shape[1:]), perts)
+    return Probe(layers, inj.order, inj.shapes, math.prod(out.shape[1:]), perts, inj.applications)
 
 
 def _contains(module: nn.Module, target: nn.Module) -> bool:

@@ -9,7 +9,9 @@ perturbation draws its noise r ~ f (``noise``, a ``torch.distributions`` object)
 * how it changes the layer's pre-activation (:meth:`forward`);
 * its term in the reference estimator (:meth:`reference_term`): a scalar whose autograd gradient in
   the layer's parameters is Σₖᵢ wₖᵢ · J_θ(layer)ᵀ s(rₖᵢ) — the definition, for readers and tests;
-* its running sums in the fast path (:meth:`accumulate`, :meth:`correction`), tested equal to it.
+* its running sums in the fast path (:meth:`accumulate`, :meth:`correction`), tested equal to it;
+* for a layer applied several times in one pass (through time, :mod:`glrnet.nn.through_time`), whether its
+  noise is drawn afresh at every application (activity) or once per pass and ``held`` (parameter noise).
 
 Built in (``PERTURBATIONS``):
 
@@ -60,6 +62,7 @@ class Perturbation:
 
     name = "perturbation"
     per_input = True
+    held = False   # a layer applied several times per pass (through time): one draw held over every application
 
     def __init__(self, noise: Distribution | None = None):
         self.noise = None if noise is None else validate_noise(noise)
@@ -184,6 +187,7 @@ class Weight(Perturbation):
 
     name = "weight"
     per_input = False
+    held = True
 
     def width(self, layer, unit):
         return layer.parameter_count
@@ -293,6 +297,7 @@ class Flipout(Perturbation):
     row 0's first P values, the signs of the other O + C values of each row."""
 
     name = "flipout"
+    held = True
 
     def check(self, layer):
         if not is_symmetric(self.noise):
