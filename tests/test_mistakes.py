@@ -269,3 +269,20 @@ def test_progress_bars_refresh_rarely_when_stderr_is_a_log(tmp_path, capsys):
     bar = tqdm(total=1, disable=False)
     assert bar.mininterval == 60.0
     bar.close()
+
+
+def test_the_attack_console_speaks_plain_words_and_a_short_eps_grid_is_not_a_failure(monkeypatch, tmp_path, capsys):
+    import glrnet.robustness.protocol as rb
+    from glrnet.robustness.settings import AttackSettings
+    assert rb.describe_attack("apgd-dlr[sigmoid:8]") == "APGD (DLR loss) through the sigmoid:8 surrogate"
+    assert rb.describe_attack("transfer-fgsm") == "FGSM transferred from the source network"
+    eps = [0.05, 0.1]
+    rows = [{"model": "m", "attack": a, "eps": e, "acc_ot": 0.5, "acc_lap": float("nan"), "images": 4}
+            for a in ("worst-case", "transfer-fgsm") for e in eps] + \
+        [{"model": "m", "attack": "none", "eps": 0.0, "acc_ot": 0.9, "acc_lap": float("nan"), "images": 4}]
+    monkeypatch.setattr(rb, "evaluate_robustness", lambda *a, **k: rows)
+    monkeypatch.setattr(rb, "sanity_checks", lambda *a, **k: [
+        {"model": "m", "check": "reaches chance (≤ 0.15) at ε = 0.1 (ot)", "value": "0.500", "pass": False}])
+    rb.attack_and_report(tmp_path, {"m": (None, False)}, [0] * 4, [0] * 4, eps, AttackSettings(), None, 0.1, quiet=True)
+    err = capsys.readouterr().err
+    assert "FAILED" not in err and "the grid stops short of where the attacks reach chance (add a larger --eps" in err

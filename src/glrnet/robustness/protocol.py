@@ -50,6 +50,27 @@ from .reports import ROBUST_FIELDS, write_reports, write_seed_spread  # noqa: F4
 
 
 
+def describe_attack(attack: str) -> str:
+    """An attack's registry name in words: ``apgd-dlr[sigmoid:8]`` → APGD (DLR loss) through the sigmoid:8
+    surrogate."""
+    base, _, arg = attack.partition("[")
+    arg = arg.rstrip("]")
+    words = {"transfer-fgsm": "FGSM transferred from the source network", "fgsm": "FGSM", "pgd": "PGD",
+             "apgd-ce": "APGD (cross-entropy)", "apgd-dlr": "APGD (DLR loss)", "apgdt-dlr": "targeted APGD (DLR loss)",
+             "spsa": "SPSA (no gradient)", "random": "random directions"}.get(base, base)
+    return words + (f" through the {arg} surrogate" if arg else "")
+
+
+def failed_check_line(c: dict, report) -> str:
+    """The console line of a failed sanity check; a check that fails only because the ε grid stops short says so."""
+    if c["check"].startswith("reaches chance"):
+        return (f"glrnet robustness: note for {c['model']}: accuracy is still {c['value']} at the largest ε of the grid, "
+                f"so the check '{c['check']}' cannot pass: the grid stops short of where the attacks reach chance "
+                f"(add a larger --eps to run it); see {report}")
+    return (f"glrnet robustness: sanity check FAILED for {c['model']}: {c['check']} (measured {c['value']}); "
+            f"see {report}")
+
+
 def evaluate_robustness(models: dict[str, tuple[NoisySequential, bool]], x: Tensor, y: Tensor, eps_list: list[float],
                         st: AttackSettings, source: NoisySequential | None = None, quiet: bool = False,
                         survivors: dict | None = None, masks: dict | None = None,
@@ -128,12 +149,14 @@ def escalate(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: flo
                                 source, attacks=[attack], memo=memo)[attack][key]
             alive[idx] = held
             if progress:
-                print(f"[robustness] ε={eps:g} {m}×: {attack} on {len(idx)} images broke {int((~held).sum())} "
-                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(f"[robustness] {name}, ε = {eps:g}, effort ×{m}: {describe_attack(attack)} on the {len(idx)} "
+                      f"images still classified correctly broke {int((~held).sum())} ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
         after = alive.double().mean().item()
         levels.append((m, after))
         if progress:
-            print(f"[robustness] ε={eps:g} {m}× worst case {before:.3f} → {after:.3f}", flush=True)
+            print(f"[robustness] {name}, ε = {eps:g}: worst-case accuracy {before:.3f} → {after:.3f} at effort ×{m} "
+                  f"(the attacks' steps, restarts and samples doubled until it moves by ≤ {tolerance:g})", flush=True)
         if before - after <= tolerance + 1e-9:
             break
     if final is not None:
@@ -239,8 +262,7 @@ def attack_and_report(out: Path, models: dict[str, tuple[NoisySequential, bool]]
         write_reports(out, rows, checks, headline, st, len(x), title=title)
     failed = [c for c in checks if not c["pass"]]
     for c in failed:   # on the console too, whatever ``quiet`` says: a failed check qualifies every figure
-        print(f"glrnet robustness: sanity check FAILED for {c['model']}: {c['check']} (measured {c['value']}); "
-              f"see {out / 'robustness.md'}", file=sys.stderr)
+        print(failed_check_line(c, out / "robustness.md"), file=sys.stderr)
     return rows, checks
 
 
