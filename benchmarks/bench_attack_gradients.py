@@ -3,7 +3,7 @@
     python benchmarks/bench_attack_gradients.py [--device cpu|cuda] [--repeats 7] [--B 32] [--out FILE]
 
 What one APGD step on the defended predictor costs for each kind of surrogate: the input gradient of the
-cross-entropy of ``glrnet.robustness.LAPClassifier`` on B images of the issue's LeNet (threshold units,
+cross-entropy of ``glrnet.robustness.LAPClassifier`` on B images of the LeNet of ``--arch lenet`` (threshold units,
 σ = 2 activity noise; and conv weight noise, σ_w = 0.05), through
 
 * ``gauss``, EOT over 8 and over 128 noise samples (the protocol's first stage and its 16× stage);

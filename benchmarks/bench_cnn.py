@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cnn.py [--device cpu|cuda] [--repeats 7] [--K 100] [--B 32] [--out FILE] [--src DIR]
 
-The network is the issue's LeNet-style CNN on 28×28 inputs: NoisyConv2d(1, 6, 5) → max-pool 2 →
+The network is the LeNet of ``--arch lenet`` on 28×28 inputs: NoisyConv2d(1, 6, 5) → max-pool 2 →
 NoisyConv2d(6, 16, 5) → max-pool 2 → flatten → NoisyLinear(256, 10), σ = 2, cross-entropy.
 For sigmoid and threshold units it measures (medians, all in one process, measured round-robin):
 

@@ -7,7 +7,7 @@ On this project's shared 2-core machine the same measurement drifts by 20-30 % b
 processes, so a one-shot comparison of two commits says little; alternating processes and
 taking the median of each side's per-process medians does. Each process times the default
 ``glrnet.GLR(replications=K, baseline=False)`` and ``baseline=True`` estimates of the seed's
-196-20-10 MLP (K = 10000, B = 25) and of LeNet (K = 100, B = 32), sigmoid units, and of the
+196-20-10 MLP (K = 10000, B = 25), the 784-256-256-10 MLP (K = 1000, B = 64) and of LeNet (K = 100, B = 32), sigmoid units, and of the
 threshold LeNet with weight noise (σ_w = 0.05) on both convolutions (K = 96, B = 32: the scale
 study's ``weight-conv`` runs), and the threshold LeNet each tree's ``--arch lenet`` builds with that weight noise
 and layer-wise injection (the ``weight-layerwise`` runs), with threshold and ``centered:threshold`` units;
@@ -35,6 +35,7 @@ def lenet(act="sigmoid", site="activity"):
         glrnet.NoisyLinear(256, 10), noise=torch.distributions.Normal(0.0, 2.0), input_shape=(1, 28, 28))
 torch.manual_seed(0)
 cases = {"mlp 196-20-10 K=10000 B=25": (lambda: glrnet.NoisyMLP([196, 20, 10]), (25, 196), 10000),
+         "mlp 784-256-256-10 K=1000 B=64": (lambda: glrnet.NoisyMLP([784, 256, 256, 10]), (64, 784), 1000),
          "lenet K=100 B=32": (lenet, (32, 1, 28, 28), 100),
          "lenet threshold weight-site K=96 B=32": (lambda: lenet("threshold", "weight"), (32, 1, 28, 28), 96)}
 def built(activation="threshold", **kw):   # the LeNet each tree's own `--arch lenet` builds (its pooling modules included)

@@ -121,3 +121,71 @@ def test_certify_command_and_bounded_training(tmp_path, capsys):
     assert (tmp_path / "c" / "README.md").exists()
     rc = main(["certify", "--run", str(run), "--radii", "a,b", "--out", str(tmp_path / "d")])
     assert rc == 2 and "--radii takes comma-separated numbers" in capsys.readouterr().err
+
+
+def known_network(classes=10):
+    """A network whose smoothed class probabilities are known exactly: two threshold units with noise
+    N(0, 1) on u = (0.6, 0), so P[h = 1] = (Φ(0.6), ½), then a noise-free linear layer; each of the four
+    states h has its own logits, so the vote's and LAP's true probabilities are finite sums."""
+    import itertools
+    torch.manual_seed(0)
+    first = glrnet.NoisyLinear(1, 2, activation="threshold", noise=torch.distributions.Normal(0.0, 1.0))
+    out = torch.nn.Linear(2, classes)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[0.6], [0.0]]))
+        first.bias.zero_()
+        out.weight.copy_(torch.randn(classes, 2))
+        out.weight[0] = torch.tensor([5.0, 1.0])
+        out.bias.copy_(torch.randn(classes))
+    on = torch.distributions.Normal(0.0, 1.0).cdf(first.affine(torch.ones(1, 1)).detach().double()[0])
+    lap, vote = torch.zeros(classes, dtype=torch.float64), torch.zeros(classes, dtype=torch.float64)
+    for h in itertools.product([0.0, 1.0], repeat=2):
+        prob = math.prod(float(on[j]) if h[j] else 1 - float(on[j]) for j in range(2))
+        logits = out(torch.tensor(h)).detach().double()
+        lap += prob * torch.softmax(logits, 0)
+        vote[logits.argmax()] += prob
+    return glrnet.NoisySequential(first, out, input_shape=(1,)), {"lap": lap, "vote": vote}
+
+
+@pytest.mark.parametrize("predictor", ["vote", "lap"])
+def test_certificates_are_wrong_at_most_at_their_stated_level(predictor):
+    """4000 independent certificates of one input whose true probabilities are known (α = 0.2, n = 30):
+    a certificate is wrong if its class is not the true top class, its p̲_A exceeds the truth, or its
+    p̄_B is below the true runner-up. The wrong ones are at most α + 3 binomial standard errors."""
+    net, truth = known_network()
+    p = truth[predictor]
+    trials, alpha = 4000, 0.2
+    cert = certify(net, torch.ones(trials, 1), n0=10, n=30, alpha=alpha, predictor=predictor,
+                   generator=torch.Generator().manual_seed(1))
+    decided = cert.prediction >= 0
+    a = cert.prediction.clamp_min(0)
+    runner_up = torch.stack([torch.cat([p[:c], p[c + 1:]]).max() for c in a.tolist()])
+    wrong = decided & ((cert.prediction != p.argmax()) | (cert.p_lower > p[a] + 1e-12)
+                      | (cert.p_upper_other < runner_up - 1e-12))
+    assert decided.double().mean() > 0.5                     # the test sees certificates, not abstentions
+    rate = wrong.double().mean().item()
+    assert rate <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / trials), rate
+    if predictor == "vote":
+        assert wrong.any()                                  # the count can see a wrong certificate
+
+
+def test_lap_bounds_split_alpha_over_the_classes():
+    """p̲_A at α/2 (Hoeffding), each of the C − 1 others at α/(2(C − 1)), and p̄_B never above 1 − p̲_A."""
+    from glrnet.certify import lap_bounds
+    mean = torch.tensor([[0.70, 0.20, 0.05, 0.05], [0.80, 0.195, 0.005, 0.0]], dtype=torch.float64)
+    n, alpha, top = 200, 0.05, torch.tensor([0, 0])
+    lower, upper = lap_bounds(mean, top, n, alpha)
+    t_a, t_b = math.sqrt(math.log(2 / alpha) / (2 * n)), math.sqrt(math.log(2 * 3 / alpha) / (2 * n))
+    torch.testing.assert_close(lower, mean[:, 0] - t_a)
+    torch.testing.assert_close(upper, torch.minimum(mean[:, 1] + t_b, 1 - lower))
+    assert upper[0] == pytest.approx(0.20 + t_b) and upper[1] == pytest.approx(1 - lower[1])
+
+
+def test_certify_refuses_weight_noise_on_the_first_layer():
+    from glrnet.certify import noise_site
+    net = glrnet.NoisyMLP([4, 5, 3], noise=torch.distributions.Normal(0.0, 1.0))
+    assert noise_site(net[0]) == "activity"
+    for site in ("weight", "flipout", "channel"):
+        net[0].site = site
+        with pytest.raises(ValueError, match=f"carries its noise on its weights \\(site '{site}'\\)"):
+            certify(net, torch.rand(2, 4), n0=5, n=10)

@@ -53,11 +53,16 @@ def test_batch_statistics_in_training_mode_are_refused_in_one_line(batchnorm):
         torch.testing.assert_close(model.state_dict()[k], v)
 
 
-def test_frozen_parameters_stay_frozen_and_get_no_grad():
-    model = glrnet.NoisyMLP([5, 4, 3])
-    model[0].bias.requires_grad_(False)
-    glrnet.GLR(replications=8).backward(model, torch.rand(3, 5), torch.tensor([0, 1, 2]))
-    assert model[0].bias.grad is None and model[0].weight.grad is not None and model[1].bias.grad is not None
+@pytest.mark.parametrize("frozen", ["a bias", "a whole layer"])
+def test_frozen_parameters_stay_frozen_and_get_no_grad(frozen):
+    model = glrnet.NoisyMLP([5, 4, 4, 3])
+    for p in [model[0].bias] if frozen == "a bias" else list(model[0].parameters()):
+        p.requires_grad_(False)
+    for kw in (dict(), dict(injection="layerwise", replications=24), dict(memory_budget_mb=0.001, prefetch=False)):
+        model.zero_grad()
+        glrnet.GLR(**{"replications": 8, **kw}).backward(model, torch.rand(3, 5), torch.tensor([0, 1, 2]))
+        assert model[0].bias.grad is None and (model[0].weight.grad is None) == (frozen == "a whole layer")
+        assert all(p.grad is not None for m in model[1:] for p in m.parameters())
 
 
 def test_no_host_synchronisation_on_the_estimators_path_when_check_finite_is_off(monkeypatch):

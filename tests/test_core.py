@@ -9,10 +9,10 @@ from torch.distributions import Cauchy, Exponential, Laplace, Normal, Uniform
 
 import glrnet
 from glrnet.nn.activations import ACTIVATIONS, get_activation
-from glrnet.nn.noise import make_noise, sample_, score, score_autograd
+from glrnet.nn.noise import kinds, make_noise, sample_, score, score_autograd
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "laplace", "logistic"])
+@pytest.mark.parametrize("kind", kinds())
 def test_closed_form_score_equals_autograd_of_log_prob(float64, kind):
     dist = make_noise(kind, 2.0)
     r = torch.linspace(-7, 7, 1001)
@@ -32,7 +32,7 @@ def test_in_place_sampler_has_the_distribution(float64, dist):
 
 
 def test_make_noise_std_is_the_standard_deviation():
-    for kind in ("gaussian", "laplace", "logistic"):
+    for kind in kinds():
         assert make_noise(kind, 3.0).stddev.item() == pytest.approx(3.0)
 
 

@@ -1,12 +1,14 @@
 """Datasets: digits, IDX folders written by the tests, resizing, errors that name the file."""
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from glrnet.data import DataError, load_dataset, read_idx, resize, write_idx, _download
+from glrnet.data import (DataError, _download, identify_data_dir, load_dataset, read_idx, resize, resolve_data_dir,
+                         write_idx)
 
 
 def make_idx_folder(folder, n_train=60, n_test=20, size=28, gz=True, seed=0):
@@ -127,3 +129,87 @@ def test_read_idx_rejects_non_idx(tmp_path):
 def test_resize_area_average():
     img = torch.arange(16.0).reshape(1, 4, 4)
     torch.testing.assert_close(resize(img, 2), torch.tensor([[[2.5, 4.5], [10.5, 12.5]]]))
+
+
+# ---------------------------------------------------------------------- which folder holds which dataset
+def known_as(monkeypatch, name, folder):
+    """Register the IDX files of ``folder`` as the known checksums of dataset ``name`` (for this test)."""
+    from glrnet import data
+    monkeypatch.setitem(data.CONTENT_MD5, name, {stem: data._digest(p, "content-md5")
+                                                 for stem, p in data._idx_paths(folder).items()})
+
+
+def test_a_folder_of_another_dataset_is_refused_naming_what_it_holds(tmp_path, monkeypatch):
+    fashion = make_idx_folder(tmp_path / "f", seed=1)
+    known_as(monkeypatch, "fashion-mnist", fashion)
+    with pytest.raises(DataError, match=rf"data folder {fashion} holds fashion-mnist \(identified by its files' "
+                                        r"checksums\), not mnist: .* or --dataset fashion-mnist"):
+        load_dataset("mnist", fashion)
+    assert load_dataset("fashion-mnist", fashion).x_train.shape == (60, 784)
+    own = make_idx_folder(tmp_path / "own", seed=2)      # files no checksum knows: read as the dataset asked for
+    assert identify_data_dir(own) is None and load_dataset("mnist", own).name == "mnist"
+
+
+def test_data_dir_is_the_dataset_folder_or_its_parent(tmp_path, monkeypatch):
+    parent = tmp_path / "data"
+    mnist, fashion = make_idx_folder(parent / "mnist", seed=0), make_idx_folder(parent / "fashion-mnist", seed=1)
+    known_as(monkeypatch, "mnist", mnist)
+    known_as(monkeypatch, "fashion-mnist", fashion)
+    assert resolve_data_dir("mnist", parent) == mnist and resolve_data_dir("mnist", mnist) == mnist
+    assert resolve_data_dir("fashion-mnist", parent) == fashion
+    a, b = load_dataset("fashion-mnist", parent), load_dataset("fashion-mnist", fashion)
+    assert torch.equal(a.x_train, b.x_train)
+    # a spec's fashion-mnist entry pointed at the MNIST folder: one line, not MNIST trained as Fashion-MNIST
+    with pytest.raises(DataError, match=f"data folder {mnist} holds mnist .*, not fashion-mnist"):
+        load_dataset("fashion-mnist", mnist)
+    with pytest.raises(DataError, match="holds neither the four IDX files .* nor a folder mnist/"):
+        resolve_data_dir("mnist", tmp_path)
+
+
+def test_files_are_checked_against_the_folders_sha256sums(tmp_path):
+    import hashlib
+    folder = make_idx_folder(tmp_path / "m")
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}" for p in sorted(folder.iterdir())]
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    assert len(load_dataset("mnist", folder).x_train) == 60
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(20))            # replaced after the sums were taken
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: its SHA-256 differs from the one in "
+                                        rf"{folder / 'SHA256SUMS'}"):
+        load_dataset("mnist", folder)
+
+
+def test_a_folder_mixing_two_datasets_is_refused(tmp_path, monkeypatch):
+    import shutil
+    mnist, fashion = make_idx_folder(tmp_path / "m", seed=0), make_idx_folder(tmp_path / "f", seed=1)
+    known_as(monkeypatch, "mnist", mnist)
+    known_as(monkeypatch, "fashion-mnist", fashion)
+    shutil.copy(fashion / "t10k-images-idx3-ubyte.gz", mnist / "t10k-images-idx3-ubyte.gz")
+    with pytest.raises(DataError, match=r"mixes the files of mnist \(.*\) and fashion-mnist \(t10k-images"):
+        load_dataset("mnist", mnist)
+
+
+def test_digits_with_a_data_folder_names_what_the_folder_holds(tmp_path, monkeypatch):
+    mnist = make_idx_folder(tmp_path / "m")
+    known_as(monkeypatch, "mnist", mnist)
+    with pytest.raises(DataError, match=r"--data-dir .* holds mnist \(identified .*\), but the dataset is digits "
+                                        r"\(the default; .*\): add --dataset mnist"):
+        load_dataset("digits", mnist)
+    from glrnet.train import TrainConfig
+    with pytest.raises(DataError, match="but the dataset is digits"):
+        TrainConfig(data_dir=str(mnist)).validate()
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "fashion-mnist").is_dir(), reason="the shared MNIST / Fashion-MNIST files are absent")
+def test_the_shared_folders_are_identified_by_their_checksums():
+    assert identify_data_dir(SHARED / "mnist") == "mnist"
+    assert identify_data_dir(SHARED / "fashion-mnist") == "fashion-mnist"
+    assert identify_data_dir(SHARED / "mnist-10k") == "mnist-10k"
+    assert resolve_data_dir("fashion-mnist", SHARED) == SHARED / "fashion-mnist"
+    assert resolve_data_dir("mnist", SHARED / "mnist-10k") == SHARED / "mnist-10k"
+    with pytest.raises(DataError, match="holds fashion-mnist .*, not mnist"):
+        resolve_data_dir("mnist", SHARED / "fashion-mnist")
+    with pytest.raises(DataError, match="holds the 10,000-image MNIST subset mnist-10k .*, not fashion-mnist"):
+        resolve_data_dir("fashion-mnist", SHARED / "mnist-10k")

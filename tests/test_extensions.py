@@ -225,3 +225,30 @@ def test_a_non_chunkable_control_variate_names_the_fix(float64):
                      prefetch=False)
     with pytest.raises(ValueError, match="needs all 64 replications in one chunk: raise memory_budget_mb"):
         est.estimate(model, x, y)
+
+
+def test_the_command_line_and_the_specs_take_whatever_the_registries_hold(tmp_path, monkeypatch):
+    """``glrnet --plugin MODULE``: what the module registers is among the CLI's choices; a spec accepts it."""
+    import json
+
+    from glrnet.cli import main
+    from glrnet.experiments import load_spec
+    (tmp_path / "my_plugin.py").write_text(
+        "from glrnet.estimators import register_control_variate, register_sampler\n"
+        "from test_extensions import ShrunkLeaveOneOut, Stratified\n"
+        "register_sampler(Stratified)\nregister_control_variate(ShrunkLeaveOneOut)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main(["--plugin", "my_plugin", "train", "--dataset", "digits", "--hidden", "8", "--epochs", "1",
+                 "--replications", "16", "--sampler", "stratified", "--control-variate", "shrunk-loo",
+                 "--lap-replications", "8", "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["sampler"] == "stratified" and config["baseline"] == "shrunk-loo"
+    spec = tmp_path / "s.toml"
+    spec.write_text('[experiment]\nname = "s"\n[[datasets]]\nname = "digits"\ndataset = "digits"\n'
+                    '[[models]]\nname = "m"\nsampler = "stratified"\nbaseline = "shrunk-loo"\nweight_noise = "all=flipout"\n'
+                    '[certify]\nradii = [0.25]\n')
+    load_spec(spec)
+    spec.write_text(spec.read_text().replace('"shrunk-loo"', '"no-such-variate"'))
+    with pytest.raises(ValueError, match="unknown control variate 'no-such-variate'"):
+        load_spec(spec)

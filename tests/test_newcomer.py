@@ -1,5 +1,5 @@
 """What a newcomer's mistakes get: one clear line naming the problem, and nothing lost.
-One test per case of issue 18 (tracebacks, silent cases, false statements, outputs)."""
+One test per case a newcomer meets (tracebacks, silent cases, false statements, outputs)."""
 
 import os
 import stat

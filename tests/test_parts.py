@@ -10,9 +10,9 @@ from torch import nn
 
 import glrnet
 from glrnet.estimators.control_variates import get_control_variate
-from glrnet.estimators import glr_parameters, reference_estimate
+from glrnet.estimators import CONTROL_VARIATES, glr_parameters, reference_estimate
 from glrnet.nn import Layout, probe
-from glrnet.estimators.samplers import IID, Sampler, get_sampler
+from glrnet.estimators.samplers import IID, SAMPLERS, Sampler, get_sampler
 from stats import assert_means_equal, flat_grads, means_equal
 from test_estimator import pathwise_samples, small_problem, total_variance
 
@@ -128,8 +128,8 @@ def replay_reference(model, x, y, est, rec):
 
 
 @pytest.mark.parametrize("injection", ["all", "layerwise"])
-@pytest.mark.parametrize("baseline", [False, True], ids=["none", "loo"])
-@pytest.mark.parametrize("sampler", ["iid", "antithetic", "qmc"])
+@pytest.mark.parametrize("baseline", list(CONTROL_VARIATES))
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_fast_path_equals_reference_on_the_same_noise(float64, model_name, sampler, baseline, injection):
     model, x, y = MODELS[model_name]()
@@ -201,8 +201,8 @@ def glr_samples(model, x, y, n, seed=1, **kw):
     return torch.stack([flat_grads(est.estimate(model, x, y)[0]) for _ in range(n)])
 
 
-@pytest.mark.parametrize("baseline", [False, True], ids=["none", "loo"])
-@pytest.mark.parametrize("sampler", ["iid", "antithetic", "qmc"])
+@pytest.mark.parametrize("baseline", list(CONTROL_VARIATES))
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_and_control_variate_unbiased_vs_pathwise(float64, sampler, baseline):
     model, x, y = small_problem([5, 4, 3])
     glr = glr_samples(model, x, y, n=150, replications=512, sampler=sampler, baseline=baseline)

@@ -112,7 +112,7 @@ def test_gauss_hermite_smoothed_derivative_matches_closed_form(float64):
     approx = smoothed_derivative(step_like, z, 2.0)
     # for a step integrand the quadrature is piecewise constant in z: its error is at most the
     # largest single-node term w_i √2 |t_i| / (σ √π)
-    from glrnet.robustness import _GH
+    from glrnet.robustness.surrogates import _GH
     bound = max(w * math.sqrt(2) * abs(t) / (2.0 * math.sqrt(math.pi)) for t, w in zip(*_GH))
     assert (approx - exact).abs().max() <= bound, bound
     # a smooth φ: quadrature equals E[φ'(z + r)] (pathwise), computed by Monte Carlo

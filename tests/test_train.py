@@ -177,3 +177,15 @@ def test_training_leaves_the_global_rng_alone(tmp_path):
     torch.manual_seed(123)
     train(TrainConfig(epochs=1, replications=10, subset=200), tmp_path, quiet=True)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_warmup_loss_trains_the_first_epochs_then_the_loss(tmp_path):
+    """--warmup-loss cross_entropy --warmup-epochs 1 with the 0-1 loss: after epoch 1 the network is exactly the one
+    cross-entropy training gives (same streams), and the run then continues on the 0-1 loss."""
+    common = dict(activation="threshold", epochs=2, replications=20, eval_replications=2, lap_replications=4, hidden=[8])
+    warm = train(TrainConfig(loss="zero_one", warmup_loss="cross_entropy", warmup_epochs=1, **common),
+                 tmp_path / "warm", quiet=True)
+    ce = train(TrainConfig(loss="cross_entropy", **common), tmp_path / "ce", quiet=True)
+    first = [next(csv.DictReader(open(tmp_path / run / "history.csv")))["val_acc_ot"] for run in ("warm", "ce")]
+    assert first[0] == first[1]
+    assert warm["config"]["warmup_loss"] == "cross_entropy" and warm["config"]["loss"] == "zero_one"

@@ -15,10 +15,22 @@ votes c] for the majority vote, E[softmax_c] for LAP). For any such smoothing Φ
 
 and with p̄_B = 1 − p̲_A (majority vote, two-sided in one bound) R = σ/‖W₁‖₂ · Φ⁻¹(p̲_A).
 ‖W₁‖₂ is the exact operator norm of the first layer's linear map (SVD of its dense matrix,
-in float64). The bounds are Monte Carlo confidence bounds: CERTIFY (Cohen et al.) draws
-``n0`` samples to select A and ``n`` fresh ones to bound p_A by Clopper–Pearson at level 1 − α
-(majority vote), or by Hoeffding for the [0, 1]-valued averages of LAP (p_A and p_B each at
-α/2). An image whose bound does not clear 1/2 (vote) or p̄_B (LAP) abstains.
+in float64). Only noise on the first layer's *units* (activity site) makes u + r a Gaussian
+smoothing of u; noise on its weights (sites weight, flipout, channel) is refused.
+
+The bounds are Monte Carlo confidence bounds, every certificate at level 1 − α overall: CERTIFY
+(Cohen et al.) draws ``n0`` samples to select A and ``n`` fresh ones to bound its probability.
+
+* vote: p̲_A by Clopper–Pearson at level α, and p̄_B = 1 − p̲_A.
+* lap: the averages of the softmax over the ``n`` passes, each class's in [0, 1], by Hoeffding
+  (P[mean − p ≥ t] ≤ exp(−2nt²)). α is split over the bounds that a certificate rests on: α/2 for
+  p̲_A = mean_A − √(ln(2/α) / 2n), and α/(2(C − 1)) for each of the C − 1 other classes,
+  p_c ≤ mean_c + √(ln(2(C − 1)/α) / 2n); so with probability ≥ 1 − α (union bound) all C bounds
+  hold at once. On that event two upper bounds of the runner-up hold, the max over the other
+  classes and 1 − p̲_A (the averaged probabilities sum to 1), and the smaller is taken:
+  p̄_B = min(max_{c≠A} (mean_c + t_B), 1 − p̲_A), still at level α.
+
+An image whose bound does not clear p̄_B (vote: 1/2) abstains.
 """
 
 from __future__ import annotations
@@ -52,9 +64,16 @@ class Certificate:
     samples: int
 
 
+def noise_site(layer: NoisyLayer) -> str:
+    """Where a noisy layer's noise enters: ``"activity"`` (its units), or ``"weight"``, ``"flipout"``,
+    ``"channel"`` (its parameters): its perturbation's name, the one place that reads it."""
+    return layer.perturbation.name
+
+
 def first_layer(model: nn.Module, x: Tensor) -> NoisyLayer:
     """The first noisy layer in execution order, checked to see the input itself (so that
-    u = W₁x + b₁) and to carry Gaussian noise; a ``ValueError`` naming what fails."""
+    u = W₁x + b₁) and to carry Gaussian noise on its units (activity site); a ``ValueError``
+    naming what fails."""
     pr = probe(model, x)
     layer = pr.layers[pr.order[0]]
     with torch.no_grad():
@@ -64,6 +83,11 @@ def first_layer(model: nn.Module, x: Tensor) -> NoisyLayer:
                          "its pre-activation is W₁x + b₁")
     if type(layer.noise) is not Normal and not isinstance(layer.noise, Normal):
         raise ValueError(f"certify: the first noisy layer's noise must be Gaussian, got {layer.noise}")
+    if noise_site(layer) != "activity":
+        raise ValueError(f"certify: the first noisy layer carries its noise on its weights (site "
+                         f"{noise_site(layer)!r}); the certified radius σ/‖W₁‖₂ · Φ⁻¹(p) holds only for Gaussian "
+                         "noise on its units (activity site): certify a network trained without weight noise on its "
+                         "first layer")
     return layer
 
 
@@ -137,17 +161,26 @@ def certify(model: nn.Module, x: Tensor, n0: int = 100, n: int = 10000, alpha: f
         ok = p_lower > 0.5
         gap = std_normal.icdf(p_lower.clamp(1e-300, 1 - 1e-16))
     else:
-        mean = (estimate / n).cpu()
-        slack = math.sqrt(math.log(2.0 / alpha) / (2.0 * n))       # Hoeffding, α/2 for each bound
-        p_lower = (mean.gather(1, top[:, None].cpu()).squeeze(1) - slack).clamp(0, 1)
-        other = mean.scatter(1, top[:, None].cpu(), -math.inf).amax(1)
-        p_other = (other + slack).clamp(0, 1)
+        p_lower, p_other = lap_bounds(estimate.cpu() / n, top.cpu(), n, alpha)
         ok = p_lower > p_other
         gap = (std_normal.icdf(p_lower.clamp(1e-300, 1 - 1e-16)) -
                std_normal.icdf(p_other.clamp(1e-300, 1 - 1e-16))) / 2
     radius = torch.where(ok, sigma / norm * gap, torch.zeros_like(gap))
     prediction = torch.where(ok, top.cpu(), torch.full_like(top.cpu(), -1))
     return Certificate(prediction, radius, p_lower, p_other, sigma, norm, predictor, alpha, n)
+
+
+def lap_bounds(mean: Tensor, top: Tensor, n: int, alpha: float) -> tuple[Tensor, Tensor]:
+    """LAP's bounds at level 1 − ``alpha`` overall (module docstring): from the (N, C) averages of ``n``
+    softmax vectors and the selected classes ``top``, p̲_A (Hoeffding at α/2) and p̄_B = the smaller of
+    max_{c≠A} (mean_c + Hoeffding at α/(2(C − 1)) each) and 1 − p̲_A."""
+    classes = mean.shape[1]
+    slack_a = math.sqrt(math.log(2.0 / alpha) / (2.0 * n))
+    slack_b = math.sqrt(math.log(2.0 * max(1, classes - 1) / alpha) / (2.0 * n))
+    p_lower = (mean.gather(1, top[:, None]).squeeze(1) - slack_a).clamp(0, 1)
+    other = mean.scatter(1, top[:, None], -math.inf).amax(1)
+    p_other = torch.minimum((other + slack_b).clamp(0, 1), 1 - p_lower)
+    return p_lower, p_other
 
 
 def certified_accuracy(cert: Certificate, y: Tensor, radii) -> dict[float, float]:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,109 @@ from safetensors.torch import load_file, safe_open
 
 from .nn.containers import NoisyMLP, NoisySequential
 from .nn.noise import make_noise
-from .utils.files import atomic_path, atomic_write_csv, atomic_write_text, save_tensors_atomic  # noqa: F401
+from .utils.files import atomic_write_csv, atomic_write_text, save_tensors_atomic  # noqa: F401 (re-exported)
 
 FORMAT = 1
+
+
+LOCK = ".glrnet.lock"   # in an output folder while a glrnet process writes there: "<pid> <host>"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # another user's process
+        return True
+    return True
+
+
+def _create_lock(lock: Path) -> bool:
+    """Create ``lock`` holding this process's pid, if no such file exists (O_EXCL: atomic)."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    return True
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike):
+    """Hold ``out`` (an output folder, created here) for this process: a lock file made with O_EXCL holding
+    the pid, removed on exit. A second glrnet process writing into the same folder gets a ``ValueError``
+    naming the one that holds it; a lock left by a process that is gone (killed) is taken over, saying so
+    on stderr. A folder this call created and that is still empty on exit (the run failed before it
+    wrote anything) is removed again. An unwritable ``out`` is a ``ValueError`` naming it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    created = []
+    for p in (out, *out.parents):
+        if p.exists():
+            break
+        created.append(p)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = "" if e.filename in (None, str(out)) else f": {e.filename}"
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror}{where}); choose another --out") from None
+    lock = out / LOCK
+    try:
+        while not _create_lock(lock):
+            try:
+                text = lock.read_text()
+            except FileNotFoundError:
+                continue                                  # released meanwhile: try again
+            words = text.split()
+            pid = int(words[0]) if words and words[0].isdigit() else None
+            host = words[1] if len(words) > 1 else socket.gethostname()
+            if pid is not None and (host != socket.gethostname() or _alive(pid)):
+                where = "" if host == socket.gethostname() else f" on {host}"
+                raise ValueError(f"--out {out} is in use by another glrnet process (pid {pid}{where}; lock file "
+                                 f"{lock}): wait for it to finish, or choose another --out")
+            # a stale lock: move it aside atomically, so that two takers cannot both win
+            aside = out / f"{LOCK}.stale.{os.getpid()}"
+            try:
+                os.replace(lock, aside)
+            except FileNotFoundError:
+                continue
+            if aside.read_text() != text:                 # another process's fresh lock: put it back
+                try:
+                    os.link(aside, lock)
+                except FileExistsError:
+                    pass
+                aside.unlink()
+                continue
+            aside.unlink()
+            print(f"glrnet: taking over the lock {lock} of pid {pid}, which is no longer running "
+                  "(it was stopped before it finished)", file=sys.stderr)
+    except OSError as e:
+        _remove_empty(created)
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror}); choose another --out") from None
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        yield out
+    finally:
+        try:
+            if lock.read_text().split()[:1] == [str(os.getpid())]:
+                lock.unlink()
+        except (OSError, IndexError):
+            pass
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed call created, deepest first, while they are empty."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            break
 
 
 def save_checkpoint(path: str | os.PathLike, model: NoisySequential, optimizer: torch.optim.Optimizer,

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from dataclasses import fields
 
 from .data import DATASETS, SPLITS, DataError, describe_datasets
-from .estimators import SAMPLERS
+from .estimators import CONTROL_VARIATES, SAMPLERS
 from .estimators import distributed
 from .estimators.glr import INJECTIONS
 from .nn.activations import ACTIVATIONS, get_activation
+from .nn.perturbations import PERTURBATIONS
 from .nn.losses import LOSSES
 from .nn.noise import kinds
 from .robustness.settings import DEFAULT_EPS, HELP, NORMS, AttackSettings, settings_fields
@@ -73,14 +75,19 @@ def _activation(text: str) -> str:
 
 
 def add_data_options(p: argparse.ArgumentParser, required_dataset: bool = False) -> None:
+    """The data flags; ``required_dataset``: a command on saved runs (evaluate, certify, robustness), whose
+    dataset comes from the run and whose ``--subset`` is a number of test images."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default=None if required_dataset else DEFAULTS.dataset,
                    help="dataset name")
-    g.add_argument("--data-dir", default=None, help="folder with the four MNIST-format IDX files "
-                   "(default: download into the cache)")
+    g.add_argument("--data-dir", default=None, help="the dataset's folder of four MNIST-format IDX files, or a "
+                   "folder holding <dataset>/ (checked against its SHA256SUMS and the known checksums; default: "
+                   "download into the cache)")
     g.add_argument("--image-size", type=int, default=None, help="resize images to N×N by area averaging "
                    "(14 = the seed's 2×2 pooling of MNIST)")
-    g.add_argument("--subset", type=int, default=None, help="use only this many training images")
+    g.add_argument("--subset", type=int, default=None,
+                   help="use only the first N test images" if required_dataset else
+                   "use only N training images (and N/4 test images, at least 10), a seeded random choice")
     g.add_argument("--split", choices=SPLITS, default=None if required_dataset else DEFAULTS.split,
                    help="standard: the dataset's own train/test; seed: all images pooled, stratified 60/40 "
                         "(MNIST 42,000 / 28,000, the seed paper's scale)")
@@ -101,6 +108,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-activation", type=_activation, default=None,
                    help="activation on the output layer too (default: none, the authors' code)")
     g.add_argument("--loss", choices=list(LOSSES), default=d.loss, help="per-sample loss")
+    g.add_argument("--warmup-loss", choices=list(LOSSES), default=None, help="the loss of the first --warmup-epochs "
+                   "epochs (cross_entropy before the 0-1 loss keeps every class alive: docs/results/seeds)")
+    g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="epochs trained with --warmup-loss")
     g.add_argument("--noise", choices=kinds(), default=d.noise, help="neuron noise distribution")
     g.add_argument("--noise-std", type=float, default=d.noise_std, help="noise standard deviation σ")
     g = p.add_argument_group("estimator")
@@ -109,9 +119,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "(forward gradients, activity perturbation; smooth units)")
     g.add_argument("--replications", type=int, default=d.replications, help="K noisy replications per input (es, "
                    "spsa, forward: forward passes per input and step)")
-    g.add_argument("--weight-noise", choices=["none", "first", "conv", "all"], default=d.weight_noise,
-                   help="perturbation site: which noisy layers carry their noise on their parameters (weight "
-                        "site, one draw per replication) instead of their units")
+    g.add_argument("--weight-noise", default=d.weight_noise, metavar="WHICH[=PERTURBATION]",
+                   help="where the noise sits: which noisy layers (none, first, conv, all) carry it on their "
+                        "parameters instead of their units, and the registered perturbation they take: "
+                        + ", ".join(p for p in PERTURBATIONS if p != "activity") + " (default weight: one draw per "
+                        "replication), e.g. conv=flipout")
     g.add_argument("--flipout", action="store_true", help="weight site with flipout: each input of a batch sees "
                    "the replication's parameter noise with its own random signs on rows and columns (Wen et al. "
                    "2018), so the noise averages over the batch; needs --weight-noise and symmetric noise")
@@ -132,8 +144,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "(LayerNorm / GroupNorm(1) without affine) after every hidden noisy layer")
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=d.baseline,
                    help="leave-one-out baseline (control variate); --no-baseline: the seed's plain estimator")
+    g.add_argument("--control-variate", dest="baseline", choices=list(CONTROL_VARIATES), default=argparse.SUPPRESS,
+                   help="a registered control variate by name (--baseline: leave-one-out; --no-baseline: none)")
     g.add_argument("--sampler", choices=list(SAMPLERS), default=d.sampler,
-                   help="noise sampler: iid, antithetic (pairs r, −r), qmc (randomized Sobol nets)")
+                   help="noise sampler: " + ", ".join(SAMPLERS) + " (iid; antithetic: pairs r, −r; qmc: randomized "
+                        "Sobol nets; any registered by a --plugin)")
     g.add_argument("--injection", choices=list(INJECTIONS), default=d.injection,
                    help="all: every noisy layer noisy in every replication; layerwise: each replication noisy "
                         "in one layer (K split evenly over the layers)")
@@ -203,10 +218,36 @@ def cmd_train(args) -> int:
     distributed.init_from_env(args.device)
     from pathlib import Path
     out = Path(args.out)
+    cfg = config_from_args(args)
+    from .train import unused_options
+    unused = unused_options(cfg, getattr(args, "given", set()))   # typed on the command line, and ignored
+    if unused:
+        raise ValueError(next(iter(unused.values())))
     if args.resume and not (out / "checkpoint.safetensors").exists() and not (out / "metrics.json").exists():
         print(f"glrnet train: --resume: {out} holds no run yet; starting a new one", file=sys.stderr)
-    train(config_from_args(args), args.out, resume=args.resume, quiet=args.quiet)
+    train(cfg, args.out, resume=args.resume, quiet=args.quiet)
     return 0
+
+
+def _first_test_images(data, n: int | None, flag: str = "--subset"):
+    """The first ``n`` test images (all for ``None``) and their labels."""
+    if n is not None and n < 1:
+        raise ValueError(f"{flag} must be ≥ 1 test image, got {n}")
+    return data.x_test[:n], data.y_test[:n]
+
+
+def _image_count(args) -> int:
+    """``--images``, capped by ``--subset`` (both a number of test images), each checked."""
+    for flag, n in (("--images", args.images), ("--subset", args.subset)):
+        if n is not None and n < 1:
+            raise ValueError(f"{flag} must be ≥ 1 test image, got {n}")
+    return args.images if args.subset is None else min(args.images, args.subset)
+
+
+def _check_inputs(data, model, run) -> None:
+    if data.in_features != model.in_features:
+        raise ValueError(f"{data.name} images have {data.in_features} pixels, the model of {run} expects "
+                         f"{model.in_features} (set --image-size, or --dataset to the run's)")
 
 
 def cmd_certify(args) -> int:
@@ -218,6 +259,7 @@ def cmd_certify(args) -> int:
     from .checkpoint import atomic_write_csv, atomic_write_text, load_model, write_index
     from .data import load_run_dataset
     from .train import resolve_device
+    from .train import TrainConfig
     device = resolve_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -226,12 +268,19 @@ def cmd_certify(args) -> int:
         radii = [float(r) for r in args.radii.split(",")]
     except ValueError:
         raise ValueError(f"--radii takes comma-separated numbers like 0.25,0.5,1, got {args.radii!r}") from None
+    _image_count(args)
     path = Path(args.run)
     model, extra = load_model(path / "model.safetensors" if path.is_dir() else path, device)
-    data = load_run_dataset(extra.get("config", {}), args.dataset, args.data_dir, args.image_size, args.subset,
-                            args.split)
-    n_img = min(args.images, len(data.x_test))
-    x, y = data.x_test[:n_img].to(device), data.y_test[:n_img].to(device)
+    cfg = extra.get("config", {})
+    if cfg and not TrainConfig.from_saved(cfg).noisy:
+        raise ValueError(f"--run {args.run} was trained without noise (method {cfg.get('method')}"
+                         f"{', no --bp-noise' if cfg.get('method') == 'bp' else ''}): certifying it would certify a "
+                         "noisy network it never was; certify a run trained with noise (glr, or bp --bp-noise)")
+    data = load_run_dataset(cfg, args.dataset, args.data_dir, args.image_size, None, args.split)
+    _check_inputs(data, model, args.run)
+    x, y = _first_test_images(data, _image_count(args))
+    n_img = len(x)
+    x, y = x.to(device), y.to(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     cert = certify(model, x, n0=args.n0, n=args.samples, alpha=args.alpha, predictor=args.predictor, generator=gen)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,13 +317,14 @@ def cmd_evaluate(args) -> int:
     model, extra = load_model(path, device)
     cfg = extra.get("config", {})
     from .data import load_run_dataset
-    data = load_run_dataset(cfg, args.dataset, args.data_dir, args.image_size, args.subset, args.split)
+    data = load_run_dataset(cfg, args.dataset, args.data_dir, args.image_size, None, args.split)
     if data.in_features != model.in_features:
         raise ValueError(f"{data.name} images have {data.in_features} pixels, the model expects {model.in_features} "
                          "(set --image-size)")
-    x, y = data.x_test.to(device), data.y_test.to(device)
+    x, y = _first_test_images(data, args.subset)
+    x, y = x.to(device), y.to(device)
     noisy = TrainConfig.from_saved(cfg).noisy if cfg else True
-    result = {"run": str(path), "dataset": data.summary(),
+    result = {"run": str(path), "dataset": data.summary(), "test_images": len(x),
               "accuracy_ot": (predict(model, x, "ot") == y).double().mean().item()}
     if noisy:
         gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -310,31 +360,50 @@ def cmd_robustness(args) -> int:
     from .checkpoint import load_model, write_index
     from .data import load_run_dataset
     from .robustness.protocol import attack_and_report
+    from .robustness.settings import validate_eps
     from .train import TrainConfig, resolve_device
     resolve_device(args.device)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file, not a folder: choose another --out")
-    models, cfg = {}, None
+    _image_count(args)
+    models, cfg, trained = {}, None, {}
     for run in args.run:
         path = Path(run)
         model, extra = load_model(path / "model.safetensors" if path.is_dir() else path, args.device)
         cfg = extra.get("config", {})
         noisy = TrainConfig.from_saved(cfg).noisy
-        models[path.name if path.is_dir() else path.stem] = (model, noisy)
-    data = load_run_dataset(cfg, args.dataset, args.data_dir, args.image_size, args.subset, args.split)
-    if args.images > len(data.x_test):
-        print(f"glrnet robustness: --images {args.images}: {data.name} has {len(data.x_test)} test images; "
+        name = path.name if path.is_dir() else path.stem
+        if name in models:
+            raise ValueError(f"--run: two runs are named {name!r} ({trained[name][0]} and {run}); the reports "
+                             "name each model by its folder: give them folders of different names")
+        models[name] = (model, noisy)
+        size = cfg.get("image_size")
+        trained[name] = (run, f"{cfg.get('dataset', 'digits')}{f' at {size}×{size}' if size else ''}, split "
+                              f"{cfg.get('split', 'standard')}")
+    if len({data for _, data in trained.values()}) > 1:
+        raise ValueError("--run: the runs were trained on different data ("
+                         + "; ".join(f"{run}: {data}" for run, data in trained.values())
+                         + "); attack the runs of one dataset at a time")
+    data = load_run_dataset(cfg, args.dataset, args.data_dir, args.image_size, None, args.split)
+    for name, (model, _) in models.items():
+        _check_inputs(data, model, trained[name][0])
+    n_img = _image_count(args)
+    if n_img > len(data.x_test):
+        print(f"glrnet robustness: --images {n_img}: {data.name} has {len(data.x_test)} test images; "
               f"attacking all {len(data.x_test)}", file=sys.stderr)
-    x, y = data.x_test[:args.images].to(args.device), data.y_test[:args.images].to(args.device)
+    x, y = _first_test_images(data, n_img)
+    x, y = x.to(args.device), y.to(args.device)
     try:
         eps = [float(e) for e in args.eps.split(",")]
     except ValueError:
         raise ValueError(f"--eps takes comma-separated numbers like 0.05,0.1, got {args.eps!r}") from None
     st = settings_from_args(args)
+    validate_eps(eps + ([] if args.headline is None else [args.headline]), st.norm, data.in_features)
     source = None
     if args.source:
         src = Path(args.source)
         source = load_model(src / "model.safetensors" if src.is_dir() else src, args.device)[0]
+        _check_inputs(data, source, args.source)
     headline = args.headline if args.headline is not None else eps[len(eps) // 2]
     eps = sorted(set(eps) | {headline})
     out = Path(args.out)
@@ -351,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and measure their adversarial robustness.")
     from . import __version__
     p.add_argument("--version", action="version", version=f"glrnet {__version__}")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (repeatable): the samplers, control variates, noise families, "
+                        "perturbations, activations and losses it registers become choices of every command")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train one model", formatter_class=_Formatter,
                        description="Train one noisy network (an MLP, or a CNN with --arch) by GLR or back-propagation; writes metrics.json, "
@@ -393,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", default=None, help="the folder that holds one folder per dataset (mnist/, "
                    "fashion-mnist/, ...), e.g. ../shared/data (default: download into the cache)")
     r.add_argument("--quick", action="store_true", help="the packaged quick spec: the whole pipeline on digits "
-                   "(minutes on 2 CPU cores; --no-robustness skips the attacks, most of it); not with another --spec")
+                   "(about half a minute on 2 idle cores; --no-robustness skips the attacks); not with another --spec")
     r.add_argument("--no-robustness", action="store_true", help="skip the adaptive-attack evaluation")
     r.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     r.add_argument("--out", required=True, help="output folder of this spec's results (a rerun into it reuses "
@@ -442,9 +514,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def given_options(argv: list[str], command: str) -> set[str]:
+    """The option names (dests) typed on the command line of ``command``, as argparse reads them
+    (abbreviations included), as opposed to those left at their defaults."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in sub._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "func"}
+
+
+_PROGRESS_FOR_LOGS = False
+
+
+def _progress_for_logs() -> None:
+    """Progress bars redraw with a carriage return at every refresh: into a log file (stderr not a
+    terminal) that is thousands of lines; there, they refresh once a minute."""
+    global _PROGRESS_FOR_LOGS
+    if _PROGRESS_FOR_LOGS or sys.stderr.isatty():
+        return
+    from functools import partialmethod
+
+    from tqdm import std
+    std.tqdm.__init__ = partialmethod(std.tqdm.__init__, mininterval=60.0)
+    _PROGRESS_FOR_LOGS = True
+
+
+def load_plugins(argv: list[str]) -> None:
+    """Import the modules named by ``--plugin`` before the parser is built, so that what they register is
+    among its choices."""
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("--plugin=")]
+    names += [b for a, b in zip(argv, argv[1:]) if a == "--plugin"]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise SystemExit(f"glrnet: error: --plugin {name}: cannot import it ({e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    load_plugins(argv)
     args = build_parser().parse_args(argv)
+    _progress_for_logs()
     try:
+        if args.command == "train":
+            args.given = given_options(argv, "train")
+        if args.command in ("certify", "robustness"):   # train takes its own lock (the library's)
+            from .checkpoint import output_lock
+            with output_lock(args.out):
+                return args.func(args)
         return args.func(args)
     except (ValueError, DataError, FileNotFoundError, ImportError) as e:
         print(f"glrnet {args.command}: error: {e}", file=sys.stderr)

@@ -7,6 +7,15 @@
   mirrors into the cache (``$GLRNET_CACHE`` or ``~/.cache/glrnet``), each file's MD5
   verified before it is moved into place, so nothing half-written stays there.
 
+``data_dir`` is either the dataset's own folder or a folder holding ``<dataset>/``
+(:func:`resolve_data_dir`, the one place that decides). A folder is checked before it is
+read: its files against its ``SHA256SUMS`` (when it has one), and its content against the
+known checksums of each dataset (:func:`identify_data_dir`: the MD5 of each file's
+uncompressed bytes, the same for any compression), so MNIST files asked for as
+Fashion-MNIST (or the reverse) are refused with a line naming the folder and what it
+holds. Files no checksum knows (a dataset of one's own in the IDX format) are read as
+the dataset asked for.
+
 Images can be resized by area averaging (28 → 14 is the seed's 2×2 average pooling).
 
 Splits (``split=``): ``"standard"`` is the dataset's own train/test split (MNIST
@@ -47,6 +56,24 @@ REMOTE = {
         "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
 }
+# MD5 of each file's *uncompressed* IDX bytes (the same whatever the compression): what a folder holds.
+# mnist and fashion-mnist are the official files; mnist-10k is the 10,000-image MNIST subset
+# (6,000 / 4,000) the seed's literal reading uses, an MNIST dataset.
+CONTENT_MD5 = {
+    "mnist": {"train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+              "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+              "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+              "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637"},
+    "fashion-mnist": {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                      "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+                      "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+                      "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"},
+    "mnist-10k": {"train-images-idx3-ubyte": "efc4f1046eda0ce68a8f2ef05e9f35a0",
+                  "train-labels-idx1-ubyte": "53363bd501fb08e26ecbce88bc111aa9",
+                  "t10k-images-idx3-ubyte": "841755e782c6f0f97128fc0bb1f6fc79",
+                  "t10k-labels-idx1-ubyte": "fddc1ca1a3e02c559e173c7bbaade04b"},
+}
+KNOWN_AS = {"mnist": "mnist", "fashion-mnist": "fashion-mnist", "mnist-10k": "mnist"}   # known files → dataset
 DATASETS = ("digits", "mnist", "fashion-mnist")
 SPLITS = ("standard", "seed")
 SEED_SPLIT_TEST_FRACTION = 0.4     # the seed: 42,000 train / 28,000 test of all 70,000 MNIST images
@@ -110,13 +137,16 @@ def load_dataset(name: str = "digits", data_dir: str | os.PathLike | None = None
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if name == "digits":
+        if data_dir is not None:
+            raise DataError(digits_folder_message(data_dir))
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
         d = load_digits()
         x = d.images.astype(np.float32) / 16.0
         x_tr, x_te, y_tr, y_te = train_test_split(x, d.target, test_size=0.25, stratify=d.target, random_state=0)
     else:
-        folder = Path(data_dir) if data_dir is not None else _download(name, cache_dir(cache), download)
+        folder = (resolve_data_dir(name, data_dir) if data_dir is not None
+                  else _download(name, cache_dir(cache), download))
         arrays = read_idx_folder(folder)
         x_tr, y_tr = arrays["train_images"].astype(np.float32) / 255.0, arrays["train_labels"]
         x_te, y_te = arrays["test_images"].astype(np.float32) / 255.0, arrays["test_labels"]
@@ -165,7 +195,7 @@ def load_run_dataset(cfg: dict, dataset: str | None = None, data_dir: str | None
         print(f"glrnet: warning: the run was trained on {trained}, evaluated here on {dataset} "
               "(its images are resized to the model's input; the figures are not the run's test accuracy)",
               file=sys.stderr)
-    if data_dir is None and not dataset and cfg.get("data_dir"):
+    if data_dir is None and cfg.get("data_dir") and (not dataset or dataset == trained):
         data_dir = cfg["data_dir"]
         if not Path(data_dir).is_dir():
             raise DataError(f"the run was trained on data folder {data_dir}, which is not there now; pass "
@@ -181,6 +211,127 @@ def resize(images: Tensor, size: int) -> Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     return F.adaptive_avg_pool2d(images.unsqueeze(1), size).squeeze(1)
+
+
+# ---------------------------------------------------------------------- which folder, which dataset
+_DIGESTS: dict[tuple, str] = {}   # (kind, path, size, mtime) → hex digest: each file hashed once per process
+
+
+def _digest(path: Path, kind: str) -> str:
+    """``"sha256"`` of the file's bytes on disk, or ``"content-md5"``: MD5 of its uncompressed bytes."""
+    st = path.stat()
+    key = (kind, str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        if kind == "sha256":
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            _DIGESTS[key] = h.hexdigest()
+        else:
+            _DIGESTS[key] = hashlib.md5(_read_raw(path), usedforsecurity=False).hexdigest()
+    return _DIGESTS[key]
+
+
+def _idx_paths(folder: Path) -> dict[str, Path]:
+    """The IDX files present in ``folder`` (stem → path; .gz preferred, as the reader does)."""
+    return {stem: p for stem in IDX_FILES.values() if (p := _find(folder, stem)) is not None}
+
+
+def verify_sha256sums(folder: str | os.PathLike) -> None:
+    """Check the IDX files of ``folder`` against its ``SHA256SUMS`` (``sha256sum -c`` format), if it has one;
+    a :class:`DataError` naming the first file that differs."""
+    folder = Path(folder)
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        return
+    expected = {}
+    for line in sums.read_text(errors="replace").splitlines():
+        parts = line.strip().split(None, 1)
+        if len(parts) == 2:
+            expected[parts[1].lstrip("*").strip()] = parts[0].lower()
+    for path in _idx_paths(folder).values():
+        want = expected.get(path.name)
+        if want is not None and _digest(path, "sha256") != want:
+            raise DataError(f"{path}: its SHA-256 differs from the one in {sums} (the file was changed or damaged): "
+                            "restore it from its source")
+
+
+def identify_data_dir(folder: str | os.PathLike) -> str | None:
+    """Which known dataset the IDX files in ``folder`` are, by the MD5 of their uncompressed content:
+    ``"mnist"``, ``"fashion-mnist"``, ``"mnist-10k"`` (an MNIST subset; :data:`KNOWN_AS` maps each to its
+    dataset), or ``None`` when no file is known (a dataset of one's own). Files of two datasets in one
+    folder are a :class:`DataError`."""
+    folder = Path(folder)
+    found: dict[str, list[str]] = {}
+    for stem, path in _idx_paths(folder).items():
+        try:
+            digest = _digest(path, "content-md5")
+        except DataError:
+            continue           # unreadable: the reader names it
+        for known, files in CONTENT_MD5.items():
+            if files.get(stem) == digest:
+                found.setdefault(known, []).append(path.name)
+    if len({KNOWN_AS[k] for k in found}) > 1:
+        raise DataError(f"data folder {folder} mixes the files of "
+                        + " and ".join(f"{k} ({', '.join(v)})" for k, v in found.items())
+                        + ": keep each dataset's four files in a folder of its own")
+    if not found:
+        return None
+    return max(found, key=lambda k: len(found[k]))
+
+
+def _held(known: str) -> str:
+    return "the 10,000-image MNIST subset mnist-10k" if known == "mnist-10k" else known
+
+
+def resolve_data_dir(dataset: str, data_dir: str | os.PathLike) -> Path:
+    """The folder that holds ``dataset``'s four IDX files, given ``data_dir``: the dataset's own folder, or
+    a folder holding ``<dataset>/`` (``--data-dir ../shared/data/mnist`` and ``--data-dir ../shared/data``
+    both mean the MNIST folder). Checked before anything is read: the files against the folder's
+    ``SHA256SUMS``, and their content against the known checksums (:func:`identify_data_dir`), so a
+    folder of another dataset is a :class:`DataError` naming the folder and what it holds."""
+    if dataset not in REMOTE:
+        if dataset == "digits":
+            raise DataError(digits_folder_message(data_dir))
+        raise DataError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    base = Path(data_dir).expanduser()
+    if _idx_paths(base) or not (base / dataset).is_dir():
+        folder = base                     # the dataset's own folder (or an error naming what it lacks)
+    else:
+        folder = base / dataset           # a parent holding <dataset>/
+    if folder.is_dir() and not _idx_paths(folder):
+        others = [d for d in REMOTE if (base / d).is_dir()]
+        raise DataError(f"data folder {base} holds neither the four IDX files "
+                        f"{', '.join(f'{s}[.gz]' for s in IDX_FILES.values())} nor a folder {dataset}/ with them"
+                        + (f" (it holds {', '.join(d + '/' for d in others)})" if others else ""))
+    verify_sha256sums(folder)
+    known = identify_data_dir(folder)
+    if known is not None and KNOWN_AS[known] != dataset:
+        raise DataError(f"data folder {folder} holds {_held(known)} (identified by its files' checksums), not "
+                        f"{dataset}: pass the {dataset} folder (or a folder holding {dataset}/) as --data-dir, "
+                        f"or --dataset {KNOWN_AS[known]}")
+    return folder
+
+
+def digits_folder_message(data_dir: str | os.PathLike) -> str:
+    """Why a data folder with the ``digits`` dataset is refused, naming what the folder holds."""
+    base = Path(data_dir).expanduser()
+    hint = "--dataset mnist or --dataset fashion-mnist"
+    try:
+        known = identify_data_dir(base) if base.is_dir() else None
+    except DataError:
+        known = None
+    if known is not None:
+        holds, hint = f"holds {_held(known)} (identified by its files' checksums)", f"--dataset {KNOWN_AS[known]}"
+    elif base.is_dir() and _idx_paths(base):
+        holds = "holds IDX files"
+    elif base.is_dir() and any((base / d).is_dir() for d in REMOTE):
+        holds = "holds " + " and ".join(d + "/" for d in REMOTE if (base / d).is_dir())
+    else:
+        holds = "is given"
+    return (f"--data-dir {data_dir} {holds}, but the dataset is digits (the default; bundled with scikit-learn, "
+            f"it reads no folder): add {hint}")
 
 
 # ---------------------------------------------------------------------- IDX files
@@ -218,10 +369,7 @@ def read_idx_folder(folder: str | os.PathLike) -> dict[str, np.ndarray]:
 def read_idx(path: str | os.PathLike, expect_dims: int | None = None) -> np.ndarray:
     """Parse one IDX file (unsigned-byte data only, as MNIST uses)."""
     path = Path(path)
-    try:
-        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e}); the file is truncated or not gzip") from None
+    raw = _read_raw(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     if raw[2] != 0x08:
@@ -238,6 +386,14 @@ def read_idx(path: str | os.PathLike, expect_dims: int | None = None) -> np.ndar
         raise DataError(f"{path}: header says {shape} = {size} bytes of data, file has {len(raw) - header} "
                         "(truncated or corrupted)")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _read_raw(path: Path) -> bytes:
+    """The file's IDX bytes (decompressed if it ends in .gz)."""
+    try:
+        return gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e}); the file is truncated or not gzip") from None
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:

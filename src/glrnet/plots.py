@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .nn.activations import get_activation
 from .utils.figures import save_figure as _save, styles as _styles, subplots
 
 
@@ -37,7 +38,6 @@ def plot_curves(history: list[dict], path, title: str = "", val_name: str = "val
 def _activation_panel(ax, names, title):
     import torch
 
-    from .nn.activations import get_activation
     x = torch.linspace(-4, 4, 2001)
     for name in names:
         y = get_activation(name)(x)

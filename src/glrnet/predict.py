@@ -51,7 +51,8 @@ def predict_proba(model: nn.Module, x: Tensor, mode: str = "ot", replications: i
     n, width, classes = x.shape[0], layout.width, layout.probe.classes
     row_bytes = 4 * width * x.element_size()  # noise + activations + softmax, roughly
     images = min(n, _rows_per_chunk(memory_budget_mb, row_bytes * min(replications, 64)))
-    reps = min(replications, _rows_per_chunk(min(memory_budget_mb, PREFETCH_CHUNK_MB), row_bytes * images,
+    cap = PREFETCH_CHUNK_MB if x.device.type == "cpu" else memory_budget_mb   # cache-sized chunks on a CPU only
+    reps = min(replications, _rows_per_chunk(min(memory_budget_mb, cap), row_bytes * images,
                                              sampler.group_size))
     sizes = [min(reps, replications - k0) for k0 in range(0, replications, reps)]
     total = torch.zeros(n, classes, dtype=x.dtype, device=x.device)

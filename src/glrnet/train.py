@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -26,17 +26,19 @@ from tqdm.auto import tqdm
 
 from .estimators import distributed as dist_utils
 from .nn.activations import get_activation, is_smooth
-from .checkpoint import (atomic_write_csv, atomic_write_text, load_checkpoint, read_checkpoint_meta, save_checkpoint,
-                         save_model)
-from .data import SPLITS, Dataset, load_dataset
-from .estimators import SAMPLERS, GLR, Backprop
+from .checkpoint import (atomic_write_csv, atomic_write_text, load_checkpoint, output_lock, read_checkpoint_meta,
+                         save_checkpoint, save_model)
+from .data import SPLITS, DataError, Dataset, digits_folder_message, load_dataset
+from .certify import first_layer, project_spectral_norm_, project_stiefel_
+from .estimators import CONTROL_VARIATES, ES, GLR, SAMPLERS, SPSA, Backprop, ForwardGradient
 from .estimators.glr import INJECTIONS
 from .estimators.samplers import IID
-from .nn import MaxPool2d, NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, Residual, get_loss
+from .nn import LocalLosses, MaxPool2d, NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, Residual, get_loss
 from .nn.injection import Layout, noisy_forward, probe
 from .nn.noise import kinds, make_noise
-from .nn.perturbations import get_perturbation
+from .nn.perturbations import PERTURBATIONS, get_perturbation
 from .nn.rescale import rescale_noise_
+from .plots import plot_curves
 from .predict import predict_proba
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
@@ -45,6 +47,18 @@ SCHEDULES = ("constant", "cosine", "step")
 METHODS = ("glr", "bp", "es", "spsa", "forward")   # forward-only alternatives: glrnet.alternatives
 PROJECTIONS = ("spectral", "stiefel")   # how --max-first-norm c constrains W₁ (glrnet.certify)
 WEIGHT_NOISE = ("none", "first", "conv", "all")   # which noisy layers perturb their parameters (site "weight")
+
+
+def weight_noise_parts(value: str, flipout: bool = False, channelwise: bool = False) -> tuple[str, str]:
+    """``--weight-noise WHICH[=PERTURBATION]`` as (which layers, the registered perturbation they take):
+    ``conv`` → ("conv", "weight"), ``all=flipout`` → ("all", "flipout"); the ``flipout`` / ``channelwise``
+    flags name the perturbation the older way."""
+    which, _, name = value.partition("=")
+    older = "flipout" if flipout else "channel" if channelwise else None
+    if name and older and name != older:
+        raise ValueError(f"weight noise {value!r} names perturbation {name!r}, and --{'flipout' if flipout else 'channelwise'}"
+                         f" names {older!r}: give one")
+    return which, name or older or "weight"
 NORMS = ("none", "layer")                # "layer": LayerNorm / GroupNorm(1) without affine after hidden layers
 
 
@@ -85,7 +99,7 @@ class TrainConfig:
     noise_std: float = 2.0
     method: str = "glr"
     replications: int = 1000
-    baseline: bool = True
+    baseline: bool | str = True          # the control variate: True (leave-one-out), False (none), or a registered name
     sampler: str = "iid"
     injection: str = "all"
     bp_noise: bool = False
@@ -99,6 +113,8 @@ class TrainConfig:
     batch_size: int = 32
     lap_replications: int = 1000
     eval_replications: int = 100
+    warmup_loss: str | None = None       # the loss of the first warmup_epochs epochs (e.g. cross_entropy before the 0-1 loss)
+    warmup_epochs: int = 0
     parallel: str = "replications"
     max_first_norm: float | None = None   # project the first noisy layer's operator norm onto ≤ this after each step
     first_norm_projection: str = "spectral"   # "spectral": ‖W₁‖₂ ≤ c; "stiefel": every singular value = c
@@ -130,11 +146,15 @@ class TrainConfig:
         if self.output_activation is not None:
             get_activation(self.output_activation)
         get_loss(self.loss)
+        if self.warmup_loss is not None:
+            get_loss(self.warmup_loss)
         checks = [(self.method in METHODS, f"unknown method {self.method!r}; valid: {', '.join(METHODS)}"),
                   (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"),
                   (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}"),
                   (self.noise in kinds(), f"unknown noise {self.noise!r}; valid: {', '.join(kinds())}"),
                   (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}"),
+                  (isinstance(self.baseline, bool) or self.baseline in CONTROL_VARIATES,
+                   f"unknown control variate {self.baseline!r}; valid: {', '.join(CONTROL_VARIATES)}"),
                   (self.injection in INJECTIONS,
                    f"unknown injection {self.injection!r}; valid: {', '.join(INJECTIONS)}"),
                   (self.parallel in ("replications", "data") or self.parallel.isdigit() and int(self.parallel) >= 1,
@@ -158,8 +178,11 @@ class TrainConfig:
                    f"input noise std (input-space smoothing) is for arch mlp, got arch {self.arch!r}"),
                   (self.input_noise_std is None or self.noise == "gaussian",
                    f"input noise std needs gaussian noise (the certificate's), got noise {self.noise!r}"),
-                  (self.weight_noise in WEIGHT_NOISE,
-                   f"unknown weight noise {self.weight_noise!r}; valid: {', '.join(WEIGHT_NOISE)}"),
+                  (weight_noise_parts(self.weight_noise)[0] in WEIGHT_NOISE,
+                   f"unknown weight noise {self.weight_noise!r}; valid: {', '.join(WEIGHT_NOISE)}, each optionally "
+                   f"=PERTURBATION ({', '.join(p for p in PERTURBATIONS if p != 'activity')})"),
+                  (weight_noise_parts(self.weight_noise, self.flipout, self.channelwise)[1] in PERTURBATIONS,
+                   f"unknown perturbation in weight noise {self.weight_noise!r}; valid: {', '.join(PERTURBATIONS)}"),
                   (self.weight_noise_std > 0, f"weight noise std must be > 0, got {self.weight_noise_std}"),
                   (self.relative_noise is None or self.relative_noise > 0,
                    f"relative noise must be > 0, got {self.relative_noise}"),
@@ -182,12 +205,22 @@ class TrainConfig:
                   (self.max_seconds is None or self.max_seconds > 0, f"max seconds must be > 0, got {self.max_seconds}"),
                   (self.eval_every >= 0, f"eval every must be ≥ 0 steps, got {self.eval_every}"),
                   (self.budget_clock in ("wall", "cpu"), f"budget clock must be wall or cpu, got {self.budget_clock!r}"),
-                  (not self.local_losses or self.arch != "mlp", "local losses need a convolutional --arch")]
+                  (not self.local_losses or self.arch != "mlp", "local losses need a convolutional --arch"),
+                  (self.eval_replications >= 1, f"eval replications must be ≥ 1, got {self.eval_replications}"),
+                  (0 <= self.warmup_epochs < self.epochs,
+                   f"warmup epochs must be in [0, epochs = {self.epochs}), got {self.warmup_epochs}"),
+                  ((self.warmup_loss is None) == (self.warmup_epochs == 0),
+                   "give --warmup-loss and --warmup-epochs together (a loss for the first epochs, and how many)"),
+                  (self.replications >= 1, f"replications must be ≥ 1, got {self.replications}")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.dataset == "digits" and self.data_dir is not None:
+            raise DataError(digits_folder_message(self.data_dir))
+        unused = unused_options(self)
+        if unused:
+            raise ValueError(next(iter(unused.values())))
         if self.method == "forward":
-            from .alternatives import ForwardGradient
             ForwardGradient(self.loss)  # differentiable loss
             if not is_smooth(self.activation):
                 raise ValueError(f"forward gradients need a smooth activation, not {self.activation!r} (use glr or es)")
@@ -224,6 +257,38 @@ class TrainConfig:
         return cls.from_dict({**{k: v for k, v in legacy.items() if k not in d}, **d})
 
 
+def unused_options(cfg: TrainConfig, given: set[str] | None = None) -> dict[str, str]:
+    """The options of ``cfg`` that would take no effect (name → the line that says why), among ``given``
+    (default: those that differ from their default), so that a run never records an option it ignored.
+    ``baseline`` is judged only when ``given`` names it: ``baseline = false`` is the state of every
+    method but GLR, and older runs and specs record it so."""
+    default = TrainConfig()
+    if given is None:
+        given = {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)} - {"baseline"}
+    method, out = cfg.method, {}
+    weights_used = method == "glr" or (method == "bp" and cfg.bp_noise)
+    if "sampler" in given and method != "glr":
+        out["sampler"] = (f"sampler {cfg.sampler} draws GLR's noise; method {method} does not use it"
+                          f"{' (ES draws its own antithetic pairs)' if method == 'es' else ''}: drop --sampler or "
+                          "use --method glr")
+    if "injection" in given and method not in ("glr", "forward"):
+        out["injection"] = (f"injection {cfg.injection} is for GLR and forward gradients; method {method} does not use "
+                            "it: drop --injection")
+    if "baseline" in given and method != "glr":
+        out["baseline"] = (f"the leave-one-out baseline is GLR's control variate; method {method} does not use it: "
+                           "drop --baseline / --no-baseline")
+    if "weight_noise" in given and cfg.weight_noise != "none":
+        if not weights_used:
+            why = ("trains the noise-free network" if method == "bp"
+                   else "perturbs every weight itself (σ = --weight-noise-std)")
+            out["weight_noise"] = (f"weight noise {cfg.weight_noise} sets GLR's perturbation site; method {method} "
+                                   f"{why}: drop --weight-noise")
+        elif weight_noise_parts(cfg.weight_noise)[0] == "conv" and cfg.arch == "mlp":
+            out["weight_noise"] = ("weight noise conv puts noise on the convolutions, and arch mlp has none: use "
+                                   "--weight-noise first or all, or a convolutional --arch")
+    return out
+
+
 ARCHS = {"lenet": "conv:6:5,maxpool:2,conv:16:5,maxpool:2",       # LeNet-style; + --hidden and the output layer
          "resnet": "conv:8:3:2:1,res:8:3,res:8:3,res:8:3,avgpool:2"}  # 3 residual blocks of 2 noisy convolutions
 
@@ -249,7 +314,6 @@ def parse_arch(arch: str) -> list[tuple[str, list[int]]]:
 def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
     """A ``ValueError`` naming the options in which ``cfg`` differs from the run saved in ``ckpt``
     (read from its metadata alone, before any weight is loaded); ``epochs`` may grow."""
-    from .checkpoint import read_checkpoint_meta
     saved = dict(asdict(TrainConfig.from_saved(read_checkpoint_meta(ckpt)["config"])), epochs=cfg.epochs)
     if saved != dict(asdict(cfg), epochs=cfg.epochs):
         diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
@@ -265,13 +329,13 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     layer but the output has φ = ``activation``."""
     model = _build_model(cfg, image_shape, num_classes)
     if cfg.weight_noise != "none":
+        which, name = weight_noise_parts(cfg.weight_noise, cfg.flipout, cfg.channelwise)
         wnoise = make_noise(cfg.noise, cfg.weight_noise_std)
         trainable = [m for m in model.noisy_layers if m.weight.requires_grad]
         chosen = {"first": trainable[:1], "conv": [m for m in trainable if isinstance(m, NoisyConv2d)],
-                  "all": trainable}[cfg.weight_noise]
+                  "all": trainable}[which]
         for m in chosen:   # "first": the first trainable layer only (few parameters: ES-style NSR ≈ √(P/K) stays small)
-            m.perturbation = get_perturbation("flipout" if cfg.flipout else "channel" if cfg.channelwise else "weight",
-                                              wnoise)
+            m.perturbation = get_perturbation(name, wnoise)
             m.perturbation.check(m)
     return model
 
@@ -280,7 +344,7 @@ def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: in
     noise = make_noise(cfg.noise, cfg.noise_std)
     pixels = math.prod(image_shape)
     if cfg.arch == "mlp":
-        if cfg.input_noise_std is None and cfg.norm == "none":
+        if cfg.input_noise_std is None and cfg.norm == "none" and cfg.weight_noise == "none":
             return NoisyMLP([pixels, *cfg.hidden, num_classes], activation=cfg.activation, noise=noise,
                             output_activation=cfg.output_activation)
         first = [] if cfg.input_noise_std is None else [input_smoothing_layer(pixels, cfg.input_noise_std, cfg.noise)]
@@ -335,7 +399,6 @@ def _local_losses(mods: list, shape: tuple[int, ...], num_classes: int, cfg: Tra
     """The stack as LocalLosses blocks: a block starts at every convolution or residual block; each but
     the last gets the head Flatten → NoisyLinear(·, classes); the last block's head is the classifier
     (flatten and the dense layers)."""
-    from .nn import LocalLosses
     flat_at = next(i for i, m in enumerate(mods) if isinstance(m, torch.nn.Flatten))
     starts = [i for i, m in enumerate(mods[:flat_at]) if isinstance(m, (NoisyConv2d, Residual))]
     blocks = [torch.nn.Sequential(*mods[a:b]) for a, b in zip(starts, starts[1:] + [flat_at])]
@@ -364,7 +427,6 @@ def input_smoothing_layer(pixels: int, input_noise_std: float, kind: str = "gaus
 def build_producer(cfg: TrainConfig, generator: torch.Generator):
     """The gradient producer of a config: GLR (possibly distributed) or back-propagation."""
     if cfg.method in ("es", "spsa", "forward"):   # the same budget: replications forward passes per input
-        from .estimators import ES, SPSA, ForwardGradient
         if cfg.method == "es":
             return ES(cfg.loss, population=cfg.replications // 2 * 2, sigma=cfg.weight_noise_std,
                       memory_budget_mb=cfg.memory_budget_mb, generator=generator)
@@ -437,10 +499,20 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     """Train per ``cfg``; write outputs into ``out_dir`` (if given). Returns the metrics dict.
 
     ``quiet`` silences the per-epoch lines; ``progress`` (default: not ``quiet``) shows one
-    bar over all batches of the run (rate, ETA), labelled ``desc``. The output folder is
-    created only when the first checkpoint is written, so a run that fails to start leaves
-    nothing behind.
+    bar over all batches of the run (rate, ETA), labelled ``desc``. ``out_dir`` is held by a
+    lock file while the run writes there (:func:`~glrnet.checkpoint.output_lock`: a second
+    process training into it is refused); a run that fails before its first checkpoint
+    leaves no folder behind.
     """
+    cfg.validate()
+    if out_dir is None or dist_utils.rank() != 0:
+        return _train(cfg, out_dir, resume, quiet, data, progress, desc)
+    with output_lock(out_dir):
+        return _train(cfg, out_dir, resume, quiet, data, progress, desc)
+
+
+def _train(cfg: TrainConfig, out_dir: str | Path | None, resume: bool, quiet: bool, data: Dataset | None,
+           progress: bool | None, desc: str | None) -> dict:
     progress = (not quiet) if progress is None else progress
     cfg.validate()
     rank, world = dist_utils.rank(), dist_utils.world_size()
@@ -472,6 +544,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     if cfg.method == "glr" and world > 1:
         gen = dist_utils.rank_generator(dist_utils.stream_seed(cfg.seed, 4), device)
     producer = build_producer(cfg, gen)
+    warmup = None if cfg.warmup_loss is None else build_producer(replace(cfg, loss=cfg.warmup_loss), gen)
     opt, sched = build_optimizer(cfg, model)
     history, start_epoch, train_seconds = [], 1, 0.0
     ckpt = out / "checkpoint.safetensors" if out is not None else None
@@ -487,7 +560,6 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
 
     first_norm = None
     if cfg.max_first_norm is not None:   # keeps the noise meaningful: ‖W₁‖₂ ≤ c (docs/robustness.md, certified radii)
-        from .certify import first_layer, project_spectral_norm_, project_stiefel_
         layer, shape = first_layer(model, data.x_train[:1]), tuple(model.bind(data.x_train[:1]).shape[1:])
         project = project_stiefel_ if cfg.first_norm_projection == "stiefel" else project_spectral_norm_
         first_norm = lambda: project(layer, cfg.max_first_norm, shape)  # noqa: E731
@@ -495,7 +567,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     has_val = data.x_val is not None and len(data.x_val) > 0
     x_val, y_val = (data.x_val, data.y_val) if has_val else (data.x_test, data.y_test)
     n = len(data.x_train)
-    reps = cfg.replications if cfg.noisy else 1
+    reps = getattr(producer, "forward_passes", cfg.replications if cfg.noisy else 1)
     val_name = "validation" if has_val else "test"
     batches = range(0, n, cfg.batch_size)
     bar = tqdm(total=len(batches) * (cfg.epochs - start_epoch + 1), desc=desc or cfg.method,
@@ -521,7 +593,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
             opt.zero_grad(set_to_none=True)
             if cfg.relative_noise is not None or cfg.relative_weight_noise is not None:
                 rescale_noise_(model, xb, cfg.relative_noise, cfg.relative_weight_noise)   # σ from (θ, batch) only
-            stats = producer.backward(model, xb, yb)
+            stats = (warmup if epoch <= cfg.warmup_epochs else producer).backward(model, xb, yb)
             opt.step()
             if first_norm is not None:
                 first_norm()
@@ -584,7 +656,6 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         save_model(out / "model.safetensors", model, {"config": asdict(cfg)})
-        from .plots import plot_curves
         plot_curves(history, out / "curves.png", title=f"{desc or out.name}: {cfg.method.upper()} · {cfg.activation} · {cfg.loss}",
                     val_name=val_name)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, ensure_ascii=False))

@@ -15,7 +15,7 @@ import torch
 
 from glrnet.nn.activations import Centered
 from glrnet.data import load_dataset
-from glrnet.nn import Injection, noisy_layers
+from glrnet.nn import intercept, noisy_layers
 from glrnet.train import TrainConfig, build_model
 
 root = sys.argv[1] if len(sys.argv) > 1 else "../shared/data"
@@ -26,11 +26,18 @@ activation = sys.argv[5] if len(sys.argv) > 5 else "threshold"
 arch = sys.argv[6] if len(sys.argv) > 6 else "lenet"
 
 
-def surrogate(v, z, layer):
-    if isinstance(layer.activation, Centered):     # centred before the step, differentiably
-        v = layer.activation.center(v)
-    soft = torch.sigmoid(slope * v)
-    return soft + ((v > 0).to(v.dtype) - soft).detach()
+class Surrogate:
+    """A noisy pass's handler (glrnet.nn.intercept): the exact threshold forward, sigmoid(slope·v)' backward."""
+
+    @staticmethod
+    def apply(layer, h):
+        v = layer.affine(h)
+        if layer.activation is None:
+            return v
+        if isinstance(layer.activation, Centered):     # centred before the step, differentiably
+            v = layer.activation.center(v)
+        soft = torch.sigmoid(slope * v)
+        return soft + ((v > 0).to(v.dtype) - soft).detach()
 
 
 for dataset in datasets:
@@ -43,7 +50,7 @@ for dataset in datasets:
     g, t0, layers = torch.Generator().manual_seed(0), time.process_time(), noisy_layers(model)
     for epoch in range(epochs):
         for idx in torch.randperm(len(x_all), generator=g).split(32):
-            with Injection(layers, 1, len(idx), surrogate=surrogate):
+            with intercept(Surrogate()):
                 loss = torch.nn.functional.cross_entropy(model(x_all[idx]), data.y_train[idx])
             opt.zero_grad()
             loss.backward()

@@ -145,7 +145,7 @@ class SPSA:
         grads = [torch.zeros_like(p) for p in params]
         total = 0.0
         for _ in range(self.directions):
-            seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+            seed = int(torch.randint(0, 2**62, (), generator=self.generator, device=self.generator.device))
             self._perturb_(params, seed, +self.eps)                     # θ + εz
             plus = self.loss(model(x), y).mean()
             self._perturb_(params, seed, -2 * self.eps)                 # θ − εz

@@ -50,6 +50,11 @@ CHUNK_MB = 64.0   # working set of one chunk when the replications do not all fi
 PREFETCH_FLOPS_PER_NOISE = 16   # prefetch="auto": below this compute per noise value, noise is the bottleneck
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of sums over replications: the inputs' own, at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss (or the estimate) became NaN/inf; nothing was written to ``.grad``."""
 
@@ -231,8 +236,9 @@ class GLR:
                 chunks += n
                 n_pairs += count
         flat = [g for _, sub in subs for i in sorted(sub) for g in sub[i]]
-        totals = torch.stack([torch.as_tensor(loss_sum, dtype=x.dtype, device=x.device),
-                              torch.as_tensor(nonfinite, device=x.device).to(x.dtype)])
+        acc = _accumulation_dtype(x.dtype)
+        totals = torch.stack([torch.as_tensor(loss_sum, dtype=acc, device=x.device),
+                              torch.as_tensor(nonfinite, device=x.device).to(acc)])
         self._all_reduce(flat + [totals])
         per_layer: dict[int, list[list[Tensor]]] = {}
         for count, sub in subs:
@@ -240,17 +246,20 @@ class GLR:
                 per_layer.setdefault(i, []).append([g / count for g in sub[i]])
         grads, variance = [], []
         for i in range(len(pr.layers)):       # module order: aligned with glr_parameters(model)
-            for j in range(len(per_layer[i][0])):
+            params = trainable(pr.layers[i])    # none: a frozen layer (its noise drawn, no sums kept)
+            for j, p in enumerate(params):
                 stack = torch.stack([b[j] for b in per_layer[i]])
-                grads.append(stack.mean(0))
+                grads.append(stack.mean(0).to(p.dtype))
                 if return_variance:
                     variance.append(stack.var(0) / stack.shape[0])
-        if self.check_finite:
-            bad = int(totals[1])
-            if bad or not all(torch.isfinite(g).all() for g in grads):
+        if self.check_finite:   # one host synchronisation: the non-finite losses and gradient entries together
+            counts = torch.stack([totals[1]] + [(~torch.isfinite(g)).sum().to(totals.dtype) for g in grads]).tolist()
+            bad, bad_grads = int(counts[0]), int(sum(counts[1:]))
+            if bad or bad_grads:
                 raise NonFiniteLossError(
                     f"loss {loss_name(self.loss)!r} gave {bad} non-finite values among {n_pairs} "
-                    f"(replication, input) pairs during GLR estimation; parameters and their .grad are untouched")
+                    f"(replication, input) pairs during GLR estimation (the estimate: {bad_grads} non-finite entries); "
+                    "parameters and their .grad are untouched")
         return grads, GradStats(loss=totals[0] / n_pairs, replications=self.replications, chunks=chunks,
                                 variance=variance if return_variance else None)
 
@@ -313,8 +322,10 @@ class GLR:
                              f"chunk: raise memory_budget_mb (now {self.memory_budget_mb:g}) or lower replications")
         y_rep = y.repeat(sizes[0])
         learn = [i for i in layout.active if trainable(pr.layers[i])]       # frozen layers: noise, no sums
-        sums = _Sums(grads={i: [torch.zeros_like(p) for p in pr.layers[i].parameters(recurse=False)] for i in learn},
-                     loss_per_input=torch.zeros(B, dtype=x.dtype, device=x.device),
+        acc = _accumulation_dtype(x.dtype)     # sums of K·B terms: at least float32 (float16 overflows)
+        sums = _Sums(grads={i: [torch.zeros_like(p, dtype=acc) for p in pr.layers[i].parameters(recurse=False)]
+                            for i in learn},
+                     loss_per_input=torch.zeros(B, dtype=acc, device=x.device),
                      nonfinite=torch.zeros((), dtype=torch.long, device=x.device))
         gen = self._generator(x.device)
         draw = lambda k, slot: layout.fill_(sampler, self._buffers.get(k, B, layout.width, x, slot), gen)  # noqa: E731
@@ -323,7 +334,7 @@ class GLR:
             k = noise.shape[0]
             inj = layout.injection(k, B, noise, record=True)
             out = noisy_forward(model, x, inj, layout.first)
-            losses = self.loss(out.reshape(k * B, -1), y_rep[:k * B]).reshape(k, B)
+            losses = self.loss(out.reshape(k * B, -1), y_rep[:k * B]).reshape(k, B).to(acc)
             if self.check_finite:
                 sums.nonfinite += (~torch.isfinite(losses)).sum()
             sums.loss_per_input += losses.sum(0)
@@ -332,7 +343,7 @@ class GLR:
                 a, c = self.control_variate.weights(losses, groups, m), 0.0
             else:
                 a, c = self.control_variate.split(losses, groups, m, K)
-            sums.c = c
+            sums.c, a = c, a.to(x.dtype)
             scale = 1.0
             if linear is not None:      # Normal noise: s(r) = r/σ², so the noise buffer is the score
                 a, scale = a * linear, linear

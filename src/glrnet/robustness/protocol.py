@@ -40,7 +40,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .settings import CONVERGENCE_TOLERANCE, DEFAULT_EPS, AttackSettings
+from .settings import CONVERGENCE_TOLERANCE, DEFAULT_EPS, AttackSettings, validate_eps
 from .attacks import attack_model, attack_plan, correct
 from ..utils.seeding import stream_seed
 from .journal import JOURNAL, AttackJournal, fingerprint
@@ -218,6 +218,7 @@ def attack_and_report(out: Path, models: dict[str, tuple[NoisySequential, bool]]
     Every attack is recorded in ``out``'s journal (:mod:`glrnet.journal`) as it finishes;
     ``resume`` replays a journal left by an interrupted run of the same settings (``False``: a
     journal there is an error; ``None``: no journal)."""
+    validate_eps([*eps, headline], st.norm, math.prod(x.shape[1:]) if hasattr(x, "shape") else None)
     out.mkdir(parents=True, exist_ok=True)
     journal = None if resume is None else AttackJournal(out / JOURNAL, fingerprint(models, x, y, eps, st, source),
                                                         resume)

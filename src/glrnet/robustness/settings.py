@@ -46,6 +46,24 @@ class AttackSettings:
                        seed=stream_seed(self.seed, 14))   # a fresh, independent stream per doubling
 
 
+def validate_eps(eps, norm: str = "Linf", pixels: int | None = None) -> None:
+    """A ``ValueError`` naming the first budget ε that the threat model cannot mean: images lie in [0, 1]^d,
+    so an L∞ ε must be in (0, 1] (beyond 1 every image is reachable), an L2 ε must be > 0 and at most the
+    diagonal √d of the cube (``pixels`` = d; beyond it, likewise)."""
+    for e in eps:
+        e = float(e)
+        if norm == "Linf" and not 0 < e <= 1:
+            raise ValueError(f"--eps {e:g}: an L∞ budget on images with pixels in [0, 1] must be in (0, 1] "
+                             "(e.g. 0.1 is 10 % of the pixel range; 1 reaches every image)")
+        if norm == "L2":
+            if not e > 0:
+                raise ValueError(f"--eps {e:g}: an L2 budget must be > 0")
+            if pixels is not None and e > pixels ** 0.5:
+                diagonal = pixels ** 0.5
+                raise ValueError(f"--eps {e:g}: an L2 budget above the diagonal √d = {diagonal:.4g} of the image "
+                                 f"cube [0, 1]^{pixels} reaches every image; use ε ≤ {diagonal:.4g}")
+
+
 HELP = {"steps": "APGD iterations per restart", "restarts": "APGD restarts",
         "eot_samples": "noise samples inside one gradient of a LAP predictor (EOT)",
         "lr_samples": "samples of the likelihood-ratio input gradient", "losses": "APGD losses (comma-separated)",
