@@ -76,14 +76,15 @@ def build(args) -> glrnet.TimeLoop:
 
 def producer(args):
     if args.method == "glr":
-        return glrnet.GLR(replications=args.replications, baseline=True, injection=args.injection,
+        k = args.replications[0] if len(args.replications) == 1 else list(args.replications)
+        return glrnet.GLR(replications=k, baseline=True, injection=args.injection,
                           sampler=args.sampler, memory_budget_mb=args.memory_mb, prefetch=False)
     if args.method == "es":
-        return glrnet.ES(population=args.replications, sigma=args.sigma_weight)
+        return glrnet.ES(population=args.replications[0], sigma=args.sigma_weight)
     if args.method == "bptt":
         return glrnet.Backprop()
     if args.method == "fg":
-        return glrnet.ForwardGradient(directions=args.replications)
+        return glrnet.ForwardGradient(directions=args.replications[0])
     raise ValueError(args.method)
 
 
@@ -113,7 +114,8 @@ def main(argv=None) -> None:
                     help="one name for every layer, or one per layer (hidden ..., readout)")
     ap.add_argument("--injection", default="layerwise")
     ap.add_argument("--sampler", default="iid")
-    ap.add_argument("--replications", type=int, default=64)
+    ap.add_argument("--replications", type=int, nargs="+", default=[64],
+                    help="K; with --injection layerwise one count per noisy layer may be given (hidden ..., readout)")
     ap.add_argument("--sigma", type=float, default=0.5, help="membrane noise std of the hidden layers")
     ap.add_argument("--readout-sigma", type=float, default=0.5)
     ap.add_argument("--sigma-weight", type=float, default=0.02, help="weight-noise std (weight perturbation, ES)")
