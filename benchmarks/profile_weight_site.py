@@ -1,6 +1,6 @@
 """One GLR estimate of the weight-site threshold LeNet (both convolutions, injection all, K = 96, B = 32), one thread,
 timed and profiled: run it under two source trees (PYTHONPATH=.../src) to compare them directly."""
-import torch, glrnet, time, cProfile, pstats, sys
+import torch, glrnet, time, cProfile, pstats
 torch.manual_seed(0); torch.set_num_threads(1)
 w = dict(site="weight", noise=torch.distributions.Normal(0.0, 0.05))
 m = glrnet.NoisySequential(glrnet.NoisyConv2d(1, 6, 5, activation="threshold", **w), torch.nn.MaxPool2d(2),
