@@ -17,6 +17,7 @@ from ..plots import figure_certified
 from ..predict import predict
 from ..robustness.protocol import attack_and_report
 from ..robustness.settings import validate_eps
+from ..sequences import encode, sequence_shape
 from ..train import TrainConfig, resolve_device, train, unused_options
 from .options import config_from_args, settings_from_args
 
@@ -55,7 +56,10 @@ def _image_count(args) -> int:
     return args.images if args.subset is None else min(args.images, args.subset)
 
 
-def _check_inputs(data, model, run) -> None:
+def _check_inputs(data, model, run, cfg: dict | None = None) -> None:
+    if (cfg or {}).get("encoding", "none") != "none":
+        raise ValueError(f"{run} is a network through time (encoding {cfg['encoding']}): this command takes "
+                         "networks of images; attack or certify it from Python (docs/results/snn)")
     if data.in_features != model.in_features:
         raise ValueError(f"{data.name} images have {data.in_features} pixels, the model of {run} expects "
                          f"{model.in_features} (set --image-size, or --dataset to the run's)")
@@ -81,7 +85,7 @@ def cmd_certify(args) -> int:
                          f"{', no --bp-noise' if cfg.get('method') == 'bp' else ''}): certifying it would certify a "
                          "noisy network it never was; certify a run trained with noise (glr, or bp --bp-noise)")
     data = load_run_dataset(cfg, args.dataset, args.data_dir, args.image_size, None, args.split)
-    _check_inputs(data, model, args.run)
+    _check_inputs(data, model, args.run, cfg)
     x, y = _first_test_images(data, _image_count(args))
     n_img = len(x)
     x, y = x.to(device), y.to(device)
@@ -107,19 +111,21 @@ def cmd_certify(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-
-
     device = resolve_device(args.device)
     path = Path(args.run)
     path = path / "model.safetensors" if path.is_dir() else path
     model, extra = load_model(path, device)
     cfg = extra.get("config", {})
     data = load_run_dataset(cfg, args.dataset, args.data_dir, args.image_size, None, args.split)
-    if data.in_features != model.in_features:
+    encoding = cfg.get("encoding", "none")
+    if data.in_features * (sequence_shape(encoding, data.image_shape)[0] if encoding.startswith("rate") else 1) \
+            != model.in_features:
         raise ValueError(f"{data.name} images have {data.in_features} pixels, the model expects {model.in_features} "
                          "(set --image-size)")
     x, y = _first_test_images(data, args.subset)
     x, y = x.to(device), y.to(device)
+    if encoding != "none":   # a network through time: the test images as its sequences (spikes from --seed)
+        x = encode(x, encoding, data.image_shape, torch.Generator(device=device).manual_seed(args.seed))
     noisy = TrainConfig.from_saved(cfg).noisy if cfg else True
     result = {"run": str(path), "dataset": data.summary(), "test_images": len(x),
               "accuracy_ot": (predict(model, x, "ot") == y).double().mean().item()}
@@ -167,6 +173,8 @@ def cmd_robustness(args) -> int:
             raise ValueError(f"--run: two runs are named {name!r} ({trained[name][0]} and {run}); the reports "
                              "name each model by its folder: give them folders of different names")
         models[name] = (model, noisy)
+        if cfg.get("encoding", "none") != "none":
+            _check_inputs(None, model, run, cfg)
         size = cfg.get("image_size")
         trained[name] = (run, f"{cfg.get('dataset', 'digits')}{f' at {size}×{size}' if size else ''}, split "
                               f"{cfg.get('split', 'standard')}")

@@ -112,13 +112,19 @@ def _model_options(g) -> None:
     g.add_argument("--arch", default=d.arch, help="mlp; lenet (conv 6@5×5, max-pool 2, conv 16@5×5, max-pool 2); "
                    "resnet (conv 8@3×3 stride 2, three residual blocks of two noisy 8@3×3 convolutions, "
                    "avg-pool 2); or comma-separated conv:C:K[:stride[:padding]], res:C:K, maxpool:K, avgpool:K. "
-                   "Convolutional stacks are followed by the --hidden layers and the output layer")
+                   "Convolutional stacks are followed by the --hidden layers and the output layer. Through time "
+                   "(with --encoding): comma-separated lif:H (leaky integrate-and-fire), lif:H:rec (recurrent), "
+                   "rnn:H[:ACTIVATION] (recurrent, tanh by default), read out by a leaky integrator (lif) or a "
+                   "noisy linear layer at the last step (rnn)")
     g.add_argument("--hidden", type=_ints("--hidden", "20 or 100,100", allow_empty=True), default=d.hidden,
                    help="hidden widths, e.g. 20 or 100,100 (none: no hidden fully connected layer)")
     g.add_argument("--activation", type=_activation, default=d.activation,
                    help=f"hidden activation: {', '.join(ACTIVATIONS)}, or sigmoid:<slope>")
     g.add_argument("--output-activation", type=_activation, default=None,
                    help="activation on the output layer too (default: none, the authors' code)")
+    g.add_argument("--encoding", default=d.encoding, help="networks through time (--arch lif:H or rnn:H): how an "
+                   "image becomes a sequence: rate:T (Bernoulli spike trains of T steps), rows (one row per step) "
+                   "or pixels (one pixel per step)")
     g.add_argument("--norm", choices=MODEL_NORMS, default=d.norm, help="parameter-free normalisation "
                    "(LayerNorm / GroupNorm(1) without affine) after every hidden noisy layer")
     g.add_argument("--local-losses", action="store_true", help="convolutional archs: a linear head per block, "

@@ -9,10 +9,12 @@ import torch
 
 from ..estimators import ES, GLR, SPSA, Backprop, ForwardGradient
 from ..estimators import distributed as dist_utils
-from ..nn import LocalLosses, MaxPool2d, NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential, Residual
+from ..nn import (Leaky, LeakyIntegrator, LocalLosses, MaxPool2d, NoisyConv2d, NoisyLinear, NoisyMLP, NoisySequential,
+                  Recurrent, Residual, TimeLoop, noisy_layers)
 from ..nn.noise import make_noise
 from ..nn.perturbations import get_perturbation
-from .config import TrainConfig, parse_arch, parse_perturb
+from ..sequences import sequence_shape
+from .config import TrainConfig, parse_arch, parse_perturb, parse_time_arch
 
 OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
               "rmsprop": torch.optim.RMSprop}
@@ -24,10 +26,12 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     ``avgpool:K`` — then flatten, noisy linear layers of widths ``hidden``, and the output layer. Every
     noisy layer but the output has φ = ``activation``; ``perturb`` puts the noise of the chosen layers
     on their parameters."""
-    model = _build_model(cfg, image_shape, num_classes)
+    time = parse_time_arch(cfg.arch)
+    model = _build_model(cfg, image_shape, num_classes) if time is None else _time_model(cfg, time, image_shape,
+                                                                                          num_classes)
     which, name, std = parse_perturb(cfg.perturb)
     if which != "none":
-        trainable = [m for m in model.noisy_layers if m.weight.requires_grad]
+        trainable = [m for m in noisy_layers(model) if m.weight.requires_grad]
         chosen = {"first": trainable[:1], "conv": [m for m in trainable if isinstance(m, NoisyConv2d)],
                   "all": trainable}[which]
         for m in chosen:   # "first": the first trainable layer only (few parameters: ES-style NSR ≈ √(P/K) stays small)
@@ -77,6 +81,26 @@ def _build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: in
     if cfg.local_losses:
         return NoisySequential(_local_losses(mods, shape, num_classes, cfg), noise=noise, input_shape=shape)
     return NoisySequential(*mods, noise=noise, input_shape=shape)
+
+
+def _time_model(cfg: TrainConfig, layers: list[tuple[str, int, bool]], image_shape: tuple[int, int],
+                num_classes: int) -> TimeLoop:
+    """A network through time on ``encoding``'s sequences: ``lif`` layers (β 0.9, θ 1, reset by subtraction)
+    read out by a leaky integrator's mean membrane, or ``rnn`` layers read out by a noisy linear layer's
+    output at the last step; every layer's noise N(0, noise_std²) (or the ``noise`` family) per step."""
+    steps, width = sequence_shape(cfg.encoding, image_shape)
+    mods = []
+    for kind, units, recurrent in layers:
+        if kind == "lif":
+            mods.append(Leaky(width, units, recurrent=recurrent))
+        else:
+            act = next((t.split(":")[2] for t in cfg.arch.split(",") if t.strip().startswith(f"rnn:{units}:")), "tanh")
+            mods.append(Recurrent(width, units, activation=act))
+        width = units
+    spiking = layers[-1][0] == "lif"
+    head = LeakyIntegrator(width, num_classes) if spiking else NoisyLinear(width, num_classes)
+    return TimeLoop(*mods, head, readout="mean" if spiking else "last", noise=make_noise(cfg.noise, cfg.noise_std),
+                    input_shape=(steps, sequence_shape(cfg.encoding, image_shape)[1]))
 
 
 def _dense_layers(width: int, num_classes: int, cfg: TrainConfig) -> list:

@@ -39,6 +39,7 @@ from ..nn.activations import get_activation, is_smooth
 from ..nn.losses import get_loss
 from ..nn.noise import kinds
 from ..nn.perturbations import PERTURBATIONS
+from ..sequences import parse_encoding
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "cosine", "step")
@@ -90,6 +91,30 @@ def parse_arch(arch: str) -> list[tuple[str, list[int]]]:
                              "conv:C:K[:stride[:padding]], res:C:K (x + conv(φ(conv(x))), C channels in and out), "
                              "maxpool:K, avgpool:K")
         out.append((kind, nums))
+    return out
+
+
+def parse_time_arch(arch: str) -> list[tuple[str, int, bool]] | None:
+    """A network through time as [(kind, width, recurrent)] — ``lif:H`` (leaky integrate-and-fire neurons),
+    ``lif:H:rec`` (with recurrent weights on the previous spikes), ``rnn:H`` (a recurrent tanh layer;
+    ``rnn:H:threshold`` or any activation) — or ``None`` for an arch that is not one."""
+    tokens = [t.strip().split(":") for t in arch.split(",")]
+    if not any(t[0] in ("lif", "rnn") for t in tokens):
+        return None
+    out = []
+    for t in tokens:
+        ok = t[0] in ("lif", "rnn") and 2 <= len(t) <= 3 and t[1].isdigit() and int(t[1]) >= 1
+        if ok and t[0] == "lif" and len(t) == 3:
+            ok = t[2] == "rec"
+        if ok and t[0] == "rnn" and len(t) == 3:
+            try:
+                get_activation(t[2])
+            except ValueError:
+                ok = False
+        if not ok:
+            raise ValueError(f"--arch: cannot read {':'.join(t)!r} in a network through time; use comma-separated "
+                             "lif:H, lif:H:rec (recurrent) or rnn:H[:ACTIVATION], e.g. lif:256 or rnn:128")
+        out.append((t[0], int(t[1]), t[0] == "lif" and len(t) == 3 or t[0] == "rnn"))
     return out
 
 
@@ -148,16 +173,23 @@ class ModelConfig:
     norm: str = "none"                    # parameter-free normalisation after every hidden noisy layer
     local_losses: bool = False            # conv archs: a linear head per block, each block trained on its own loss
     input_noise_std: float | None = None  # input-space smoothing: a frozen identity first layer with noise σ_in
+    encoding: str = "none"                # networks through time: images as sequences (glrnet.sequences)
 
     def validate(self) -> "ModelConfig":
-        if self.arch != "mlp":
+        time = parse_time_arch(self.arch)
+        if self.arch != "mlp" and time is None:
             parse_arch(self.arch)
+        parse_encoding(self.encoding)
         get_activation(self.activation)
         if self.output_activation is not None:
             get_activation(self.output_activation)
         _check([(all(h >= 1 for h in self.hidden), f"hidden widths must be ≥ 1, got {self.hidden}"),
                 (self.norm in NORMS, f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}"),
-                (not self.local_losses or self.arch != "mlp", "local losses need a convolutional --arch"),
+                (not self.local_losses or (self.arch != "mlp" and time is None),
+                 "local losses need a convolutional --arch"),
+                ((time is None) == (self.encoding == "none"),
+                 f"--arch {self.arch} " + ("takes sequences: give --encoding rate:T, rows or pixels" if time else
+                                           "takes images: --encoding is for networks through time (lif:H, rnn:H)")),
                 (self.input_noise_std is None or self.input_noise_std > 0,
                  f"input noise std must be > 0, got {self.input_noise_std}"),
                 (self.input_noise_std is None or self.arch == "mlp",
@@ -414,8 +446,17 @@ class TrainConfig:
         for part in PARTS:
             getattr(self, part).validate()
         m, e, o = self.model, self.estimator, self.optim
+        time = parse_time_arch(m.arch) is not None
         _check([(m.input_noise_std is None or e.noise == "gaussian",
-                 f"input noise std needs gaussian noise (the certificate's), got noise {e.noise!r}")])
+                 f"input noise std needs gaussian noise (the certificate's), got noise {e.noise!r}"),
+                (not time or (e.relative_noise is None and e.relative_weight_noise is None and m.norm == "none"
+                              and o.max_first_norm is None),
+                 f"--arch {m.arch} (through time) takes none of --relative-noise, --relative-weight-noise, --norm, "
+                 "--max-first-norm"),
+                (not time or e.method in ("glr", "bp", "es", "forward"),
+                 f"--arch {m.arch} (through time): method {e.method} is not defined for it; use glr, bp (through "
+                 "time, surrogate derivative), es or forward"),
+                (not (time and e.bp_noise), "--bp-noise is not defined through time: use --method glr")])
         unused = unused_options(self)
         if unused:
             raise ValueError(next(iter(unused.values())))
@@ -454,6 +495,9 @@ def unused_options(cfg: TrainConfig, given: set[str] | None = None) -> dict[str,
     if "sigma" in given and method not in ("es", "spsa"):
         out["sigma"] = (f"sigma is ES's σ and SPSA's ε; method {method} does not use it (the noise of GLR's "
                         "perturbation is --noise-std, or the std in --perturb WHICH=PERTURBATION:STD): drop --sigma")
+    if "hidden" in given and parse_time_arch(cfg.arch) is not None:
+        out["hidden"] = (f"--arch {cfg.arch} is a network through time whose widths are its own (lif:H, rnn:H); "
+                         "it has no --hidden layers: drop --hidden")
     if "perturb" in given and cfg.perturb != "activity":
         which = parse_perturb(cfg.perturb)[0]
         if not (method == "glr" or (method == "bp" and cfg.bp_noise)):

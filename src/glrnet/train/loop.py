@@ -30,11 +30,13 @@ from ..checkpoint import (atomic_write_csv, atomic_write_text, load_checkpoint, 
 from ..data import Dataset, load_dataset
 from ..estimators import distributed as dist_utils
 from ..estimators.samplers import IID
+from ..estimators.through_time import sampled_pass
 from ..nn import get_loss
 from ..nn.injection import Layout, noisy_forward, probe
 from ..nn.rescale import rescale_noise_
 from ..plots import plot_curves
 from ..predict import predict_proba
+from ..sequences import encode
 from .build import build_model, build_optimizer, build_producer
 from .config import TrainConfig
 
@@ -145,6 +147,7 @@ class _Run:
         elif self.world > 1:
             dist_utils.broadcast_parameters(self.model)
         self.constrain = self._first_norm_constraint()
+        self.encode = None if cfg.encoding == "none" else self._encoder
         has_val = data.x_val is not None and len(data.x_val) > 0
         self.x_val, self.y_val = (data.x_val, data.y_val) if has_val else (data.x_test, data.y_test)
         self.val_name = "validation" if has_val else "test"
@@ -180,6 +183,12 @@ class _Run:
         constrain()
         return constrain
 
+    def _encoder(self, x, stream: tuple[int, ...]):
+        """Images → the model's sequences; the rate code's spikes from the run's stream ``stream`` (the
+        validation and test trains the same at every evaluation, each training batch its own)."""
+        gen = _seeded(self.cfg.seed, 5, *stream, device=self.device)
+        return encode(x, self.cfg.encoding, self.data.image_shape, gen)
+
     def producer(self, epoch: int):
         """The gradient producer of this epoch: the warm-up loss's for the first ``warmup_epochs``."""
         return self.warmup if epoch <= self.cfg.warmup_epochs else self.main
@@ -193,9 +202,10 @@ class _Run:
     def batches(self, epoch: int):
         """This epoch's shuffled batches (this rank's shard under torchrun)."""
         order = torch.randperm(self.n, generator=_seeded(self.cfg.seed, 1, epoch)).to(self.device)
-        for start in self.starts:
+        for b, start in enumerate(self.starts):
             idx = order[start:start + self.cfg.batch_size]
-            yield dist_utils.shard_batch(self.data.x_train[idx], self.data.y_train[idx], self.cfg)
+            x = self.data.x_train[idx] if self.encode is None else self.encode(self.data.x_train[idx], (0, epoch, b))
+            yield dist_utils.shard_batch(x, self.data.y_train[idx], self.cfg)
 
     def after_step(self, epoch: int, stats) -> None:
         """The constraint, the running loss, mid-epoch validation and the progress bar."""
@@ -207,8 +217,7 @@ class _Run:
         self.step += 1
         self.batch_index += 1
         if cfg.eval_every and self.step % cfg.eval_every == 0:
-            with torch.no_grad():
-                acc = (self.model(self.x_val).argmax(1) == self.y_val).double().mean().item()
+            acc = evaluate(self.model, self.x_val, self.y_val, cfg.loss, False, encode=self._split_encoder(1))["acc_ot"]
             self.progress_rows.append({"step": self.step, "epoch": epoch,
                                        "seconds": self.train_seconds + time.perf_counter() - self.t0,
                                        "budget_seconds": self.budget_used + self.clock() - self.c0, "val_acc_ot": acc})
@@ -217,6 +226,13 @@ class _Run:
             elapsed = time.perf_counter() - self.t0
             self.bar.set_postfix(epoch=f"{epoch}/{cfg.epochs}", loss=f"{self.running.item() / self.batch_index:.4f}",
                                  rep_per_s=f"{done * self.reps / elapsed:.3g}", refresh=False)
+
+    def _split_encoder(self, split: int):
+        """The encoder of a fixed split (1 validation, 2 test, 3 training for the curves): chunk i's sequences
+        drawn from the same stream at every call. ``None`` for a model that takes images."""
+        if self.encode is None:
+            return None
+        return lambda x, i: self.encode(x, (split, i))
 
     def out_of_time(self) -> bool:
         cfg = self.cfg
@@ -234,8 +250,9 @@ class _Run:
         self.train_seconds += seconds
         g_eval = _seeded(cfg.seed, 2, epoch, device=self.device)
         tr = evaluate(self.model, self.data.x_train, self.data.y_train, cfg.loss, cfg.noisy, cfg.eval_replications,
-                      g_eval)
-        va = evaluate(self.model, self.x_val, self.y_val, cfg.loss, cfg.noisy, cfg.eval_replications, g_eval)
+                      g_eval, encode=self._split_encoder(3))
+        va = evaluate(self.model, self.x_val, self.y_val, cfg.loss, cfg.noisy, cfg.eval_replications, g_eval,
+                      encode=self._split_encoder(1))
         self.history.append({"epoch": epoch, "train_loss": tr["loss"], "val_loss": va["loss"],
                              "val_acc_ot": va["acc_ot"], "lr": self.opt.param_groups[0]["lr"], "seconds": seconds,
                              "samples_per_second": self.n / seconds,
@@ -267,7 +284,7 @@ class _Run:
         self.model.eval()
         test = evaluate(self.model, data.x_test, data.y_test, cfg.loss, cfg.noisy, cfg.eval_replications,
                         _seeded(cfg.seed, 3, device=self.device),
-                        lap_replications=cfg.lap_replications if cfg.noisy else 0)
+                        lap_replications=cfg.lap_replications if cfg.noisy else 0, encode=self._split_encoder(2))
         metrics = {"test_accuracy_ot": test["acc_ot"], "test_accuracy_lap": test.get("acc_lap"),
                    "test_loss": test["loss"], "curves_on": self.val_name, "epochs": cfg.epochs,
                    "train_seconds": self.train_seconds, "steps": self.step, "budget_seconds": self.budget_used,
@@ -289,24 +306,36 @@ class _Run:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x, y, loss, noisy: bool, replications: int = 100,
-             generator: torch.Generator | None = None, lap_replications: int = 0) -> dict:
-    """Loss (expected under the noise if ``noisy``, else noise-free), OT accuracy, optional LAP accuracy."""
+             generator: torch.Generator | None = None, lap_replications: int = 0, encode=None,
+             chunk: int = 500) -> dict:
+    """Loss (expected under the noise if ``noisy``, else noise-free), OT accuracy, optional LAP accuracy, in
+    chunks of ``chunk`` images; ``encode(x_chunk, i)`` (optional) turns the i-th chunk into the model's input
+    (a network through time's sequences)."""
     loss_fn = get_loss(loss)
-    out = model(x)
-    result = {"acc_ot": (out.argmax(1) == y).double().mean().item()}
-    if noisy:
-        total = 0.0
-        for i in range(0, len(x), 500):
-            xi, yi = x[i:i + 500], y[i:i + 500]
+    hits = lap_hits = total = 0.0
+    for i in range(0, len(x), chunk):
+        xi, yi = x[i:i + chunk], y[i:i + chunk]
+        if encode is not None:
+            xi = encode(xi, i // chunk)
+        out = model(xi)
+        hits += (out.argmax(1) == yi).double().sum().item()
+        if noisy:
             layout = Layout(probe(model, xi))
-            r = layout.fill_(IID(), xi.new_empty(replications, xi.shape[0], layout.width), generator)
-            o = noisy_forward(model, xi, layout.injection(replications, xi.shape[0], r), layout.first).reshape(
-                replications, xi.shape[0], -1)
-            total += loss_fn(o.reshape(-1, o.shape[-1]), yi.repeat(replications)).double().sum().item()
-        result["loss"] = total / (len(x) * replications)
-    else:
-        result["loss"] = loss_fn(out, y).double().mean().item()
+            if layout.probe.repeated:   # through time: the noise drawn step by step
+                o = sampled_pass(model, xi, layout, replications, IID(), generator)
+            else:
+                r = layout.fill_(IID(), xi.new_empty(replications, xi.shape[0], layout.width), generator)
+                o = noisy_forward(model, xi, layout.injection(replications, xi.shape[0], r), layout.first)
+            total += loss_fn(o.reshape(-1, o.shape[-1]), yi.repeat(replications)).double().sum().item() / replications
+        else:
+            total += loss_fn(out, yi).double().sum().item()
+    if lap_replications:   # after the loss, in one call where the input is the images (the figures of every release)
+        step = chunk if encode is not None else len(x)
+        for i in range(0, len(x), step):
+            xi = x[i:i + step] if encode is None else encode(x[i:i + step], i // chunk)
+            p = predict_proba(model, xi, "lap", lap_replications, generator=generator)
+            lap_hits += (p.argmax(1) == y[i:i + step]).double().sum().item()
+    result = {"acc_ot": hits / len(x), "loss": total / len(x)}
     if lap_replications:
-        p = predict_proba(model, x, "lap", lap_replications, generator=generator)
-        result["acc_lap"] = (p.argmax(1) == y).double().mean().item()
+        result["acc_lap"] = lap_hits / len(x)
     return result
