@@ -458,3 +458,23 @@ def test_protocol_settings_name_a_bad_field_in_one_line():
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
     s = ProtocolSettings((0.3, 0.1), check_eps=(0.2,))
     assert s.headline == 0.1 and s.grid == [0.1, 0.2, 0.3] and s.escalated_eps == (0.2,)
+
+
+def test_bpda_surrogates_reach_a_threshold_layer_applied_at_every_time_step(one_thread):
+    """Through time the noise is drawn step by step; a surrogate keeps the forward exact (the same noise gives
+    the same outputs) and gives the step units a gradient."""
+    from torch.distributions import Normal
+
+    from glrnet.robustness import noisy_attack_forward
+    torch.manual_seed(0)
+    loop = glrnet.TimeLoop(glrnet.NoisyLinear(4, 6, activation="threshold", noise=Normal(0.0, 0.3)),
+                           glrnet.LeakyIntegrator(6, 3, noise=Normal(0.0, 0.3)), readout="last")
+    x = torch.rand(3, 5, 4)
+    assert surrogates_for(loop, x) == ["gauss", "sigmoid:1", "sigmoid:4", "sigmoid:8", "ste"]
+    exact = noisy_attack_forward(loop, x, 4, "exact", torch.Generator().manual_seed(0))
+    for s in ("gauss", "sigmoid:4", "ste"):
+        xr = x.clone().requires_grad_(True)
+        out = noisy_attack_forward(loop, xr, 4, s, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out, exact)
+        (g,) = torch.autograd.grad(out[..., 0].sum(), xr)
+        assert g.abs().sum() > 0, s
