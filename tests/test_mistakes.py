@@ -284,9 +284,9 @@ def test_the_attack_console_speaks_plain_words_and_a_short_eps_grid_is_not_a_fai
     rows = [{"model": "m", "attack": a, "eps": e, "acc_ot": 0.5, "acc_lap": float("nan"), "images": 4}
             for a in ("worst-case", "transfer-fgsm") for e in eps] + \
         [{"model": "m", "attack": "none", "eps": 0.0, "acc_ot": 0.9, "acc_lap": float("nan"), "images": 4}]
-    monkeypatch.setattr(rb, "evaluate_robustness", lambda *a, **k: rows)
-    monkeypatch.setattr(rb, "sanity_checks", lambda *a, **k: [
-        {"model": "m", "check": "reaches chance (≤ 0.15) at ε = 0.1 (ot)", "value": "0.500", "pass": False}])
+    monkeypatch.setattr(rb, "evaluate_robustness", lambda *a, **k: rb.RobustnessResult(rows))
+    monkeypatch.setattr(rb, "sanity_checks", lambda *a, **k: rb.ChecksResult([
+        {"model": "m", "check": "reaches chance (≤ 0.15) at ε = 0.1 (ot)", "value": "0.500", "pass": False}]))
     rb.attack_and_report(tmp_path, {"m": (None, False)}, [0] * 4, [0] * 4, eps, AttackSettings(), None, 0.1, quiet=True)
     err = capsys.readouterr().err
     assert "FAILED" not in err and "the grid stops short of where the attacks reach chance (add a larger --eps" in err
