@@ -17,7 +17,7 @@ from ..nn.activations import get_activation
 from ..nn.losses import LOSSES
 from ..robustness.settings import DEFAULT_EPS, AttackSettings
 from ..train import TrainConfig
-from ..train.config import LEGACY
+from ..train.grammar import LEGACY
 from .schema import (ANALYSES, ATTACK_KEYS, CLOCKS, Certify, DATA_KEYS, DatasetSpec, ModelSpec, PREDICTORS,
                      Quality, REFERENCE_KEYS, RUN_KEYS, Replications, Robustness, SECTIONS, Spec,
                      TRAINING_OPTIONS, TimeToAccuracy, TimedRun, Transfer, VARIANTS, find_spec,

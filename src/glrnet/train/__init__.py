@@ -2,12 +2,12 @@
 model, gradient producer, optimizer) and the loop that trains and checkpoints (``loop``)."""
 
 from .build import build_model, build_optimizer, build_producer, input_smoothing_layer
-from .config import (ARCHS, METHODS, NORMS, OPTIMIZERS, PERTURB_LAYERS, PROJECTIONS, SCHEDULES, DataConfig,
-                     EstimatorConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig, parse_arch, parse_perturb,
-                     resolve_device, unused_options)
+from .config import (METHODS, NORMS, OPTIMIZERS, PROJECTIONS, SCHEDULES, DataConfig, EstimatorConfig, EvalConfig,
+                     ModelConfig, OptimConfig, TrainConfig, resolve_device, unused_options)
+from .grammar import ARCHS, PERTURB_LAYERS, parse_arch, parse_perturb, parse_time_arch
 from .loop import HISTORY_FIELDS, check_resumable, evaluate, train
 
 __all__ = ["ARCHS", "DataConfig", "EstimatorConfig", "EvalConfig", "HISTORY_FIELDS", "METHODS", "ModelConfig",
            "NORMS", "OPTIMIZERS", "OptimConfig", "PERTURB_LAYERS", "PROJECTIONS", "SCHEDULES", "TrainConfig",
            "build_model", "build_optimizer", "build_producer", "check_resumable", "evaluate", "input_smoothing_layer",
-           "parse_arch", "parse_perturb", "resolve_device", "train", "unused_options"]
+           "parse_arch", "parse_perturb", "parse_time_arch", "resolve_device", "train", "unused_options"]
