@@ -12,9 +12,10 @@ from ..certify import certified_accuracy, certify
 from ..checkpoint import atomic_write_csv, atomic_write_text, load_model, write_index
 from ..data import describe_datasets, load_run_dataset
 from ..estimators import distributed
-from ..experiments import reproduce
+from .. import experiments
 from ..plots import figure_certified
 from ..predict import predict
+from ..robustness import ProtocolSettings
 from ..robustness.protocol import attack_and_report
 from ..robustness.settings import validate_eps
 from ..sequences import encode, sequence_shape
@@ -149,7 +150,7 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    reproduce(args.spec, args.out, dataset=args.dataset, data_dir=args.data_dir, quick=args.quick,
+    experiments.reproduce(args.spec, args.out, dataset=args.dataset, data_dir=args.data_dir, quick=args.quick,
               device=args.device, quiet=args.quiet, robustness=not args.no_robustness, export=args.export,
               seeds=args.seeds)
     return 0
@@ -205,8 +206,8 @@ def cmd_robustness(args) -> int:
     headline = args.headline if args.headline is not None else eps[len(eps) // 2]
     eps = sorted(set(eps) | {headline})
     out = Path(args.out)
-    attack_and_report(out, models, x, y, eps, st, source, headline, title=f"{data.name}, {', '.join(models)}",
-                      quiet=args.quiet, resume=args.resume)
+    attack_and_report(out, models, x, y, ProtocolSettings(tuple(eps), headline, None, st), source,
+                      title=f"{data.name}, {', '.join(models)}", quiet=args.quiet, resume=args.resume)
     write_index(out, f"glrnet robustness: {', '.join(models)} on {data.name}")
     print((out / "robustness.md").read_text())
     return 0
