@@ -2,7 +2,8 @@
 
 =============  =====================================================================================
 ``data``       which images: dataset, folder, size, subset, split, validation fraction
-``model``      the network: architecture, widths, activations, normalisation, input smoothing
+``model``      the network: architecture, widths, activations, normalisation, input smoothing, and for
+               a network through time its input encoding
 ``estimator``  where the noise sits and how the gradient is estimated: method, noise, ``perturb``,
                replications, control variate, sampler, injection, ES's σ / SPSA's ε, memory, parallelism
 ``optim``      the objective and its optimisation: loss (and a warm-up loss), optimizer, schedule,
@@ -30,9 +31,9 @@ import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..data import SPLITS, DataError, digits_folder_message
 import torch
 
+from ..data import SPLITS, DataError, digits_folder_message
 from ..estimators import CONTROL_VARIATES, SAMPLERS, Backprop
 from ..estimators.glr import INJECTIONS
 from ..nn.activations import get_activation, is_smooth
