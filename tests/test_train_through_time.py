@@ -83,3 +83,13 @@ def test_a_spec_names_networks_through_time():
     group = spec.time_to_accuracy[0]
     cfg = spec.timed_config(group, group.runs[-1], spec.datasets[0]).validate()
     assert (cfg.arch, cfg.encoding, cfg.method, cfg.injection) == ("lif:256", "rate:25", "glr", "layerwise")
+
+
+@pytest.mark.slow
+def test_the_snn_study_runs_through_the_one_runner(tmp_path):
+    from pathlib import Path
+    spec = Path(__file__).parent / "data" / "snn-smoke.toml"
+    assert main(["reproduce", "--spec", str(spec), "--out", str(tmp_path / "out"), "--no-robustness", "--quiet"]) == 0
+    table = (tmp_path / "out" / "rate" / "training_digits.md").read_text()
+    for run in ("bptt-rate-lif-cross_entropy", "glr-rate-lif-cross_entropy"):
+        assert f"| {run} |" in table

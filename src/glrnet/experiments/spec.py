@@ -17,7 +17,7 @@ from ..nn.activations import get_activation
 from ..nn.losses import LOSSES
 from ..robustness.settings import DEFAULT_EPS, AttackSettings
 from ..train import TrainConfig
-from ..train.grammar import LEGACY
+from ..train.grammar import LEGACY, unit_name
 from .schema import (ANALYSES, ATTACK_KEYS, CLOCKS, Certify, DATA_KEYS, DatasetSpec, ModelSpec, PREDICTORS,
                      Quality, REFERENCE_KEYS, RUN_KEYS, Replications, Robustness, SECTIONS, Spec,
                      TRAINING_OPTIONS, TimeToAccuracy, TimedRun, Transfer, VARIANTS, find_spec,
@@ -268,7 +268,8 @@ def _group(c: _Checker, spec: Spec, g: dict, i: int, dnames: list[str]) -> TimeT
         model = _one_of(c, r, "model", list(spec.models), rw, None, required=True)
         options = {k: v for k, v in r.items() if k not in ("model", "name")}
         opts = {**spec.models[model].options, **options}
-        unit, loss = opts.get("activation", TrainConfig().activation), opts.get("loss", TrainConfig().loss)
+        d = TrainConfig()
+        unit, loss = unit_name(opts.get("arch", d.arch), opts.get("activation", d.activation)), opts.get("loss", d.loss)
         runs.append(TimedRun(c.get(r, "name", "str", rw, run_name(model, unit, loss)), model, options))
     _unique(c, [r.name for r in runs], f"{where} runs")
     clock = c.get(g, "clock", "str", where, "cpu")

@@ -180,7 +180,7 @@ def run_group(site: Site, group) -> list[dict]:
         run_dir = site.timed_dir(group.name, run.name)
         m = site.train(cfg, run_dir, f"{dname}/{group.name}/{run.name}")
         progress = read_progress(run_dir / "progress.csv")
-        row = {"dataset": dname, "run": run.name, "technique": run.model, "unit": cfg.activation, "loss": cfg.loss,
+        row = {"dataset": dname, "run": run.name, "technique": run.model, "unit": cfg.unit, "loss": cfg.loss,
                "test_ot": m["test_accuracy_ot"], "test_lap": m["test_accuracy_lap"],
                "steps": m.get("steps"), "train_s": m["train_seconds"], "budget_s": m.get("budget_seconds"),
                "best_val_ot": max((p["val_acc_ot"] for p in progress), default=math.nan)}
@@ -221,7 +221,7 @@ def final_quality(site: Site, group) -> None:
                                              replications=int(K), layer_replications=None).validate()
                 res = gradient_quality(cfg, site.data, x, y, samples, model=site.load(run_dir))
                 atomic_write_text(cache, json.dumps(res))
-            rows += [{"run": run.name, "unit": base.activation, "loss": base.loss, "K": K, **r,
+            rows += [{"run": run.name, "unit": base.unit, "loss": base.loss, "K": K, **r,
                       "seconds_per_estimate": res["seconds_per_estimate"]} for r in res["layers"]]
             site.say(f"[final quality] {dname} {run.name} K={K}: NSR "
                      + ", ".join(f"{r['layer']} {r['nsr']:.3g}" for r in res["layers"]))

@@ -40,7 +40,7 @@ from ..nn.activations import get_activation, is_smooth
 from ..nn.losses import get_loss
 from ..nn.noise import kinds
 from ..sequences import parse_encoding
-from .grammar import DEFAULT_WEIGHT_STD, legacy_options, parse_arch, parse_perturb, parse_time_arch
+from .grammar import DEFAULT_WEIGHT_STD, legacy_options, parse_arch, parse_perturb, parse_time_arch, unit_name
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "cosine", "step")
@@ -313,6 +313,11 @@ class TrainConfig:
     def noisy(self) -> bool:
         return self.estimator.noisy
 
+    @property
+    def unit(self) -> str:
+        """The hidden units, for reports: the activation, or what a network through time's arch makes them."""
+        return unit_name(self.arch, self.activation)
+
     @staticmethod
     def option_names() -> tuple[str, ...]:
         """Every option's flat name, part by part, then the run's own (seed, device)."""
@@ -394,6 +399,8 @@ def unused_options(cfg: TrainConfig, given: set[str] | None = None) -> dict[str,
     if "sigma" in given and method not in ("es", "spsa"):
         out["sigma"] = (f"sigma is ES's σ and SPSA's ε; method {method} does not use it (the noise of GLR's "
                         "perturbation is --noise-std, or the std in --perturb WHICH=PERTURBATION:STD): drop --sigma")
+    if "activation" in given and parse_time_arch(cfg.arch) is not None:
+        out["activation"] = (f"--arch {cfg.arch} sets its own units (lif: spikes; rnn:H:ACTIVATION): drop --activation")
     if "hidden" in given and parse_time_arch(cfg.arch) is not None:
         out["hidden"] = (f"--arch {cfg.arch} is a network through time whose widths are its own (lif:H, rnn:H); "
                          "it has no --hidden layers: drop --hidden")

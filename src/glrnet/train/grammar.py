@@ -109,3 +109,16 @@ def legacy_options(d: dict) -> dict:
         return d
     d["perturb"] = f"{which}={name or older or 'weight'}:{std:g}"
     return d
+
+
+def unit_name(arch: str, activation: str) -> str:
+    """What a network's hidden units are, for reports: the activation, or ``lif`` (spiking) / ``rnn-ACT`` for a
+    network through time, whose units its ``arch`` sets."""
+    time = parse_time_arch(arch)
+    if time is None:
+        return activation
+    kinds = []
+    for token, (kind, _, _) in zip(arch.split(","), time):
+        parts = token.strip().split(":")
+        kinds.append("lif" if kind == "lif" else f"rnn-{parts[2] if len(parts) == 3 else 'tanh'}")
+    return "+".join(dict.fromkeys(kinds))
