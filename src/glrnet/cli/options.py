@@ -125,6 +125,8 @@ def _model_options(g) -> None:
     g.add_argument("--encoding", default=d.encoding, help="networks through time (--arch lif:H or rnn:H): how an "
                    "image becomes a sequence: rate:T (Bernoulli spike trains of T steps), rows (one row per step) "
                    "or pixels (one pixel per step)")
+    g.add_argument("--init-scale", type=float, default=d.init_scale, help="multiply every trainable noisy "
+                   "layer's initial weights by this (a recurrent spiking network may stay silent at 1)")
     g.add_argument("--norm", choices=MODEL_NORMS, default=d.norm, help="parameter-free normalisation "
                    "(LayerNorm / GroupNorm(1) without affine) after every hidden noisy layer")
     g.add_argument("--local-losses", action="store_true", help="convolutional archs: a linear head per block, "

@@ -29,6 +29,11 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     time = parse_time_arch(cfg.arch)
     model = _build_model(cfg, image_shape, num_classes) if time is None else _time_model(cfg, time, image_shape,
                                                                                           num_classes)
+    if cfg.init_scale != 1.0:   # e.g. a recurrent spiking network that is silent at the default scale
+        with torch.no_grad():
+            for m in noisy_layers(model):
+                if m.weight.requires_grad:
+                    m.weight.mul_(cfg.init_scale)
     which, name, std = parse_perturb(cfg.perturb)
     if which != "none":
         trainable = [m for m in noisy_layers(model) if m.weight.requires_grad]

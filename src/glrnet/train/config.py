@@ -107,6 +107,7 @@ class ModelConfig:
     local_losses: bool = False            # conv archs: a linear head per block, each block trained on its own loss
     input_noise_std: float | None = None  # input-space smoothing: a frozen identity first layer with noise σ_in
     encoding: str = "none"                # networks through time: images as sequences (glrnet.sequences)
+    init_scale: float = 1.0               # every trainable noisy layer's initial weights × this
 
     def validate(self) -> "ModelConfig":
         time = parse_time_arch(self.arch)
@@ -118,6 +119,7 @@ class ModelConfig:
             get_activation(self.output_activation)
         _check([(all(h >= 1 for h in self.hidden), f"hidden widths must be ≥ 1, got {self.hidden}"),
                 (self.norm in NORMS, f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}"),
+                (self.init_scale > 0, f"init scale must be > 0, got {self.init_scale}"),
                 (not self.local_losses or (self.arch != "mlp" and time is None),
                  "local losses need a convolutional --arch"),
                 ((time is None) == (self.encoding == "none"),
