@@ -41,7 +41,8 @@ def test_weight_site_unbiased_vs_pathwise(float64, sites, sampler, baseline):
 
 
 @pytest.mark.parametrize("site", ["weight", "flipout"])
-def test_weight_site_convolutions_unbiased_vs_pathwise(float64, site):
+def test_weight_site_convolutions_unbiased_vs_pathwise(site):
+    """float32: what is compared is unbiasedness, not float64 arithmetic."""
     from test_cnn import tiny_cnn
     net, x, y = tiny_cnn()
     for m in glrnet.nn.noisy_layers(net):
@@ -50,7 +51,9 @@ def test_weight_site_convolutions_unbiased_vs_pathwise(float64, site):
     glr = glr_samples(net, x, y, n=120, replications=400)
     path = pathwise_samples(net, x, y, n=120, replications=400)
     print(assert_means_equal(glr, path))
-    assert not means_equal(0.8 * glr, path)[0]
+    ok, report = means_equal(0.8 * glr, path)
+    print("0.8 × GLR:", report)
+    assert not ok
 
 
 @pytest.mark.parametrize("site,activation", [("weight", "threshold"), ("flipout", "threshold"),
@@ -113,7 +116,9 @@ def test_channel_site_unbiased_for_each_channels_own_objective(float64, problem,
     glr = glr_samples(model, x, y, n=120, replications=480, sampler=sampler)
     path = pathwise_channel_samples(model, x, y, n=120, replications=480)
     print(assert_means_equal(glr, path))
-    assert not means_equal(0.8 * glr, path)[0]
+    ok, report = means_equal(0.8 * glr, path)
+    print("0.8 × GLR:", report)
+    assert not ok
 
 
 @pytest.mark.parametrize("layer", [glrnet.NoisyLinear(5, 3), glrnet.NoisyConv2d(4, 6, 3, padding=1, groups=2),
