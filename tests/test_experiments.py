@@ -221,7 +221,8 @@ def test_data_dir_is_the_folder_that_holds_one_folder_per_dataset(tmp_path):
 def test_every_packaged_spec_validates(name):
     spec = load_spec(name)
     assert spec.name and spec.datasets and spec.models
-    assert name in ("quick", "paper", "paper-seeds", "fashion", "fashion-seeds", "mnist-10k", "certified", "scale")
+    assert name in ("quick", "paper", "paper-seeds", "fashion", "fashion-seeds", "mnist-10k", "certified", "scale",
+                    "snn")
 
 
 def test_packaged_specs_say_what_they_run():
