@@ -52,6 +52,7 @@ def cnn_reference():
     return net, x, y, pathwise_samples(net, x, y, n=200, replications=500)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("cnn_reference")
 def test_glr_equals_pathwise_for_a_sigmoid_cnn_every_parameter(cnn_reference):
     net, x, y, path = cnn_reference
@@ -70,6 +71,7 @@ def test_variance_reduced_cnn_estimators_are_unbiased(cnn_reference, variant):
     print(assert_means_equal(glr_samples(net, x, y, n=150, replications=1000, **variant), path))
 
 
+@pytest.mark.slow
 def test_glr_equals_finite_differences_for_a_threshold_cnn_with_zero_one_loss():
     """float32: the losses are 0 or 1 and the step h = 0.05, so float64 adds nothing to the comparison."""
     net, x, y = tiny_cnn("threshold", seed=3, scale=3.0)
@@ -150,6 +152,7 @@ def test_cnn_through_the_cli_train_resume_evaluate_and_a_spec(tmp_path, capsys):
     assert loaded.config("cnn", loaded.datasets[0]).arch == "lenet"
 
 
+@pytest.mark.slow
 def test_likelihood_ratio_input_gradient_of_a_cnn_is_unbiased(float64):
     """GLR applied to the input through a convolution equals the pathwise input gradient in mean."""
     from glrnet.robustness import lr_input_jacobian

@@ -51,6 +51,7 @@ def pathwise_reference(sizes):
     return _pathwise_reference(tuple(sizes), torch.get_default_dtype())
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("estimator_reference")
 @pytest.mark.parametrize("sizes", [[5, 4, 3], [5, 4, 4, 3]], ids=["2-layer", "3-layer"])
 def test_glr_equals_pathwise_sigmoid_cross_entropy(float64, sizes):
@@ -108,6 +109,7 @@ def fd_and_glr_columns(model, x, y, loss, glr, n, k, h=0.05):
     return torch.stack(glr_cols, 1), torch.stack(fd_cols, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation,loss", [("threshold", "zero_one"), ("arctan_inv", "cross_entropy")])
 def test_glr_equals_finite_differences_discontinuous(float64, activation, loss):
     """Discontinuous φ / L: GLR = central FD of E[L] (CRN), selected weights of every layer."""
@@ -123,6 +125,7 @@ def test_glr_equals_finite_differences_discontinuous(float64, activation, loss):
     assert (glr_sel.mean(0).abs() / (glr_sel.std(0) / math.sqrt(n))).max() > 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", kinds())
 def test_each_noise_estimator_unbiased(float64, kind):
     model, x, y = small_problem([5, 4, 3], noise=make_noise(kind, 2.0))

@@ -332,6 +332,7 @@ def test_time_to_accuracy_runs_are_checked_as_runs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- the technique study
+@pytest.mark.slow
 def test_study_spec_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
     assert main(["reproduce", "--spec", str(DATA / "scale-smoke.toml"), "--out", str(out), "--quiet"]) == 0

@@ -225,6 +225,7 @@ def pathwise_one_layer(model, x, y, layer, n, replications, seed):
     return torch.stack(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["iid", "qmc"])
 def test_layerwise_injection_unbiased_for_each_layers_own_objective(float64, sampler):
     model, x, y = small_problem([5, 4, 4, 3])
@@ -237,6 +238,7 @@ def test_layerwise_injection_unbiased_for_each_layers_own_objective(float64, sam
     assert not means_equal(0.85 * cols[0], pathwise_one_layer(model, x, y, 0, 150, 1000, 99))[0]   # power
 
 
+@pytest.mark.slow
 def test_residual_cnn_unbiased_vs_pathwise():
     """float32: unbiasedness, not float64 arithmetic, is what is compared. Per replication the pathwise
     reference varies far less than GLR (under a hundredth in total, at most a tenth in any coordinate),

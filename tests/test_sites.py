@@ -29,6 +29,7 @@ def glr_samples(model, x, y, n, seed=1, **kw):
     return torch.stack([flat_grads(est.estimate(model, x, y)[0]) for _ in range(n)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,baseline", [("iid", True), ("iid", False), ("antithetic", True), ("qmc", False)])
 @pytest.mark.parametrize("sites", [("weight", "weight"), ("weight", "activity"), ("flipout", "flipout"),
                                    ("flipout", "activity")], ids=["weight", "mixed", "flipout", "flipout-mixed"])
@@ -40,6 +41,7 @@ def test_weight_site_unbiased_vs_pathwise(float64, sites, sampler, baseline):
     assert not means_equal(0.8 * glr, path)[0]          # the test can tell a 20 % bias
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site", ["weight", "flipout"])
 def test_weight_site_convolutions_unbiased_vs_pathwise(site):
     """float32: what is compared is unbiasedness, not float64 arithmetic."""
@@ -56,6 +58,7 @@ def test_weight_site_convolutions_unbiased_vs_pathwise(site):
     assert not ok
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site,activation", [("weight", "threshold"), ("flipout", "threshold"),
                                              ("weight", "centered:threshold")])
 def test_weight_site_threshold_zero_one_unbiased_vs_finite_differences(float64, site, activation):
@@ -102,6 +105,7 @@ def pathwise_channel_samples(model, x, y, n, replications, seed=2):
     return torch.stack(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", list(glrnet.estimators.SAMPLERS))
 @pytest.mark.parametrize("problem", ["mlp", "cnn"])
 def test_channel_site_unbiased_for_each_channels_own_objective(float64, problem, sampler):
@@ -249,6 +253,7 @@ def noise_free_gradient(model, x, y):
     return flat_grads(torch.autograd.grad(loss, list(model.parameters())))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 def test_spsa_estimates_the_gradient(float64, distribution):
     model, x, y = mlp(("activity", "activity"))
@@ -260,6 +265,7 @@ def test_spsa_estimates_the_gradient(float64, distribution):
     torch.testing.assert_close(torch.cat([p.reshape(-1) for p in model.parameters()]), theta)  # θ restored
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_layer", [False, True], ids=["global", "per-layer"])
 def test_forward_gradient_is_unbiased(float64, per_layer):
     model, x, y = mlp(("activity", "activity"))
@@ -343,6 +349,7 @@ def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
             TrainConfig(**bad).validate()
 
 
+@pytest.mark.slow
 def test_local_losses_estimate_each_blocks_own_objective(float64):
     """Block b's estimate is unbiased for ∇ E[L(head_b) | noise in block b only], the pathwise gradient
     through the network truncated at head b with noise in block b's layers alone."""

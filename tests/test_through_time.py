@@ -320,6 +320,7 @@ def pathwise_samples(model, x, y, n, replications, active=None, seed=2):
     return torch.stack(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("baseline", sorted(CONTROL_VARIATES))
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_unbiased_against_backprop_through_time_over_common_noise_paths(float64, sampler, baseline):
@@ -343,6 +344,7 @@ def test_backprop_with_noise_is_the_same_pathwise_gradient(float64):
     print(assert_means_equal(torch.stack(samples), pathwise_samples(model, x, y, n=60, replications=1000)))
 
 
+@pytest.mark.slow
 def test_weight_perturbation_unbiased_against_backprop_through_its_noise(float64):
     model, x, y = elman(perturbation="weight")
     for m in glrnet.noisy_layers(model):
@@ -351,6 +353,7 @@ def test_weight_perturbation_unbiased_against_backprop_through_its_noise(float64
     print(assert_means_equal(glr, pathwise_samples(model, x, y, n=150, replications=1000)))
 
 
+@pytest.mark.slow
 def test_layerwise_injection_unbiased_for_each_layers_own_objective(float64):
     model, x, y = elman()
     glr = glr_samples(model, x, y, n=150, replications=512, injection="layerwise")
@@ -423,6 +426,7 @@ def test_spiking_unbiased_against_finite_differences_of_the_expected_loss(float6
     assert (glr.mean(0).abs() / se).max() > 5          # some directional derivative is resolved: the test has power
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["leave-one-out", "antithetic", "qmc"])
 def test_variance_reduction_carries_through_time(float64, option):
     """Total variance of the plain estimate (i.i.d. noise, no baseline) over that of each option, on a spiking
@@ -508,6 +512,7 @@ def parity_task(n=64, steps=8, seed=0):
     return x, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["glr", "glr-weight-layerwise", "es", "bptt", "forward-gradient"])
 def test_a_spiking_network_learns_by_each_method(method):
     torch.manual_seed(0)
