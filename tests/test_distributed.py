@@ -48,7 +48,8 @@ def test_distributed_estimator_unbiased_and_equal_to_single_process(tmp_path, fl
     kw = {"plain": {"baseline": False}, "baseline": {"baseline": True}, "both": {"baseline": True, "sampler": "antithetic"}}[variant]
     single = glr_samples(model, x, y, n=n, replications=k, **kw)
     print(assert_means_equal(dist_samples, single))
-    assert_means_equal(dist_samples, pathwise_samples(model, x, y, n=n, replications=2000))
+    # per replication the pathwise gradient varies far less than GLR, so k replications suffice
+    print(assert_means_equal(dist_samples, pathwise_samples(model, x, y, n=n, replications=k)))
     ratio = dist_samples.var(0).sum() / single.var(0).sum()
     # the total variance of both is estimated from n draws; its log has SE ≲ sqrt(2/n) each
     assert abs(torch.log(ratio).item()) < 4 * (2 * 2 / n) ** 0.5, ratio
