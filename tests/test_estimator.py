@@ -74,13 +74,15 @@ def test_glr_equals_pathwise_with_output_activation(float64, output_activation):
                        pathwise_samples(model, x, y, n=150, replications=2000))
 
 
-def expected_loss_fd(model, x, y, loss, param, index, h, samples, seed):
+def expected_loss_fd(model, x, y, loss, param, index, h, samples, seed, noise=None):
     """Central finite difference of E[L] in one coordinate with common random numbers.
 
-    Returns per-replication differences (samples,), whose mean estimates ∂E[L]/∂θ.
+    Returns per-replication differences (samples,), whose mean estimates ∂E[L]/∂θ. ``noise``: the
+    draw of sample_noise(model, samples, batch) with a generator seeded ``seed``, when already drawn.
     """
-    gen = torch.Generator().manual_seed(seed)
-    noise = glrnet.nn.sample_noise(model, samples, x.shape[0], generator=gen)
+    if noise is None:
+        gen = torch.Generator().manual_seed(seed)
+        noise = glrnet.nn.sample_noise(model, samples, x.shape[0], generator=gen)
     loss = glrnet.get_loss(loss)
     values = []
     with torch.no_grad():
@@ -101,9 +103,11 @@ def fd_and_glr_columns(model, x, y, loss, glr, n, k, h=0.05):
         offsets.append(offsets[-1] + p.numel())
     fd_cols, glr_cols = [], []
     for pi, p in enumerate(params):
+        # both entries of a parameter see the same noise (seed 10 + pi): drawn once
+        noise = glrnet.nn.sample_noise(model, n * k, x.shape[0], generator=torch.Generator().manual_seed(10 + pi))
         for flat in (0, p.numel() - 1):
             index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), p.shape))
-            diffs = expected_loss_fd(model, x, y, loss, p.data, index, h, n * k, seed=10 + pi)
+            diffs = expected_loss_fd(model, x, y, loss, p.data, index, h, n * k, seed=10 + pi, noise=noise)
             fd_cols.append(diffs.reshape(n, k).mean(1))
             glr_cols.append(glr[:, offsets[pi] + flat])
     return torch.stack(glr_cols, 1), torch.stack(fd_cols, 1)
