@@ -54,9 +54,8 @@ def test_outputs_written(tmp_path):
 
 
 def _train_cmd(out, epochs=3, extra=()):
-    """Epochs long enough (K = 500 on digits) for the kill to land between the first checkpoint and the end."""
     return [sys.executable, "-m", "glrnet", "train", "--dataset", "digits", "--epochs", str(epochs),
-            "--replications", "500", "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.5",
+            "--replications", "2000", "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.5",
             "--schedule", "cosine", "--out", str(out), "--quiet", *extra]
 
 
