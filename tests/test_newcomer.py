@@ -94,11 +94,11 @@ def test_resume_of_a_folder_that_holds_no_run_says_so(tmp_path, capsys):
 
 
 def test_reproduce_interrupt_message_does_not_point_to_a_missing_option(monkeypatch, capsys, tmp_path):
-    import glrnet.cli.commands as commands
+    import glrnet.experiments as exp
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(commands, "reproduce", interrupted)   # the name the command calls
+    monkeypatch.setattr(exp, "reproduce", interrupted)
     rc, err = err_of(capsys, ["reproduce", "--quick", "--out", str(tmp_path)])
     assert rc == 130 and "rerun the same command" in err and "--resume" not in err
 
