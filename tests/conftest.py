@@ -18,6 +18,7 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)   # before pytest-xdist reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.path.stem

@@ -95,6 +95,7 @@ def run_python(code: str, env_extra: dict | None = None) -> subprocess.Completed
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_importing_glrnet_changes_no_process_wide_state():
     """No matplotlib backend chosen, no thread count or global seed changed by importing any module."""
     res = run_python("""
@@ -109,6 +110,7 @@ def test_importing_glrnet_changes_no_process_wide_state():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
+@pytest.mark.slow
 def test_the_core_needs_only_torch_and_safetensors():
     """An estimate, a training step and LAP prediction with scikit-learn, scipy, matplotlib and tqdm made
     unimportable."""

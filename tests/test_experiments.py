@@ -221,7 +221,8 @@ def test_data_dir_is_the_folder_that_holds_one_folder_per_dataset(tmp_path):
 def test_every_packaged_spec_validates(name):
     spec = load_spec(name)
     assert spec.name and spec.datasets and spec.models
-    assert name in ("quick", "paper", "paper-seeds", "fashion", "fashion-seeds", "mnist-10k", "certified", "scale")
+    assert name in ("quick", "paper", "paper-seeds", "fashion", "fashion-seeds", "mnist-10k", "certified", "scale",
+                    "snn")
 
 
 def test_packaged_specs_say_what_they_run():
@@ -331,6 +332,7 @@ def test_time_to_accuracy_runs_are_checked_as_runs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- the technique study
+@pytest.mark.slow
 def test_study_spec_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
     assert main(["reproduce", "--spec", str(DATA / "scale-smoke.toml"), "--out", str(out), "--quiet"]) == 0

@@ -71,6 +71,7 @@ def test_a_data_folder_without_dataset_is_refused_for_any_folder(tmp_path, capsy
 
 
 # ---------------------------------------------------------------------- the output folder
+@pytest.mark.slow
 def test_a_second_training_into_a_folder_in_use_is_refused(tmp_path, capsys):
     """A live process holds the folder (a real lock, taken by another interpreter): the training refuses
     with one line and writes nothing; once that process is gone, the lock is gone too."""

@@ -225,6 +225,7 @@ def pathwise_one_layer(model, x, y, layer, n, replications, seed):
     return torch.stack(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["iid", "qmc"])
 def test_layerwise_injection_unbiased_for_each_layers_own_objective(float64, sampler):
     model, x, y = small_problem([5, 4, 4, 3])
@@ -237,11 +238,19 @@ def test_layerwise_injection_unbiased_for_each_layers_own_objective(float64, sam
     assert not means_equal(0.85 * cols[0], pathwise_one_layer(model, x, y, 0, 150, 1000, 99))[0]   # power
 
 
-def test_residual_cnn_unbiased_vs_pathwise(float64):
+@pytest.mark.slow
+def test_residual_cnn_unbiased_vs_pathwise():
+    """float32: unbiasedness, not float64 arithmetic, is what is compared. Per replication the pathwise
+    reference varies far less than GLR (under a hundredth in total, at most a tenth in any coordinate),
+    so a quarter of GLR's replications adds little to the standard error of the difference; the same
+    two sets of samples also show that the test has power."""
     net, x, y = residual_cnn()
     glr = glr_samples(net, x, y, n=150, replications=1000)
-    print(assert_means_equal(glr, pathwise_samples(net, x, y, n=150, replications=1000)))
-    assert not means_equal(0.85 * glr, pathwise_samples(net, x, y, n=150, replications=1000, seed=5))[0]
+    path = pathwise_samples(net, x, y, n=150, replications=250)
+    print(assert_means_equal(glr, path))
+    ok, report = means_equal(0.85 * glr, path)
+    print("0.85 × GLR:", report)
+    assert not ok   # the test has power
 
 
 @pytest.mark.parametrize("sampler", ["antithetic", "qmc"])

@@ -42,7 +42,9 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
     assert acc > 0.3  # threshold units + 0-1 loss after 3 epochs: far above chance (0.1)
 
 
-@pytest.mark.parametrize("doc", [d for d in DOCS if d.name != "README.md" and "```python" in d.read_text()],
+# the robustness guide trains and attacks networks: minutes, not seconds
+@pytest.mark.parametrize("doc", [pytest.param(d, marks=pytest.mark.slow) if d.name == "robustness.md" else d
+                                 for d in DOCS if d.name != "README.md" and "```python" in d.read_text()],
                          ids=lambda p: p.name)
 def test_docs_python_blocks_run_as_written(doc, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -29,6 +29,7 @@ def glr_samples(model, x, y, n, seed=1, **kw):
     return torch.stack([flat_grads(est.estimate(model, x, y)[0]) for _ in range(n)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,baseline", [("iid", True), ("iid", False), ("antithetic", True), ("qmc", False)])
 @pytest.mark.parametrize("sites", [("weight", "weight"), ("weight", "activity"), ("flipout", "flipout"),
                                    ("flipout", "activity")], ids=["weight", "mixed", "flipout", "flipout-mixed"])
@@ -40,8 +41,10 @@ def test_weight_site_unbiased_vs_pathwise(float64, sites, sampler, baseline):
     assert not means_equal(0.8 * glr, path)[0]          # the test can tell a 20 % bias
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site", ["weight", "flipout"])
-def test_weight_site_convolutions_unbiased_vs_pathwise(float64, site):
+def test_weight_site_convolutions_unbiased_vs_pathwise(site):
+    """float32: what is compared is unbiasedness, not float64 arithmetic."""
     from test_cnn import tiny_cnn
     net, x, y = tiny_cnn()
     for m in glrnet.nn.noisy_layers(net):
@@ -50,9 +53,12 @@ def test_weight_site_convolutions_unbiased_vs_pathwise(float64, site):
     glr = glr_samples(net, x, y, n=120, replications=400)
     path = pathwise_samples(net, x, y, n=120, replications=400)
     print(assert_means_equal(glr, path))
-    assert not means_equal(0.8 * glr, path)[0]
+    ok, report = means_equal(0.8 * glr, path)
+    print("0.8 × GLR:", report)
+    assert not ok
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site,activation", [("weight", "threshold"), ("flipout", "threshold"),
                                              ("weight", "centered:threshold")])
 def test_weight_site_threshold_zero_one_unbiased_vs_finite_differences(float64, site, activation):
@@ -99,6 +105,7 @@ def pathwise_channel_samples(model, x, y, n, replications, seed=2):
     return torch.stack(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", list(glrnet.estimators.SAMPLERS))
 @pytest.mark.parametrize("problem", ["mlp", "cnn"])
 def test_channel_site_unbiased_for_each_channels_own_objective(float64, problem, sampler):
@@ -113,7 +120,9 @@ def test_channel_site_unbiased_for_each_channels_own_objective(float64, problem,
     glr = glr_samples(model, x, y, n=120, replications=480, sampler=sampler)
     path = pathwise_channel_samples(model, x, y, n=120, replications=480)
     print(assert_means_equal(glr, path))
-    assert not means_equal(0.8 * glr, path)[0]
+    ok, report = means_equal(0.8 * glr, path)
+    print("0.8 × GLR:", report)
+    assert not ok
 
 
 @pytest.mark.parametrize("layer", [glrnet.NoisyLinear(5, 3), glrnet.NoisyConv2d(4, 6, 3, padding=1, groups=2),
@@ -244,6 +253,7 @@ def noise_free_gradient(model, x, y):
     return flat_grads(torch.autograd.grad(loss, list(model.parameters())))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 def test_spsa_estimates_the_gradient(float64, distribution):
     model, x, y = mlp(("activity", "activity"))
@@ -255,6 +265,7 @@ def test_spsa_estimates_the_gradient(float64, distribution):
     torch.testing.assert_close(torch.cat([p.reshape(-1) for p in model.parameters()]), theta)  # θ restored
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_layer", [False, True], ids=["global", "per-layer"])
 def test_forward_gradient_is_unbiased(float64, per_layer):
     model, x, y = mlp(("activity", "activity"))
@@ -338,6 +349,7 @@ def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
             TrainConfig(**bad).validate()
 
 
+@pytest.mark.slow
 def test_local_losses_estimate_each_blocks_own_objective(float64):
     """Block b's estimate is unbiased for ∇ E[L(head_b) | noise in block b only], the pathwise gradient
     through the network truncated at head b with noise in block b's layers alone."""

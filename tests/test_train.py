@@ -16,6 +16,7 @@ from glrnet.cli import main
 from glrnet.train import TrainConfig, train
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw,floor", [
     (dict(activation="threshold", loss="zero_one", baseline=True), 0.6),
     (dict(activation="sigmoid", loss="cross_entropy"), 0.8),
@@ -58,6 +59,7 @@ def _train_cmd(out, epochs=3, extra=()):
             "--schedule", "cosine", "--out", str(out), "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     """Kill a real training process after its epoch-1 checkpoint; --resume ends with identical weights."""
     full = tmp_path / "full"
