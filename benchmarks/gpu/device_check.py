@@ -282,6 +282,7 @@ def stage_tests(a) -> None:
             sys.stdout = sys.stderr = log             # pytest's report into tests.log
             try:
                 rc = pytest.main([str(target), "-v", "-rA", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+                                  "-o", "addopts=",   # the project's addopts name pytest-xdist, not loaded here
                                   "-W", "ignore::pytest.PytestUnknownMarkWarning", *select], plugins=[plugin])
             finally:
                 sys.stdout, sys.stderr = old_out, old_err
