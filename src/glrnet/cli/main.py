@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "perturbations, activations and losses it registers become choices of every command")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train one model", formatter_class=_Formatter,
-                       description="Train one noisy network (an MLP, or a CNN with --arch) by GLR or back-propagation; writes metrics.json, "
-                                   "model.safetensors, history.csv, curves.png and a checkpoint per epoch.")
+                       description="Train one noisy network (an MLP; a CNN with --arch; a spiking or recurrent network "
+                                   "through time with --arch lif:H or rnn:H and --encoding) by GLR, back-propagation or a "
+                                   "forward-only alternative; writes metrics.json, model.safetensors, history.csv, "
+                                   "curves.png and a checkpoint per epoch.")
     add_train_options(t)
     t.add_argument("--out", default="runs/train", help="output folder")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
