@@ -26,12 +26,12 @@ from glrnet.train import TrainConfig, build_model, build_producer
 PRODUCERS = {
     "glr (activity, plain)": dict(baseline=False),
     "glr + baseline": dict(baseline=True),
-    "glr weight-noise convs + baseline": dict(baseline=True, weight_noise="conv"),
-    "glr weight-noise convs + layer-wise + baseline": dict(baseline=True, weight_noise="conv", injection="layerwise"),
+    "glr weight-noise convs + baseline": dict(baseline=True, perturb="conv=weight"),
+    "glr weight-noise convs + layer-wise + baseline": dict(baseline=True, perturb="conv=weight", injection="layerwise"),
     "glr layer-wise + baseline": dict(baseline=True, injection="layerwise"),
     "glr local losses + baseline": dict(baseline=True, local_losses=True),
-    "es": dict(method="es", weight_noise_std=0.02),
-    "spsa": dict(method="spsa", weight_noise_std=1e-3),
+    "es": dict(method="es", sigma=0.02),
+    "spsa": dict(method="spsa", sigma=1e-3),
     "forward gradient": dict(method="forward"),
     "bp": dict(method="bp"),
 }

@@ -111,6 +111,7 @@ def _smoke_spec(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_certified_spec_runs_end_to_end_with_a_soundness_line_in_every_report(tmp_path, capsys):
     from glrnet.cli import main
     out = tmp_path / "out"

@@ -71,6 +71,7 @@ def test_certify_refuses_what_the_theorem_does_not_cover():
         certify(lap, torch.rand(2, 4), n0=5, n=10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("predictor", ["vote", "lap"])
 def test_no_certified_digit_is_broken_inside_its_radius(predictor):
     """Soundness on digits: a GLR network trained with a bounded first layer; every certified

@@ -298,7 +298,7 @@ def test_glrnet_train_runs_on_the_device(device, tmp_path):
     need(device)
     src = str(Path(glrnet.__file__).resolve().parents[1])
     cmd = [sys.executable, "-m", "glrnet", "train", "--dataset", "digits", "--image-size", "28", "--subset", "300",
-           "--arch", "lenet", "--hidden", "none", "--activation", "threshold", "--weight-noise", "conv",
+           "--arch", "lenet", "--hidden", "none", "--activation", "threshold", "--perturb", "conv=weight",
            "--injection", "layerwise", "--replications", "96", "--lr", "0.01", "--epochs", "1",
            "--lap-replications", "10", "--eval-replications", "2", "--device", device, "--quiet",
            "--out", str(tmp_path / "run")]

@@ -12,7 +12,7 @@ import pytest
 
 from glrnet.cli import main
 from glrnet.experiments import data_folder, load_spec, packaged_specs, spec_path
-from glrnet.experiments.spec import SECTIONS
+from glrnet.experiments.schema import SECTIONS
 
 DATA = Path(__file__).parent / "data"
 
@@ -203,7 +203,7 @@ def test_refusals_are_one_line_and_write_nothing(run, tmp_path, capsys):
 
 def test_data_dir_is_the_folder_that_holds_one_folder_per_dataset(tmp_path):
     from glrnet.data import DataError
-    from glrnet.experiments.spec import DatasetSpec
+    from glrnet.experiments.schema import DatasetSpec
     (tmp_path / "mnist-10k").mkdir()
     (tmp_path / "mnist").mkdir()
     (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")
@@ -250,8 +250,8 @@ def test_packaged_specs_say_what_they_run():
     compute = next(g for g in scale.time_to_accuracy if g.name == "compute")
     k384 = next(r for r in compute.runs if r.name == "weight-layerwise-k384-cosine5")
     cfg = scale.timed_config(compute, k384, mnist)
-    assert (cfg.replications, cfg.epochs, cfg.schedule, cfg.max_seconds, cfg.injection, cfg.weight_noise) == (
-        384, 5, "cosine", 3600.0, "layerwise", "conv")
+    assert (cfg.replications, cfg.epochs, cfg.schedule, cfg.max_seconds, cfg.injection, cfg.perturb) == (
+        384, 5, "cosine", 3600.0, "layerwise", "conv=weight:0.05")
     text = "\n".join(spec_path(n).read_text() for n in packaged_specs()).lower()
     assert "session" not in text and "issue" not in text
 

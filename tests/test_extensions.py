@@ -246,7 +246,7 @@ def test_the_command_line_and_the_specs_take_whatever_the_registries_hold(tmp_pa
     assert config["sampler"] == "stratified" and config["baseline"] == "shrunk-loo"
     spec = tmp_path / "s.toml"
     spec.write_text('[experiment]\nname = "s"\n[[datasets]]\nname = "digits"\ndataset = "digits"\n'
-                    '[[models]]\nname = "m"\nsampler = "stratified"\nbaseline = "shrunk-loo"\nweight_noise = "all=flipout"\n'
+                    '[[models]]\nname = "m"\nsampler = "stratified"\nbaseline = "shrunk-loo"\nperturb = "all=flipout"\n'
                     '[certify]\nradii = [0.25]\n')
     load_spec(spec)
     spec.write_text(spec.read_text().replace('"shrunk-loo"', '"no-such-variate"'))

@@ -144,11 +144,15 @@ def test_an_unwritable_out_is_one_line(tmp_path, capsys, monkeypatch):
     (["--method", "es", "--no-baseline"], "the leave-one-out baseline is GLR's control variate; method es does not "
                                           "use it: drop --baseline / --no-baseline"),
     (["--method", "bp", "--baseline"], "the leave-one-out baseline is GLR's control variate; method bp"),
-    (["--method", "es", "--weight-noise", "all"], "weight noise all sets GLR's perturbation site; method es perturbs "
-                                                  "every weight itself"),
-    (["--method", "bp", "--weight-noise", "first"], "weight noise first sets GLR's perturbation site; method bp trains "
-                                                    "the noise-free network"),
-    (["--weight-noise", "conv"], "weight noise conv puts noise on the convolutions, and arch mlp has none"),
+    (["--method", "es", "--perturb", "all=weight"], "--perturb all=weight:0.05 sets GLR's perturbation; method es "
+                                                    "perturbs every weight itself"),
+    (["--method", "bp", "--perturb", "first=weight"], "--perturb first=weight:0.05 sets GLR's perturbation; method bp "
+                                                      "trains the noise-free network"),
+    (["--method", "es", "--weight-noise", "all"], "--perturb all=weight:0.05 sets GLR's perturbation; method es"),
+    (["--perturb", "conv=weight"], "--perturb conv=weight:0.05 puts noise on the convolutions, and arch mlp has none"),
+    (["--weight-noise", "conv"], "--perturb conv=weight:0.05 puts noise on the convolutions, and arch mlp has none"),
+    (["--sigma", "0.1"], "sigma is ES's σ and SPSA's ε; method glr does not use it"),
+    (["--perturb", "conv:weight"], "--perturb: cannot read 'conv:weight'; use activity, or WHICH=PERTURBATION[:STD]"),
     (["--eval-replications", "0"], "eval replications must be ≥ 1, got 0"),
 ])
 def test_options_that_would_be_ignored_are_refused(tmp_path, capsys, options, message):
@@ -164,12 +168,12 @@ def test_the_library_refuses_ignored_options_and_accepts_a_methods_own_state():
         TrainConfig(method="es", injection="layerwise").validate()
     TrainConfig(method="es", baseline=False).validate()      # no baseline is what ES is (specs' defaults say so)
     TrainConfig(method="forward", injection="layerwise").validate()
-    TrainConfig(method="bp", bp_noise=True, weight_noise="first").validate()
+    TrainConfig(method="bp", bp_noise=True, perturb="first=weight").validate()
 
 
 def test_weight_noise_on_an_mlp_trains_and_is_saved_with_its_sites(tmp_path, capsys):
     from glrnet.checkpoint import load_model
-    assert main(["train", *TINY, "--weight-noise", "first", "--out", str(tmp_path / "r")]) == 0
+    assert main(["train", *TINY, "--perturb", "first=weight", "--out", str(tmp_path / "r")]) == 0
     model, _ = load_model(tmp_path / "r" / "model.safetensors")
     assert [m.site for m in model.noisy_layers] == ["weight", "activity"]
     assert model.noisy_layers[0].noise.stddev == pytest.approx(0.05)
@@ -280,9 +284,9 @@ def test_the_attack_console_speaks_plain_words_and_a_short_eps_grid_is_not_a_fai
     rows = [{"model": "m", "attack": a, "eps": e, "acc_ot": 0.5, "acc_lap": float("nan"), "images": 4}
             for a in ("worst-case", "transfer-fgsm") for e in eps] + \
         [{"model": "m", "attack": "none", "eps": 0.0, "acc_ot": 0.9, "acc_lap": float("nan"), "images": 4}]
-    monkeypatch.setattr(rb, "evaluate_robustness", lambda *a, **k: rows)
-    monkeypatch.setattr(rb, "sanity_checks", lambda *a, **k: [
-        {"model": "m", "check": "reaches chance (≤ 0.15) at ε = 0.1 (ot)", "value": "0.500", "pass": False}])
+    monkeypatch.setattr(rb, "evaluate_robustness", lambda *a, **k: rb.RobustnessResult(rows))
+    monkeypatch.setattr(rb, "sanity_checks", lambda *a, **k: rb.ChecksResult([
+        {"model": "m", "check": "reaches chance (≤ 0.15) at ε = 0.1 (ot)", "value": "0.500", "pass": False}]))
     rb.attack_and_report(tmp_path, {"m": (None, False)}, [0] * 4, [0] * 4, eps, AttackSettings(), None, 0.1, quiet=True)
     err = capsys.readouterr().err
     assert "FAILED" not in err and "the grid stops short of where the attacks reach chance (add a larger --eps" in err

@@ -133,9 +133,9 @@ def test_failed_sanity_checks_reach_the_console_and_every_eps_is_in_the_summary(
     rows = [{"model": "m", "attack": a, "eps": e, "acc_ot": 0.5, "acc_lap": float("nan"), "images": 4}
             for a in ("worst-case", "transfer-fgsm") for e in eps] + \
         [{"model": "m", "attack": "none", "eps": 0.0, "acc_ot": 0.9, "acc_lap": float("nan"), "images": 4}]
-    monkeypatch.setattr(rb, "evaluate_robustness", lambda *a, **k: rows)
-    monkeypatch.setattr(rb, "sanity_checks", lambda *a, **k: [
-        {"model": "m", "check": "iterative ≤ one-step", "value": "0.36 vs 0.28", "pass": False}])
+    monkeypatch.setattr(rb, "evaluate_robustness", lambda *a, **k: rb.RobustnessResult(rows))
+    monkeypatch.setattr(rb, "sanity_checks", lambda *a, **k: rb.ChecksResult([
+        {"model": "m", "check": "iterative ≤ one-step", "value": "0.36 vs 0.28", "pass": False}]))
     rb.attack_and_report(tmp_path, {"m": (None, False)}, [0] * 4, [0] * 4, eps, AttackSettings(), None, 0.1,
                          quiet=True)
     err = capsys.readouterr().err

@@ -309,14 +309,14 @@ def test_relative_weight_noise_tracks_the_weights_scale():
 def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
     from glrnet.checkpoint import load_model
     from glrnet.train import TrainConfig, build_model, train
-    cfg = TrainConfig(arch="conv:2:3,maxpool:2", hidden=[], weight_noise="conv", weight_noise_std=0.1,
+    cfg = TrainConfig(arch="conv:2:3,maxpool:2", hidden=[], perturb="conv=weight:0.1",
                       norm="layer").validate()
     model = build_model(cfg, (8, 8), 10)
     assert [m.site for m in model.noisy_layers] == ["weight", "activity"]
     assert any(isinstance(m, torch.nn.GroupNorm) and not m.affine for m in model)
-    first = build_model(TrainConfig(arch="lenet", hidden=[], weight_noise="first").validate(), (28, 28), 10)
+    first = build_model(TrainConfig(arch="lenet", hidden=[], perturb="first=weight").validate(), (28, 28), 10)
     assert [m.site for m in first.noisy_layers] == ["weight", "activity", "activity"]
-    flip = build_model(TrainConfig(arch="lenet", hidden=[], weight_noise="conv", flipout=True).validate(), (28, 28), 10)
+    flip = build_model(TrainConfig(arch="lenet", hidden=[], perturb="conv=flipout").validate(), (28, 28), 10)
     assert [m.site for m in flip.noisy_layers] == ["flipout", "flipout", "activity"]
     kinds = [type(m).__name__ for m in build_model(TrainConfig(arch="lenet", hidden=[]), (28, 28), 10)]
     assert kinds == ["NoisyConv2d", "MaxPool2d", "NoisyConv2d", "MaxPool2d", "Flatten", "NoisyLinear"]
@@ -327,11 +327,12 @@ def test_training_options_for_sites_alternatives_scale_and_norm(tmp_path):
     train(TrainConfig(**common, relative_noise=0.5, norm="layer"), tmp_path / "rel", quiet=True)
     model, _ = load_model(tmp_path / "rel" / "model.safetensors")
     assert len({float(m.noise.stddev) for m in model.noisy_layers}) == 2     # each layer its own σ, saved
-    for bad, match in ((dict(weight_noise="some"), "unknown weight noise"), (dict(norm="batch"), "unknown norm"),
+    for bad, match in ((dict(perturb="some=weight"), "--perturb: cannot read"), (dict(norm="batch"), "unknown norm"),
+                       (dict(perturb="conv=weight:0"), "the noise std must be > 0"),
                        (dict(relative_noise=0.0), "relative noise must be > 0"),
-                       (dict(relative_weight_noise=0.5), "needs GLR with weight-site layers"),
-                       (dict(flipout=True), "flipout needs GLR with weight-site layers"),
-                       (dict(flipout=True, weight_noise="conv", method="es"), "flipout needs GLR"),
+                       (dict(relative_weight_noise=0.5), "needs GLR with the noise on parameters"),
+                       (dict(flipout=True), "flipout needs GLR with the noise on parameters"),
+                       (dict(perturb="conv=flipout", method="es"), "method es perturbs every weight itself"),
                        (dict(method="forward", activation="threshold"), "smooth activation")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad).validate()

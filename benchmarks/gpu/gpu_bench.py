@@ -73,9 +73,9 @@ def build(cfg: dict, device: torch.device):
         model = glrnet.NoisyMLP(cfg["sizes"], activation=cfg["activation"])
         shape, classes = (cfg["sizes"][0],), cfg["sizes"][-1]
     else:
-        weight = "none" if cfg["technique"] == "activity" else "conv"
-        model = build_model(TrainConfig(arch="lenet", hidden=[], activation=cfg["activation"], weight_noise=weight,
-                                        weight_noise_std=0.05), (28, 28), 10)
+        perturb = "activity" if cfg["technique"] == "activity" else "conv=weight:0.05"
+        model = build_model(TrainConfig(arch="lenet", hidden=[], activation=cfg["activation"], perturb=perturb),
+                            (28, 28), 10)
         shape, classes = (1, 28, 28), 10
     model = model.to(device)
     x = torch.rand(cfg["B"], *shape, device=device)

@@ -51,8 +51,8 @@ from glrnet.train import TrainConfig, build_model, build_optimizer, build_produc
 HERE = Path(__file__).resolve()
 
 GLR_WEIGHT_LAYERWISE = dict(arch="lenet", hidden=[], activation="threshold", loss="cross_entropy", noise_std=2.0,
-                            method="glr", baseline=True, injection="layerwise", weight_noise="conv",
-                            weight_noise_std=0.05, optimizer="adam", lr=0.01, schedule="cosine", batch_size=32,
+                            method="glr", baseline=True, injection="layerwise", perturb="conv=weight:0.05",
+                            optimizer="adam", lr=0.01, schedule="cosine", batch_size=32,
                             lap_replications=100, eval_replications=2)
 BP_LENET = dict(arch="lenet", hidden=[], activation="sigmoid", loss="cross_entropy", method="bp", optimizer="adam",
                 lr=0.001, batch_size=32, eval_replications=2)

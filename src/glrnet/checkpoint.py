@@ -10,6 +10,7 @@ its metadata and is rebuilt by :func:`load_model`.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import socket
@@ -252,7 +253,6 @@ FILE_INDEX = [
 
 def write_index(out: str | os.PathLike, title: str) -> None:
     """README.md in ``out``: what each file there is (only the files that exist)."""
-    import fnmatch
     out = Path(out)
     names = {p.name + ("/" if p.is_dir() else "") for p in out.iterdir()}
     lines = [f"# {title}", "", "What each file here is (written by glrnet; rerunning the same command "

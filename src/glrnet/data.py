@@ -30,6 +30,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -191,7 +192,6 @@ def load_run_dataset(cfg: dict, dataset: str | None = None, data_dir: str | None
     name = dataset or cfg.get("dataset", "digits")
     trained = cfg.get("dataset")
     if dataset and trained and dataset != trained:
-        import sys
         print(f"glrnet: warning: the run was trained on {trained}, evaluated here on {dataset} "
               "(its images are resized to the model's input; the figures are not the run's test accuracy)",
               file=sys.stderr)

@@ -6,7 +6,10 @@ is chosen or changed and a user's interactive session is left as it was."""
 from __future__ import annotations
 
 import math
+import csv as _csv
 from pathlib import Path
+
+import torch
 
 from .nn.activations import get_activation
 from .utils.figures import save_figure as _save, styles as _styles, subplots
@@ -36,7 +39,6 @@ def plot_curves(history: list[dict], path, title: str = "", val_name: str = "val
 
 
 def _activation_panel(ax, names, title):
-    import torch
 
     x = torch.linspace(-4, 4, 2001)
     for name in names:
@@ -147,7 +149,6 @@ def figure_transfer(path, rows: list[dict], source: str, models: list[str], titl
 
 
 def paper_figures(out, spec, metrics, rows, sets, x, y, headline, image_shape) -> None:
-    import csv as _csv
     out = Path(out)
     figure_sigmoid_slopes(out / "fig2_sigmoid_slopes.png")
     figure_extra_activations(out / "fig7_activations.png")

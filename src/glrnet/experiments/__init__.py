@@ -5,7 +5,8 @@
 
 from .runner import export_results, reproduce, resolve_spec
 from .runs import data_folder, dataset_options, initial_model
-from .spec import Spec, find_spec, load_spec, packaged_specs, spec_path
+from .schema import Spec, find_spec, packaged_specs, spec_path
+from .spec import load_spec
 from .study import gradient_quality, quality_config, quality_key
 
 __all__ = ["Spec", "data_folder", "dataset_options", "export_results", "find_spec", "gradient_quality",

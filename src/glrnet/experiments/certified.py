@@ -95,13 +95,14 @@ def run_certify(site: Site) -> Certified:
 
 
 def soundness_hook(result: Certified, y):
-    """``after_model`` for the protocol: each attacked run's soundness checks (none for a run without
-    certificates); ``y``: the attacked images' labels."""
-    def after(name, masks, escalated):
+    """``extra_checks`` for the protocol: each attacked run's soundness checks from its
+    :class:`~glrnet.robustness.ProtocolResult` (none for a run without certificates); ``y``: the attacked
+    images' labels."""
+    def after(name, attacked):
         if name not in result.certs:
             return []
-        eps = sorted({e for (m, e) in masks if m == name and e > 0})
-        return soundness_checks(name, result.certs[name], y, masks, escalated, eps)
+        eps = sorted({e for (m, e) in attacked.masks if m == name and e > 0})
+        return soundness_checks(name, result.certs[name], y, attacked.masks, attacked.escalated, eps)
     return after
 
 

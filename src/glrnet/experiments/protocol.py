@@ -14,6 +14,7 @@ from pathlib import Path
 from ..checkpoint import write_index
 from ..robustness.protocol import attack_and_report
 from ..robustness.reports import write_seed_spread
+from ..robustness.settings import ProtocolSettings
 from .runs import Site
 from .spec import Robustness
 
@@ -43,15 +44,16 @@ def run_robustness(site: Site, table: Robustness, transfer_eps: float | None = N
         source = next(iter(site.resolve(table.source, model_seeds=False).values()))[0]
     headline = table.headline if table.headline is not None else transfer_eps if transfer_eps is not None \
         else table.eps[len(table.eps) // 2]
-    eps = sorted(set(table.eps) | {headline})
+    settings = ProtocolSettings(tuple(table.eps), headline, None if table.check_eps is None else tuple(table.check_eps),
+                                table.settings)
     x, y = site.data.x_test[:table.images], site.data.y_test[:table.images]
     folder = folder_of(site, table)
     title = f"{site.spec.name} / {site.entry.name}" + (f" / {table.name}" if table.name else "") \
         + (f" ({table.settings.norm})" if table.settings.norm != "Linf" else "")
-    rows, checks = attack_and_report(folder, chosen, x, y, eps, table.settings, source, headline, table.check_eps,
-                                     title, site.quiet, after_model=after_model, resume=True)
+    result = attack_and_report(folder, chosen, x, y, settings, source, title=title, quiet=site.quiet,
+                               extra_checks=after_model, resume=True)
     if len(set(seed_of.values())) > 1:
-        write_seed_spread(folder, rows, checks, base, chosen, headline)
+        write_seed_spread(folder, result.rows, result.checks, base, chosen, headline)
     if table.name:
         write_index(folder, f"glrnet reproduce: spec {site.spec.name}, [[robustness]] {table.name}")
-    return rows, checks
+    return result.rows, result.checks

@@ -30,7 +30,8 @@ from .protocol import folder_of, run_robustness
 from .study import run_group, run_quality
 from .transfer import run_replications, run_transfer
 from .runs import Site, data_folder, load_entry
-from .spec import Spec, find_spec, load_spec, spec_name, spec_path
+from .schema import Spec, find_spec, spec_name, spec_path
+from .spec import load_spec
 
 REPORT_SUFFIXES = (".md", ".csv", ".png", ".json", ".toml")
 RUN_FILES = ("metrics.json", "checkpoint.safetensors", "model.safetensors")   # what a `glrnet train` folder holds

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -104,7 +103,7 @@ def gradient_quality(cfg: TrainConfig, data, x, y, samples: int, model=None) -> 
 def quality_key(cfg: TrainConfig, samples: int, batch: int) -> str:
     """What one [quality] estimate depends on: the whole run configuration (but where it runs and
     where its data lie), the number of estimates and the batch."""
-    setting = {k: v for k, v in asdict(cfg).items() if k not in ("device", "data_dir")}
+    setting = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "data_dir")}
     return json.dumps([setting, samples, batch], sort_keys=True, default=str)
 
 

@@ -28,6 +28,17 @@ _DETERMINISTIC = {"MaxPool2d": (MaxPool2d, ("kernel_size", "stride", "padding", 
                   "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine"))}
 
 
+# layers and containers defined in other modules of glrnet.nn (the layers through time): type name → builder
+# from the saved keyword arguments; registered by their own module (:func:`register_saved_type`)
+_SAVED_TYPES: dict[str, object] = {}
+
+
+def register_saved_type(name: str, build) -> None:
+    """Let saved models contain the type ``name``: ``build(**saved keywords)`` makes it again (a layer's
+    ``config()`` gives the keywords; a container's ``config()`` also its ``modules``)."""
+    _SAVED_TYPES[name] = build
+
+
 def module_config(m: nn.Module, noise: bool = False) -> dict:
     """JSON-able description of one module of a saved model (recursive for containers); ``noise``:
     each noisy layer's own noise too (a model whose layers do not share one)."""
@@ -64,6 +75,8 @@ def module_from_config(d: dict) -> nn.Module:
         return LocalLosses([module_from_config(c) for c in d["blocks"]], [module_from_config(c) for c in d["heads"]])
     if kind in _DETERMINISTIC:
         return _DETERMINISTIC[kind][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    if kind in _SAVED_TYPES:
+        return _SAVED_TYPES[kind](**d)
     raise ValueError(f"unknown module type {kind!r} in a saved model")
 
 
@@ -191,6 +204,11 @@ class NoisySequential(nn.Sequential):
     def from_config(cfg: dict, noise: Distribution | None = None) -> "NoisySequential":
         if noise is None and cfg.get("noise") is not None:
             noise = make_noise(cfg["noise"]["kind"], cfg["noise"]["std"])
+        if cfg.get("type", "NoisySequential") != "NoisySequential":   # a registered container (TimeLoop)
+            kind, rest = cfg["type"], {k: v for k, v in cfg.items() if k not in ("type", "modules", "noise")}
+            if kind not in _SAVED_TYPES:
+                raise ValueError(f"unknown model type {kind!r} in a saved model")
+            return _SAVED_TYPES[kind](*(module_from_config(d) for d in cfg["modules"]), noise=noise, **rest)
         return NoisySequential(*(module_from_config(d) for d in cfg["modules"]), noise=noise,
                                input_shape=cfg.get("input_shape"))
 

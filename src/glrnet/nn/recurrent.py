@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from .activations import ACTIVATIONS, SMOOTH, ActivationLike
-from .containers import NoisySequential
+from .containers import NoisySequential, register_saved_type
 from .layers import NoisyLayer, NoisyLinear, PerturbationLike, act_name
 from .modules import noisy_layers
 
@@ -240,4 +240,8 @@ class TimeLoop(NoisySequential):
         return f"readout={self.readout!r}"
 
     def config(self) -> dict:
-        raise ValueError("saving a TimeLoop model in glrnet's format is not supported: save its state_dict")
+        return {"type": "TimeLoop", **super().config(), "readout": self.readout}
+
+
+register_saved_type("Recurrent", Recurrent)
+register_saved_type("TimeLoop", TimeLoop)

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from .layers import PerturbationLike
+from .containers import register_saved_type
 from .recurrent import StepLayer, match_rows
 
 RESET_MECHANISMS = ("subtract", "zero", "none")
@@ -154,3 +155,7 @@ class LeakyIntegrator(StepLayer):
 
     def config(self) -> dict:
         return {**super().config(), "beta": self.beta}
+
+
+register_saved_type("Leaky", Leaky)
+register_saved_type("LeakyIntegrator", lambda recurrent=False, **kw: LeakyIntegrator(**kw))

@@ -22,14 +22,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..nn.containers import NoisySequential
 from ..nn.losses import cross_entropy
 from ..predict import predict, predict_proba
 from ..utils.files import save_tensors_atomic
 from ..utils.seeding import stream_seed
-from .moments import deterministic_surrogates
+from .moments import choose_deterministic
 from .oracles import LAPClassifier, spsa_gradient
-from .surrogates import surrogates_for
+from .surrogates import choose_surrogates
 
 LogitsFn = Callable[[Tensor], Tensor]
 GradFn = Callable[[Tensor, Tensor], Tensor]
@@ -144,7 +143,7 @@ def load_adversarial(path: str | Path) -> tuple[Tensor, Tensor, dict]:
 # the same on every run
 DEFENDER, ATTACKER, APGD, RANDOM = 10, 11, 12, 13
 
-def correct(model: NoisySequential, x_adv: Tensor, y: Tensor, noisy: bool, k: int, seed: int,
+def correct(model: nn.Module, x_adv: Tensor, y: Tensor, noisy: bool, k: int, seed: int,
             vote: bool = False) -> dict[str, Tensor]:
     """Per-image correctness of OT and (for a model trained with noise) LAP on ``x_adv``; with ``vote``
     also of the majority vote of K noisy passes (the predictor CERTIFY certifies)."""
@@ -183,17 +182,18 @@ def apgd(classifier: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, re
 class AttackContext:
     """What every attack of the protocol is given besides (x, y, ε)."""
 
-    model: NoisySequential
+    model: nn.Module
     noisy: bool                       # trained with noise: the defended predictor is LAP
     st: object                        # AttackSettings
-    source: NoisySequential | None    # the transfer source, if any
+    source: nn.Module | None          # the transfer source, if any
     generator: torch.Generator
     index: int                        # the attack's position in the plan (its APGD seed offset)
+    input_shape: tuple[int, ...] | None = None   # one input's shape (None: flat, the model reshapes it)
 
     def classifier(self, surrogate: str | None = None, predictor: str | None = None) -> LAPClassifier:
         samples = self.st.lr_samples if surrogate == "lr" else self.st.eot_samples
         return LAPClassifier(self.model, samples, surrogate, predictor or ("lap" if self.noisy else "ot"),
-                             generator=self.generator)
+                             generator=self.generator, input_shape=self.input_shape)
 
 
 def _transfer_fgsm(ctx: AttackContext, x, y, eps, arg):
@@ -272,28 +272,46 @@ def resolve_attack(name: str):
     raise ValueError(f"unknown attack {name!r}; families: {', '.join(ATTACKS)}")
 
 
-def attack_plan(model: NoisySequential, noisy: bool, st) -> list[str]:
-    """The attacks run on a model (besides transfer-fgsm): names ``apgd-<loss>[<surrogate>]``."""
+@dataclass
+class AttackPlan:
+    """The attacks run on a model (besides transfer-fgsm), in order, and the surrogates left out, each with
+    the reason it does not apply to this model."""
+
+    attacks: list[str]
+    skipped: dict[str, str]
+
+
+def plan_attacks(model: nn.Module, noisy: bool, st, x: Tensor | None = None) -> AttackPlan:
+    """The attacks run on ``model``: names ``apgd-<loss>[<surrogate>]``, …; ``x``: its inputs (only their
+    shape is read; default: the model's example input)."""
     if not noisy:
-        return ["fgsm"] + [f"apgd-{loss}[exact]" for loss in st.losses] + ["spsa", "random"]
-    names = ["fgsm"] + [f"apgd-{loss}[{s}]" for s in surrogates_for(model) for loss in st.losses]
+        return AttackPlan(["fgsm"] + [f"apgd-{loss}[exact]" for loss in st.losses] + ["spsa", "random"], {})
+    bpda, skipped = choose_surrogates(model, x)
+    names = ["fgsm"] + [f"apgd-{loss}[{s}]" for s in bpda for loss in st.losses]
     if st.norm == "L2":   # APGD's step-size rule reacts to the EOT noise in the L2 ball: a fixed-step PGD too
-        names += [f"pgd-ce[{s}]" for s in surrogates_for(model)]
+        names += [f"pgd-ce[{s}]" for s in bpda]
     names += ["apgd-ce[ot]", "spsa", "random"]
-    # the deterministic surrogate networks (glrnet.moments) come last, so that every attack before them keeps
-    # its seed and a journal recorded before they joined the plan is resumed, not recomputed
-    return names + [f"apgd-{loss}[{s}]" for s in deterministic_surrogates(model) for loss in st.losses]
+    # the deterministic surrogate networks (glrnet.robustness.moments) come last, so that every attack before
+    # them keeps its seed and a journal recorded before they joined the plan is resumed, not recomputed
+    deterministic, more = choose_deterministic(model, x)
+    names += [f"apgd-{loss}[{s}]" for s in deterministic for loss in st.losses]
+    return AttackPlan(names, {**skipped, **more})
 
 
-def attack_model(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: float, st,
-                 source: NoisySequential | None = None, attacks: list[str] | None = None,
+def attack_plan(model: nn.Module, noisy: bool, st, x: Tensor | None = None) -> list[str]:
+    """The attacks run on a model (besides transfer-fgsm): :func:`plan_attacks`' names."""
+    return plan_attacks(model, noisy, st, x).attacks
+
+
+def attack_model(model: nn.Module, noisy: bool, x: Tensor, y: Tensor, eps: float, st,
+                 source: nn.Module | None = None, attacks: list[str] | None = None,
                  progress=None, memo=None) -> dict[str, dict[str, Tensor]]:
     """Per-example correctness {attack: {"ot": bool (N,), "lap": bool (N,)}} at budget ε, and the
     per-example worst case over all of them (``"worst-case"``). ``memo(name, run, generator)``
     (optional, :class:`glrnet.journal.AttackJournal`) returns an attack's recorded result or
     runs it (``run()``) and records it."""
     gen = torch.Generator(device=x.device).manual_seed(stream_seed(st.seed, ATTACKER))
-    names = (["transfer-fgsm"] if source is not None else []) + attack_plan(model, noisy, st)
+    names = (["transfer-fgsm"] if source is not None else []) + attack_plan(model, noisy, st, x)
     results = {}
     for i, name in enumerate(names):
         if attacks is not None and name not in attacks:
@@ -303,7 +321,7 @@ def attack_model(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps:
 
         def run(name=name, i=i):
             fn, arg = resolve_attack(name)
-            out = fn(AttackContext(model, noisy, st, source, gen, i), x, y, eps, arg)
+            out = fn(AttackContext(model, noisy, st, source, gen, i, tuple(x.shape[1:])), x, y, eps, arg)
             if isinstance(out, dict):
                 return out
             if distance(out, x, st.norm).max() > eps * (1 + 1e-4) + 1e-5 or out.min() < 0 or out.max() > 1:

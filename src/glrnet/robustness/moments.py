@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.activations import Centered, activation_name
-from ..nn.containers import NoisySequential
+from ..nn.injection import bind
 from ..nn.intercept import intercept
 from ..nn.layers import NoisyLayer
-from .surrogates import gauss_expectation
+from .surrogates import example_input, gauss_expectation, through_time
 
 
 def smoothed(phi, z: Tensor, sigma: float | Tensor) -> Tensor:
@@ -74,18 +74,23 @@ class _MeanField:
 def mean_field_forward(model: nn.Module, x: Tensor) -> Tensor:
     """The mean-field network's output on ``x`` (deterministic, differentiable for any φ)."""
     with intercept(_MeanField()):
-        return model(model.bind(x) if hasattr(model, "bind") else x)
+        return model(bind(model, x))
+
+
+def pair(v) -> tuple[int, int]:
+    """A pooling size as (height, width)."""
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _pool_moments(pool: nn.Module, m: Tensor, v: Tensor, binary: bool) -> tuple[Tensor, Tensor, bool]:
     if isinstance(pool, nn.AvgPool2d):   # a linear map (variances through its squared weights); not binary
-        area = math.prod(nn.modules.utils._pair(pool.kernel_size))
+        area = math.prod(pair(pool.kernel_size))
         return pool(m), pool(v) / area, False
     if not binary:
         raise ValueError("moment propagation through max-pooling needs binary (threshold) inputs; "
                          "use the 'mean' surrogate")
-    k = nn.modules.utils._pair(pool.kernel_size)
-    if nn.modules.utils._pair(pool.stride) != k or pool.padding not in (0, (0, 0)) or pool.ceil_mode:
+    k = pair(pool.kernel_size)
+    if pair(pool.stride) != k or pool.padding not in (0, (0, 0)) or pool.ceil_mode:
         raise ValueError(f"moment propagation needs non-overlapping max-pooling without padding, got {pool}")
     # the maximum of independent Bernoulli(pᵢ) is Bernoulli(1 − Π(1 − pᵢ))
     log_q = torch.nn.functional.avg_pool2d(torch.log1p(-m.clamp(max=1 - 1e-7)), k) * (k[0] * k[1])
@@ -93,9 +98,13 @@ def _pool_moments(pool: nn.Module, m: Tensor, v: Tensor, binary: bool) -> tuple[
     return p, p * (1 - p), True
 
 
-def moment_forward(model: NoisySequential, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and variance of each output unit by moment propagation (see the module's docstring)."""
-    m = model.bind(x) if hasattr(model, "bind") else x
+def moment_forward(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and variance of each output unit by moment propagation (see the module's docstring); a
+    ``ValueError`` for a model that is not an ``nn.Sequential`` (its forward is not a walk over its modules)."""
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"moment propagation walks the modules of an nn.Sequential; {type(model).__name__} "
+                         "computes its own forward")
+    m = bind(model, x)
     m, v, _ = _propagate(model, m, torch.zeros_like(m), False)
     return m, v
 
@@ -120,23 +129,35 @@ def _propagate(modules: nn.Sequential, m: Tensor, v: Tensor, binary: bool) -> tu
     return m, v, binary
 
 
-def moment_logits(model: NoisySequential, x: Tensor) -> Tensor:
+def moment_logits(model: nn.Module, x: Tensor) -> Tensor:
     """Logits for the moment surrogate: the output mean scaled by 1/√(1 + π v/8), the probit approximation
     of E[softmax(μ + √v ε)] (MacKay 1992), so that a class whose score is uncertain counts for less."""
     m, v = moment_forward(model, x)
     return m / torch.sqrt(1 + math.pi * v / 8)
 
 
-def deterministic_surrogates(model: NoisySequential) -> list[str]:
-    """The deterministic surrogates that apply to ``model``: ``mean`` (Gaussian unit noise) and ``moments``
-    (the modules :func:`moment_forward` has rules for), tried on an example input (none without
-    ``model.input_shape``)."""
-    out, x = [], model.example_input()
+def choose_deterministic(model: nn.Module, x: Tensor | None = None) -> tuple[list[str], dict[str, str]]:
+    """(the deterministic surrogates that apply to ``model``, {surrogate: why not}): ``mean`` and ``moments``,
+    each tried on one input (``x[:1]``, default the model's example input)."""
+    x = example_input(model, x)
+    if through_time(model, x):
+        why = ("the {} surrogate treats each noisy layer as applied once per pass; a layer applied at every "
+               "time step carries a state between its applications")
+        return [], {"mean": why.format("mean-field"), "moments": why.format("moment")}
+    out, skipped = [], {}
     for name, forward in (("mean", mean_field_forward), ("moments", moment_forward)):
         try:
             with torch.no_grad():
                 forward(model, x)
-        except ValueError:
+        except ValueError as e:
+            skipped[name] = str(e)
             continue
         out.append(name)
-    return out
+    return out, skipped
+
+
+def deterministic_surrogates(model: nn.Module, x: Tensor | None = None) -> list[str]:
+    """The deterministic surrogates that apply to ``model``: ``mean`` (Gaussian unit noise) and ``moments``
+    (the modules :func:`moment_forward` has rules for), tried on ``x[:1]`` (default: the model's example
+    input); :func:`choose_deterministic` also says why the others do not."""
+    return choose_deterministic(model, x)[0]

@@ -34,20 +34,91 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from .settings import CONVERGENCE_TOLERANCE, DEFAULT_EPS, AttackSettings, validate_eps
-from .attacks import attack_model, attack_plan, correct
+from ..nn.modules import noisy_layers
 from ..utils.seeding import stream_seed
+from .attacks import attack_model, attack_plan, correct, plan_attacks
 from .journal import JOURNAL, AttackJournal, fingerprint
-from ..nn.containers import NoisySequential
-from .reports import ROBUST_FIELDS, write_reports, write_seed_spread  # noqa: F401 (ROBUST_FIELDS re-exported)
+from .reports import write_reports
+from .settings import CONVERGENCE_TOLERANCE, AttackSettings, ProtocolSettings, validate_eps
+
+#: the models attacked, by name: a module with noisy layers (defended by LAP), or (module, noisy) where
+#: ``noisy`` says whether it was trained with noise (LAP) or is a noise-free baseline (OT)
+Models = dict[str, "nn.Module | tuple[nn.Module, bool]"]
 
 
+@dataclass
+class RobustnessResult:
+    """What :func:`evaluate_robustness` measured. ``rows``: (model, attack, ε, acc_ot, acc_lap, acc_vote,
+    images); ``masks[model, ε]``: every predictor's per-image worst case {"ot", "lap", "vote"} (ε = 0.0: the
+    clean correctness); ``defended[model]``: the predictor the model is deployed with ("lap" or "ot");
+    ``skipped[model]``: the surrogates its attack plan left out, each with the reason."""
+
+    rows: list[dict] = field(default_factory=list)
+    masks: dict[tuple[str, float], dict[str, Tensor]] = field(default_factory=dict)
+    defended: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def survivors(self, name: str, eps: float) -> Tensor:
+        """The images on which every attack on ``name`` at ``eps`` failed, for its defended predictor."""
+        return self.masks[name, eps][self.defended[name]]
+
+
+@dataclass
+class Escalation:
+    """The convergence check at one ε: [(effort multiplier, worst case after it)], e.g. [(2, 0.043), (4, 0.030)],
+    and the per-image mask of the images that survived every level."""
+
+    levels: list[tuple[int, float]]
+    alive: Tensor
+
+
+@dataclass
+class ChecksResult:
+    """What :func:`sanity_checks` found: the checks (each a measured pass / fail), the rows of the escalation
+    levels (attacks ``worst-case 2×``, ``4×``, …) and per (model, ε) the escalated mask of the defended
+    predictor."""
+
+    checks: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    escalated: dict[tuple[str, float], Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ProtocolResult:
+    """The whole protocol's results: the rows and checks of the reports, every predictor's worst-case masks
+    per (model, ε) (ε = 0.0: clean), the defended predictor's escalated masks, the surrogates left out."""
+
+    rows: list[dict] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+    masks: dict[tuple[str, float], dict[str, Tensor]] = field(default_factory=dict)
+    escalated: dict[tuple[str, float], Tensor] = field(default_factory=dict)
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, robust: RobustnessResult, checked: ChecksResult) -> "ProtocolResult":
+        return cls(robust.rows + checked.rows, list(checked.checks), dict(robust.masks), dict(checked.escalated),
+                   dict(robust.skipped))
+
+    def add(self, other: "ProtocolResult") -> None:
+        """Another model's results appended to these."""
+        self.rows += other.rows
+        self.checks += other.checks
+        self.masks.update(other.masks)
+        self.escalated.update(other.escalated)
+        self.skipped.update(other.skipped)
+
+
+def defended_models(models: Models) -> dict[str, tuple[nn.Module, bool]]:
+    """Every entry as (module, noisy); a bare module is noisy when it has noisy layers."""
+    return {name: (entry, bool(noisy_layers(entry))) if isinstance(entry, nn.Module) else tuple(entry)
+            for name, entry in models.items()}
 
 
 def describe_attack(attack: str) -> str:
@@ -71,45 +142,8 @@ def failed_check_line(c: dict, report) -> str:
             f"see {report}")
 
 
-def evaluate_robustness(models: dict[str, tuple[NoisySequential, bool]], x: Tensor, y: Tensor, eps_list: list[float],
-                        st: AttackSettings, source: NoisySequential | None = None, quiet: bool = False,
-                        survivors: dict | None = None, masks: dict | None = None,
-                        journal: AttackJournal | None = None) -> list[dict]:
-    """Rows (model, attack, ε, acc_ot, acc_lap, acc_vote, images); ``survivors`` (if given) receives, per
-    (model, ε), the per-image mask of the defended predictor's worst case (the convergence
-    check attacks only those images again); ``masks`` every predictor's worst-case mask
-    {"ot", "lap", "vote"} per (model, ε), and per (model, 0.0) the clean correctness. ``journal``
-    records each attack as it finishes and replays the recorded ones."""
-    from tqdm.auto import tqdm
-    rows = []
-    bar = tqdm(total=len(models) * len(eps_list), desc="attacks", unit="model·ε", disable=quiet, leave=False,
-               dynamic_ncols=True)
-    for name, (model, noisy) in models.items():
-        clean = correct(model, x, y, noisy, st.lap_replications, st.seed, st.score_vote)
-        if masks is not None:
-            masks[name, 0.0] = clean
-        rows.append({"model": name, "attack": "none", "eps": 0.0, **_accuracies(clean), "images": len(x)})
-        for eps in eps_list:
-            t0 = time.perf_counter()
-            bar.set_description(f"attacks {name} ε={eps:g}")
-            res = attack_model(model, noisy, x, y, eps, st, source, progress=bar,
-                               memo=None if journal is None else journal.memo(name, eps, "1×"))
-            if survivors is not None:
-                survivors[name, eps] = res["worst-case"]["lap" if noisy else "ot"]
-            if masks is not None:
-                masks[name, eps] = dict(res["worst-case"])
-            for attack, c in res.items():
-                rows.append({"model": name, "attack": attack, "eps": eps, **_accuracies(c), "images": len(x)})
-            bar.update()
-            if not quiet:
-                w = res["worst-case"]
-                tqdm.write(f"[robustness] {name} ε={eps:.3f}: worst-case OT {w['ot'].double().mean():.3f}"
-                           + (f" LAP {w['lap'].double().mean():.3f}" if "lap" in w else "")
-                           + f" ({time.perf_counter() - t0:.0f}s)")
-    bar.close()
-    return rows
-
-
+def _pixels(x) -> int | None:
+    return math.prod(x.shape[1:]) if hasattr(x, "shape") else None
 
 
 def _accuracies(correct: dict) -> dict:
@@ -117,28 +151,60 @@ def _accuracies(correct: dict) -> dict:
     return {f"acc_{k}": correct[k].double().mean().item() if k in correct else math.nan for k in ("ot", "lap", "vote")}
 
 
-def escalate(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: float, st: AttackSettings,
-             alive: Tensor, source: NoisySequential | None = None,
-             tolerance: float = CONVERGENCE_TOLERANCE, progress: bool = False,
-             final: dict | None = None, journal: AttackJournal | None = None,
-             name: str = "") -> list[tuple[int, float]]:
+def evaluate_robustness(models: Models, x: Tensor, y: Tensor, settings: ProtocolSettings,
+                        source: nn.Module | None = None, *, quiet: bool = False,
+                        journal: AttackJournal | None = None) -> RobustnessResult:
+    """Every attack of each model's plan at every ε of ``settings.grid``, each image scored by every predictor,
+    and the per-image worst case. ``journal`` records each attack as it finishes and replays the recorded ones."""
+    from tqdm.auto import tqdm
+    settings.validate(_pixels(x))
+    st, result = settings.attacks, RobustnessResult()
+    bar = tqdm(total=len(models) * len(settings.grid), desc="attacks", unit="model·ε", disable=quiet, leave=False,
+               dynamic_ncols=True)
+    for name, (model, noisy) in defended_models(models).items():
+        result.defended[name] = "lap" if noisy else "ot"
+        result.skipped[name] = plan_attacks(model, noisy, st, x).skipped
+        if not quiet:
+            for what, why in result.skipped[name].items():
+                tqdm.write(f"[robustness] {name}: no attack through the {what} surrogate: {why}")
+        clean = result.masks[name, 0.0] = correct(model, x, y, noisy, st.lap_replications, st.seed, st.score_vote)
+        result.rows.append({"model": name, "attack": "none", "eps": 0.0, **_accuracies(clean), "images": len(x)})
+        for eps in settings.grid:
+            t0 = time.perf_counter()
+            bar.set_description(f"attacks {name} ε={eps:g}")
+            res = attack_model(model, noisy, x, y, eps, st, source, progress=bar,
+                               memo=None if journal is None else journal.memo(name, eps, "1×"))
+            result.masks[name, eps] = dict(res["worst-case"])
+            result.rows += [{"model": name, "attack": attack, "eps": eps, **_accuracies(c), "images": len(x)}
+                            for attack, c in res.items()]
+            bar.update()
+            if not quiet:
+                w = res["worst-case"]
+                tqdm.write(f"[robustness] {name} ε={eps:.3f}: worst-case OT {w['ot'].double().mean():.3f}"
+                           + (f" LAP {w['lap'].double().mean():.3f}" if "lap" in w else "")
+                           + f" ({time.perf_counter() - t0:.0f}s)")
+    bar.close()
+    return result
+
+
+def escalate(model: nn.Module, noisy: bool, x: Tensor, y: Tensor, eps: float, st: AttackSettings, alive: Tensor,
+             source: nn.Module | None = None, *, tolerance: float = CONVERGENCE_TOLERANCE, progress: bool = False,
+             journal: AttackJournal | None = None, name: str = "") -> Escalation:
     """The convergence check: double the steps, restarts and samples (fresh seeds) and attack
     again only the images on which every earlier attack failed (``alive``), until one doubling
     breaks no more than ``tolerance`` of the images or ``st.max_doublings`` is reached.
 
     The worst case is a per-image union, so attacking only the survivors gives exactly the
     union "all earlier attacks ∪ the doubled ones" at a fraction of the cost; within a level
-    each attack, too, attacks only the images every attack before it failed on. Returns
-    [(multiplier, worst case after it)], e.g. [(2, 0.043), (4, 0.030)]; ``final["alive"]`` (if
-    given) receives the escalated per-image mask. ``journal`` records every attack of every
-    level under the model's ``name``."""
+    each attack, too, attacks only the images every attack before it failed on. ``journal``
+    records every attack of every level under the model's ``name``."""
     key = "lap" if noisy else "ot"
     alive = alive.clone()
     levels = []
     for level in range(1, st.max_doublings + 1):
         st, m = st.doubled(), 2 ** level
         before = alive.double().mean().item()
-        names = (["transfer-fgsm"] if source is not None else []) + attack_plan(model, noisy, st)
+        names = (["transfer-fgsm"] if source is not None else []) + attack_plan(model, noisy, st, x)
         for i, attack in enumerate(names):
             idx = alive.nonzero().squeeze(1)
             if not len(idx):
@@ -159,142 +225,121 @@ def escalate(model: NoisySequential, noisy: bool, x: Tensor, y: Tensor, eps: flo
                   f"(the attacks' steps, restarts and samples doubled until it moves by ≤ {tolerance:g})", flush=True)
         if before - after <= tolerance + 1e-9:
             break
-    if final is not None:
-        final["alive"] = alive
-    return levels
+    return Escalation(levels, alive)
 
 
-def sanity_checks(models: dict[str, tuple[NoisySequential, bool]], rows: list[dict], survivors: dict, x, y,
-                  headline: float, st: AttackSettings, source: NoisySequential | None = None,
-                  check_eps: list[float] | None = None, quiet: bool = False,
-                  escalated: dict | None = None, journal: AttackJournal | None = None) -> list[dict]:
-    """The protocol's self-checks (each a measured pass / fail with its numbers).
+def _accuracy(rows: list[dict], model: str, attack: str, eps: float, key: str) -> float | None:
+    r = next((r for r in rows if r["model"] == model and r["attack"] == attack and r["eps"] == eps), None)
+    return None if r is None else r[key]
 
-    The convergence check (``escalate``) doubles steps, restarts and samples on the images
-    that survived every attack, at ``check_eps`` (default: the headline ε), until a doubling
-    moves the worst case by at most ``CONVERGENCE_TOLERANCE``; it passes when the last one
-    did. ``survivors`` are the per-image worst-case masks that ``evaluate_robustness`` filled.
-    Its levels are appended to ``rows`` as attacks ``worst-case 2×``, ``4×``, …; ``escalated`` (if
-    given) receives the escalated per-image mask of the defended predictor per (model, ε).
-    """
-    def acc(model, attack, eps, key):
-        r = next((r for r in rows if r["model"] == model and r["attack"] == attack and r["eps"] == eps), None)
-        return None if r is None else r[key]
 
+def attack_checks(name: str, model: nn.Module, noisy: bool, rows: list[dict], settings: ProtocolSettings,
+                  x: Tensor | None = None) -> list[dict]:
+    """The checks on one model's rows: iterative ≤ one-step at every ε, the worst case falls monotonically with
+    ε and reaches chance at the largest, transfer weaker than white box at the headline ε."""
+    key = "acc_lap" if noisy else "acc_ot"
+    acc = partial(_accuracy, rows, name)
+    eps_list = sorted({r["eps"] for r in rows if r["model"] == name and r["eps"] > 0})
+    iterative_attacks = [a for a in attack_plan(model, noisy, settings.attacks, x)
+                         if a.startswith(("apgd-ce", "pgd-ce")) and not a.endswith("[ot]")]
     checks = []
-    eps_list = sorted({r["eps"] for r in rows if r["eps"] > 0})
-    for name, (model, noisy) in models.items():
-        key = "acc_lap" if noisy else "acc_ot"
-        iterative_attacks = [a for a in attack_plan(model, noisy, st)
-                             if a.startswith(("apgd-ce", "pgd-ce")) and not a.endswith("[ot]")]
-        for eps in eps_list:   # the strongest iterative attack through the model's own gradients
-            iterative = min(iterative_attacks, key=lambda a: acc(name, a, eps, key))
-            one, it = acc(name, "fgsm", eps, key), acc(name, iterative, eps, key)
-            checks.append({"model": name, "check": f"iterative ≤ one-step (ε={eps:g}, {key})",
-                           "value": f"{iterative} {it:.3f} vs fgsm {one:.3f}", "pass": it <= one + 0.02})
-        worst = [acc(name, "worst-case", e, key) for e in eps_list]
-        mono = all(b <= a + 0.02 for a, b in zip(worst, worst[1:]))
-        checks.append({"model": name, "check": f"worst case falls monotonically with ε ({key})",
-                       "value": " → ".join(f"{w:.3f}" for w in worst), "pass": mono})
-        checks.append({"model": name, "check": f"reaches chance (≤ 0.15) at ε = {eps_list[-1]:g} ({key})",
-                       "value": f"{worst[-1]:.3f}", "pass": worst[-1] <= 0.15})
-        tr, wc = acc(name, "transfer-fgsm", headline, key), acc(name, "worst-case", headline, key)
-        if tr is not None and wc is not None:
-            checks.append({"model": name, "check": f"transfer weaker than white box (ε={headline:g}, {key})",
-                           "value": f"transfer {tr:.3f} vs worst case {wc:.3f}", "pass": tr >= wc})
-        for eps in check_eps or [headline]:
-            t0 = time.perf_counter()
-            base = acc(name, "worst-case", eps, key)
-            final = {}
-            levels = escalate(model, noisy, x, y, eps, st, survivors[name, eps], source, progress=not quiet,
-                              final=final, journal=journal, name=name)
-            if escalated is not None:
-                escalated[name, eps] = final["alive"]
-            path = [base] + [a for _, a in levels]
-            moved = path[-2] - path[-1]
-            checks.append({"model": name, "check": f"doubling steps, restarts and samples (on the surviving images) "
-                                                   f"moves the worst case ≤ {CONVERGENCE_TOLERANCE} (ε={eps:g}, {key})",
-                           "value": " → ".join([f"{base:.3f}"] + [f"{a:.3f} ({m}×)" for m, a in levels]),
-                           "pass": moved <= CONVERGENCE_TOLERANCE + 1e-9, "eps": eps, "predictor": key,
-                           "escalated": path[-1], "multiplier": levels[-1][0]})
-            for m, a in levels:
-                rows.append({"model": name, "attack": f"worst-case {m}×", "eps": eps,
-                             "acc_ot": a if key == "acc_ot" else math.nan,
-                             "acc_lap": a if key == "acc_lap" else math.nan, "images": len(x)})
-            if not quiet:
-                print(f"[robustness] {name} ε={eps:g} escalation: {checks[-1]['value']} "
-                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    for eps in eps_list if iterative_attacks else ():   # the strongest iterative attack through the model's gradients
+        iterative = min(iterative_attacks, key=lambda a: acc(a, eps, key))
+        one, it = acc("fgsm", eps, key), acc(iterative, eps, key)
+        checks.append({"model": name, "check": f"iterative ≤ one-step (ε={eps:g}, {key})",
+                       "value": f"{iterative} {it:.3f} vs fgsm {one:.3f}", "pass": it <= one + 0.02})
+    worst = [acc("worst-case", e, key) for e in eps_list]
+    checks.append({"model": name, "check": f"worst case falls monotonically with ε ({key})",
+                   "value": " → ".join(f"{w:.3f}" for w in worst),
+                   "pass": all(b <= a + 0.02 for a, b in zip(worst, worst[1:]))})
+    checks.append({"model": name, "check": f"reaches chance (≤ 0.15) at ε = {eps_list[-1]:g} ({key})",
+                   "value": f"{worst[-1]:.3f}", "pass": worst[-1] <= 0.15})
+    tr, wc = acc("transfer-fgsm", settings.headline, key), acc("worst-case", settings.headline, key)
+    if tr is not None and wc is not None:
+        checks.append({"model": name, "check": f"transfer weaker than white box (ε={settings.headline:g}, {key})",
+                       "value": f"transfer {tr:.3f} vs worst case {wc:.3f}", "pass": tr >= wc})
     return checks
 
 
-def attack_and_report(out: Path, models: dict[str, tuple[NoisySequential, bool]], x: Tensor, y: Tensor,
-                      eps: list[float], st: AttackSettings, source: NoisySequential | None, headline: float,
-                      check_eps: list[float] | None = None, title: str = "",
-                      quiet: bool = False, after_model=None, resume: bool | None = None) -> tuple[list[dict], list[dict]]:
+def convergence_check(name: str, eps: float, key: str, base: float, levels: list[tuple[int, float]]) -> dict:
+    """The check of one escalation: it passes when the last doubling moved the worst case by ≤ the tolerance."""
+    path = [base] + [a for _, a in levels]
+    return {"model": name, "check": f"doubling steps, restarts and samples (on the surviving images) "
+                                    f"moves the worst case ≤ {CONVERGENCE_TOLERANCE} (ε={eps:g}, {key})",
+            "value": " → ".join([f"{base:.3f}"] + [f"{a:.3f} ({m}×)" for m, a in levels]),
+            "pass": path[-2] - path[-1] <= CONVERGENCE_TOLERANCE + 1e-9, "eps": eps, "predictor": key,
+            "escalated": path[-1], "multiplier": levels[-1][0]}
+
+
+def sanity_checks(models: Models, robust: RobustnessResult, x: Tensor, y: Tensor, settings: ProtocolSettings,
+                  source: nn.Module | None = None, *, quiet: bool = False,
+                  journal: AttackJournal | None = None) -> ChecksResult:
+    """The protocol's self-checks (each a measured pass / fail with its numbers) on what
+    :func:`evaluate_robustness` measured (``robust``): :func:`attack_checks`, and the convergence check
+    (:func:`escalate`), which doubles steps, restarts and samples on the images that survived every attack
+    at ``settings.escalated_eps`` until a doubling moves the worst case by at most ``CONVERGENCE_TOLERANCE``;
+    it passes when the last one did."""
+    result = ChecksResult()
+    for name, (model, noisy) in defended_models(models).items():
+        key = "acc_lap" if noisy else "acc_ot"
+        result.checks += attack_checks(name, model, noisy, robust.rows, settings, x)
+        for eps in settings.escalated_eps:
+            t0 = time.perf_counter()
+            esc = escalate(model, noisy, x, y, eps, settings.attacks, robust.survivors(name, eps), source,
+                           progress=not quiet, journal=journal, name=name)
+            result.escalated[name, eps] = esc.alive
+            result.checks.append(convergence_check(name, eps, key, _accuracy(robust.rows, name, "worst-case", eps, key),
+                                                   esc.levels))
+            result.rows += [{"model": name, "attack": f"worst-case {m}×", "eps": eps,
+                             "acc_ot": a if key == "acc_ot" else math.nan,
+                             "acc_lap": a if key == "acc_lap" else math.nan, "images": len(x)} for m, a in esc.levels]
+            if not quiet:
+                print(f"[robustness] {name} ε={eps:g} escalation: {result.checks[-1]['value']} "
+                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return result
+
+
+def attack_and_report(out: Path, models: Models, x: Tensor, y: Tensor, settings: ProtocolSettings,
+                      source: nn.Module | None = None, *earlier_form, title: str = "", quiet: bool = False,
+                      extra_checks: Callable[[str, ProtocolResult], list[dict]] | None = None,
+                      resume: bool | None = None) -> ProtocolResult:
     """The whole protocol, one model at a time: attacks at every ε, the checks with the
     escalation, and the reports rewritten (atomically) after each model, so that a run
-    stopped part-way keeps every finished model's results. ``after_model(name, masks,
-    escalated)`` (optional) returns more checks for the model's report: ``masks`` per (name, ε)
-    every predictor's worst-case mask (ε = 0: clean), ``escalated`` per (name, ε) the defended
-    predictor's escalated mask (e.g. the certified radii's soundness check).
+    stopped part-way keeps every finished model's results. ``extra_checks(name, result)`` (optional)
+    returns more checks for the model's report from its :class:`ProtocolResult` (e.g. the certified
+    radii's soundness check reads its ``masks`` and ``escalated``).
 
-    Every attack is recorded in ``out``'s journal (:mod:`glrnet.journal`) as it finishes;
+    Every attack is recorded in ``out``'s journal (:mod:`glrnet.robustness.journal`) as it finishes;
     ``resume`` replays a journal left by an interrupted run of the same settings (``False``: a
-    journal there is an error; ``None``: no journal)."""
-    validate_eps([*eps, headline], st.norm, math.prod(x.shape[1:]) if hasattr(x, "shape") else None)
+    journal there is an error; ``None``: no journal). The earlier call form
+    ``attack_and_report(out, models, x, y, eps, attack_settings, source, headline, check_eps)`` still works."""
+    if not isinstance(settings, ProtocolSettings):
+        settings, source = _from_earlier_form(x, settings, source, *earlier_form)
+    settings.validate(_pixels(x))
     out.mkdir(parents=True, exist_ok=True)
-    journal = None if resume is None else AttackJournal(out / JOURNAL, fingerprint(models, x, y, eps, st, source),
-                                                        resume)
+    entries = defended_models(models)
+    journal = None if resume is None else AttackJournal(
+        out / JOURNAL, fingerprint(entries, x, y, settings.grid, settings.attacks, source), resume)
     if journal is not None and len(journal) and not quiet:
         print(f"[robustness] resuming: {len(journal)} attacks recorded in {out / JOURNAL}", flush=True)
-    rows, checks = [], []
-    for name, entry in models.items():
-        survivors, masks, escalated = {}, {}, {}
+    result = ProtocolResult()
+    for name, entry in entries.items():
         one = {name: entry}
-        model_rows = evaluate_robustness(one, x, y, eps, st, source=source, quiet=quiet, survivors=survivors,
-                                         masks=masks, journal=journal)
-        checks += sanity_checks(one, model_rows, survivors, x, y, headline, st, source,
-                                [headline] if check_eps is None else check_eps, quiet, escalated=escalated,
-                                journal=journal)
-        if after_model is not None:
-            checks += after_model(name, masks, escalated)
-        rows += model_rows
-        write_reports(out, rows, checks, headline, st, len(x), title=title)
-    failed = [c for c in checks if not c["pass"]]
-    for c in failed:   # on the console too, whatever ``quiet`` says: a failed check qualifies every figure
-        print(failed_check_line(c, out / "robustness.md"), file=sys.stderr)
-    return rows, checks
+        robust = evaluate_robustness(one, x, y, settings, source, quiet=quiet, journal=journal)
+        part = ProtocolResult.of(robust, sanity_checks(one, robust, x, y, settings, source, quiet=quiet,
+                                                       journal=journal))
+        if extra_checks is not None:
+            part.checks += extra_checks(name, part)
+        result.add(part)
+        write_reports(out, result.rows, result.checks, settings.headline, settings.attacks, len(x), title=title,
+                      skipped=result.skipped)
+    for c in (c for c in result.checks if not c["pass"]):   # on the console whatever ``quiet`` says: a failed
+        print(failed_check_line(c, out / "robustness.md"), file=sys.stderr)   # check qualifies every figure
+    return result
 
 
-def run_protocol(out: Path, spec, models: dict, sources: dict, data, headline: float, device, quiet: bool,
-                 runs: dict | None = None) -> dict:
-    """The protocol inside ``glrnet reproduce`` (settings from the spec's [robustness] table). ``runs``
-    (run name → (model spec, model, seed)): every seed's run of the chosen models is attacked, and
-    ``robustness_seeds.md`` gives each figure's mean and min–max over the seeds."""
-    rb = dict(spec.robustness)
-    names = rb.pop("models", list(models))
-    eps = sorted(set(rb.pop("eps", DEFAULT_EPS)) | {headline})
-    images = rb.pop("images", 500)
-    check_eps = rb.pop("check_eps", None)
-    if "losses" in rb:
-        rb["losses"] = tuple(rb["losses"])
-    try:
-        st = AttackSettings(**rb)
-    except TypeError as e:
-        raise ValueError(f"spec [robustness]: {e}") from None
-    unknown = [n for n in names if n not in models]
-    if unknown:
-        raise ValueError(f"spec [robustness] models {unknown} are not models of the spec")
-    chosen = {n: (models[n][1], models[n][0].config.noisy) for n in names}
-    seed_of = {n: models[n][0].config.seed for n in names}
-    for run, (ms, model, seed) in (runs or {}).items():
-        if ms.name in names and run not in chosen:
-            chosen[run], seed_of[run] = (model, ms.config.noisy), seed
-    x, y = data.x_test[:images], data.y_test[:images]
-    first = next(iter(sources.values()))
-    rows, checks = attack_and_report(out, chosen, x, y, eps, st, first, headline, check_eps, spec.name, quiet,
-                                     resume=True)   # reproduce resumes whatever it finds, attacks included
-    if len(set(seed_of.values())) > 1:
-        base = {run: run if run in names else run.rsplit("-seed", 1)[0] for run in chosen}
-        write_seed_spread(out, rows, checks, base, chosen, headline)
-    return {"rows": len(rows), "checks_passed": sum(c["pass"] for c in checks), "checks": len(checks)}
+def _from_earlier_form(x, eps, st: AttackSettings, source=None, headline=None, check_eps=None):
+    """(ProtocolSettings, source) of the earlier call form (…, eps, attack settings, source, headline, check_eps),
+    its budgets refused with the messages that named the command-line flag."""
+    validate_eps([*eps, *([] if headline is None else [headline])], st.norm, _pixels(x))
+    return ProtocolSettings(tuple(eps), headline, None if check_eps is None else tuple(check_eps), st), source

@@ -15,9 +15,10 @@ ROBUST_FIELDS = ["model", "attack", "eps", "acc_ot", "acc_lap", "acc_vote", "ima
 
 
 def write_reports(out: Path, rows: list[dict], checks: list[dict], headline: float,
-                  st: AttackSettings, images: int, title: str = "") -> None:
+                  st: AttackSettings, images: int, title: str = "", skipped: dict | None = None) -> None:
     """robustness.csv (every model × attack × ε), robustness.md, robustness_checks.json and
-    robustness_worst_case.png (adaptive worst case against ε per model, transfer dashed)."""
+    robustness_worst_case.png (adaptive worst case against ε per model, transfer dashed). ``skipped``: per
+    model, the surrogates its attack plan left out and why (a section of robustness.md)."""
     atomic_write_csv(out / "robustness.csv", rows, ROBUST_FIELDS)
     models = list(dict.fromkeys(r["model"] for r in rows))
     show = sorted({r["eps"] for r in rows if r["eps"] > 0 and r["attack"] == "worst-case"})   # every attacked ε
@@ -69,6 +70,10 @@ def write_reports(out: Path, rows: list[dict], checks: list[dict], headline: flo
     for m in models:
         for a in dict.fromkeys(r["attack"] for r in rows if r["model"] == m and r["attack"] != "none"):
             lines.append(f"| {m} | {a} | " + " | ".join(get(m, a, e, key_of(m)) for e in eps_all) + " |")
+    left_out = [(m, what, why) for m, reasons in (skipped or {}).items() for what, why in reasons.items()]
+    if left_out:
+        lines += ["", "## Surrogates that do not apply", "", "| model | surrogate | why |", "|---|---|---|"]
+        lines += [f"| {m} | {what} | {why} |" for m, what, why in left_out]
     lines += ["", "## Sanity checks", "", "| model | check | measured | pass |", "|---|---|---|---|"]
     for c in checks:
         lines.append(f"| {c['model']} | {c['check']} | {c['value']} | {'yes' if c['pass'] else 'NO'} |")

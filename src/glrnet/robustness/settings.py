@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from ..utils.seeding import stream_seed
 
@@ -46,22 +46,77 @@ class AttackSettings:
                        seed=stream_seed(self.seed, 14))   # a fresh, independent stream per doubling
 
 
+def budget_problem(e: float, norm: str = "Linf", pixels: int | None = None) -> str | None:
+    """Why the threat model cannot mean the budget ε (None: it can): images lie in [0, 1]^d, so an L∞ ε must
+    be in (0, 1] (beyond 1 every image is reachable), an L2 ε must be > 0 and at most the diagonal √d of the
+    cube (``pixels`` = d; beyond it, likewise)."""
+    if norm == "Linf" and not 0 < e <= 1:
+        return ("an L∞ budget on images with pixels in [0, 1] must be in (0, 1] "
+                "(e.g. 0.1 is 10 % of the pixel range; 1 reaches every image)")
+    if norm == "L2" and not e > 0:
+        return "an L2 budget must be > 0"
+    if norm == "L2" and pixels is not None and e > pixels ** 0.5:
+        diagonal = pixels ** 0.5
+        return (f"an L2 budget above the diagonal √d = {diagonal:.4g} of the image cube [0, 1]^{pixels} reaches "
+                f"every image; use ε ≤ {diagonal:.4g}")
+    return None
+
+
 def validate_eps(eps, norm: str = "Linf", pixels: int | None = None) -> None:
-    """A ``ValueError`` naming the first budget ε that the threat model cannot mean: images lie in [0, 1]^d,
-    so an L∞ ε must be in (0, 1] (beyond 1 every image is reachable), an L2 ε must be > 0 and at most the
-    diagonal √d of the cube (``pixels`` = d; beyond it, likewise)."""
+    """A ``ValueError`` naming the first budget ε that the threat model cannot mean (:func:`budget_problem`)."""
     for e in eps:
-        e = float(e)
-        if norm == "Linf" and not 0 < e <= 1:
-            raise ValueError(f"--eps {e:g}: an L∞ budget on images with pixels in [0, 1] must be in (0, 1] "
-                             "(e.g. 0.1 is 10 % of the pixel range; 1 reaches every image)")
-        if norm == "L2":
-            if not e > 0:
-                raise ValueError(f"--eps {e:g}: an L2 budget must be > 0")
-            if pixels is not None and e > pixels ** 0.5:
-                diagonal = pixels ** 0.5
-                raise ValueError(f"--eps {e:g}: an L2 budget above the diagonal √d = {diagonal:.4g} of the image "
-                                 f"cube [0, 1]^{pixels} reaches every image; use ε ≤ {diagonal:.4g}")
+        problem = budget_problem(float(e), norm, pixels)
+        if problem:
+            raise ValueError(f"--eps {float(e):g}: {problem}")
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """What the protocol does besides the attacks' effort: the ε grid it attacks at, the headline ε (the
+    report's claim, escalated), the ε where the convergence check escalates, and the attacks' settings.
+
+    ``headline`` None: the middle of ``eps``; ``check_eps`` None: the headline only. The protocol attacks at
+    :attr:`grid`, every ε named here."""
+
+    eps: tuple[float, ...] = DEFAULT_EPS
+    headline: float | None = None
+    check_eps: tuple[float, ...] | None = None
+    attacks: AttackSettings = field(default_factory=AttackSettings)
+
+    def __post_init__(self):
+        if isinstance(self.eps, (int, float)) or not len(self.eps):
+            raise ValueError(f"protocol setting eps must be a non-empty list of budgets, got {self.eps!r}")
+        if not isinstance(self.attacks, AttackSettings):
+            raise ValueError(f"protocol setting attacks must be an AttackSettings, got {type(self.attacks).__name__}")
+        object.__setattr__(self, "eps", tuple(float(e) for e in self.eps))
+        if self.headline is None:
+            object.__setattr__(self, "headline", self.eps[len(self.eps) // 2])
+        if self.check_eps is not None:
+            if isinstance(self.check_eps, (int, float)) or not len(self.check_eps):
+                raise ValueError(f"protocol setting check_eps must be a non-empty list of budgets or None, "
+                                 f"got {self.check_eps!r}")
+            object.__setattr__(self, "check_eps", tuple(float(e) for e in self.check_eps))
+        self.validate()
+
+    def validate(self, pixels: int | None = None) -> None:
+        """A one-line ``ValueError`` naming the first field whose budget the threat model cannot mean (with
+        ``pixels``, the image size d: the L2 budgets beyond the cube's diagonal too)."""
+        for name in ("eps", "headline", "check_eps"):
+            value = getattr(self, name)
+            for e in (value,) if name == "headline" else value or ():
+                problem = budget_problem(float(e), self.attacks.norm, pixels)
+                if problem:
+                    raise ValueError(f"protocol setting {name} = {float(e):g}: {problem}")
+
+    @property
+    def grid(self) -> list[float]:
+        """Every ε the protocol attacks at, in increasing order: ``eps``, the headline and ``check_eps``."""
+        return sorted(set(self.eps) | {self.headline} | set(self.check_eps or ()))
+
+    @property
+    def escalated_eps(self) -> tuple[float, ...]:
+        """Where the convergence check escalates: ``check_eps``, or the headline."""
+        return self.check_eps if self.check_eps is not None else (self.headline,)
 
 
 HELP = {"steps": "APGD iterations per restart", "restarts": "APGD restarts",

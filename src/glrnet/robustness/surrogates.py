@@ -12,13 +12,17 @@ import math
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Normal
 
+from ..estimators.samplers import get_sampler
+from ..estimators.through_time import PassNoise
 from ..nn.activations import Centered, activation_name, is_smooth, is_step
-from ..nn.containers import NoisySequential
-from ..nn.injection import Injection, forward_with_flat_noise, probe
+from ..nn.injection import Injection, Layout, bind, forward_with_flat_noise, noisy_forward, probe, sample_noise
+from ..nn.layers import act_name
+from ..nn.modules import noisy_layers
 from ..nn.perturbations import Activity
+from ..nn.through_time import TimeInjection
 
 _GH = np.polynomial.hermite.hermgauss(64)
 
@@ -38,7 +42,48 @@ def smoothed_derivative(phi, z: Tensor, sigma: float) -> Tensor:
     return gauss_expectation(lambda r: phi(z + r) * (r / sigma**2), sigma, z)
 
 
-def surrogates_for(model: NoisySequential) -> list[str]:
+def example_input(model: nn.Module, x: Tensor | None = None) -> Tensor:
+    """One input of ``model``: ``x[:1]`` shaped as its inputs, else the model's own ``example_input()``; a
+    ``ValueError`` when neither is known (a plain module does not know its input's shape)."""
+    if x is not None:
+        return bind(model, x[:1])
+    if callable(getattr(model, "example_input", None)):
+        return model.example_input()
+    raise ValueError(f"{type(model).__name__} does not know its input's shape: pass an input x")
+
+
+def through_time(model: nn.Module, x: Tensor) -> bool:
+    """Whether a noisy layer of ``model`` is applied several times in one pass (e.g. once per step of a TimeLoop)."""
+    return probe(model, example_input(model, x)).repeated
+
+
+def activation_names(model: nn.Module) -> set[str]:
+    """The names of the noisy layers' activations (identity left out)."""
+    return {act_name(m.activation) for m in noisy_layers(model) if m.activation is not None}
+
+
+def choose_surrogates(model: nn.Module, x: Tensor | None = None) -> tuple[list[str], dict[str, str]]:
+    """(the BPDA surrogates an attacker tries on ``model``, {surrogate: why it does not apply}); ``x``: an
+    input (default: the model's example input). See :func:`surrogates_for`."""
+    acts, skipped = activation_names(model), {}
+    pr = probe(model, example_input(model, x))
+    if pr.repeated:
+        skipped["lr"] = ("the likelihood-ratio input gradient takes one draw of the first layer's noise per pass; "
+                         "a noisy layer applied at every time step draws one per step")
+    elif not isinstance(pr.perturbations[pr.order[0]], Activity):
+        skipped["lr"] = "the likelihood-ratio input gradient needs activity noise on the first noisy layer"
+    lr = [] if "lr" in skipped else ["lr"]
+    if all(is_smooth(a) for a in acts):
+        return ["exact"] + lr, skipped
+    names = ["gauss", "sigmoid:1", "sigmoid:4", "sigmoid:8", "ste"] if any(is_step(a) for a in acts) \
+        else ["gauss", "ste"]   # slope 8: docs/robustness.md
+    if not all(isinstance(m.noise, Normal) for m in noisy_layers(model)):
+        names.remove("gauss")
+        skipped["gauss"] = "the Gaussian-smoothed derivative assumes Gaussian noise"
+    return names + lr, skipped
+
+
+def surrogates_for(model: nn.Module, x: Tensor | None = None) -> list[str]:
     """The backward passes an attacker tries through φ (the forward is always exact).
 
     ``exact``: autograd (smooth φ only). ``gauss``: the derivative of the Gaussian-smoothed
@@ -46,17 +91,12 @@ def surrogates_for(model: NoisySequential) -> list[str]:
     expectation for one threshold layer). ``sigmoid:s``: the derivative of sigmoid(s·v) at the
     noisy pre-activation v (threshold units). ``ste``: straight-through, derivative 1.
     ``lr``: no derivative of φ at all: the likelihood-ratio estimate of ∇ₓ E[softmax]. ``mean`` and
-    ``moments`` (:mod:`glrnet.moments`: deterministic surrogate networks, no EOT) are not BPDA surrogates:
-    :func:`glrnet.attacks.attack_plan` appends them after these, :class:`glrnet.oracles.LAPClassifier` takes them.
+    ``moments`` (:mod:`glrnet.robustness.moments`: deterministic surrogate networks, no EOT) are not BPDA
+    surrogates: :func:`glrnet.robustness.attack_plan` appends them after these,
+    :class:`glrnet.robustness.LAPClassifier` takes them. ``x``: an input of the model (default: its example
+    input); :func:`choose_surrogates` also says why the others do not apply.
     """
-    acts = {a for a in model.activations() if a is not None}
-    pr = probe(model, model.example_input()) if getattr(model, "input_shape", None) else None
-    lr = [] if pr is not None and not isinstance(pr.perturbations[pr.order[0]], Activity) else ["lr"]   # unit noise first
-    if all(is_smooth(a) for a in acts):
-        return ["exact"] + lr
-    if any(is_step(a) for a in acts):
-        return ["gauss", "sigmoid:1", "sigmoid:4", "sigmoid:8", "ste"] + lr   # slope 8: docs/robustness.md
-    return ["gauss", "ste"] + lr
+    return choose_surrogates(model, x)[0]
 
 
 class _Surrogate(torch.autograd.Function):
@@ -80,10 +120,10 @@ def _perturbed_rms(d: Tensor) -> Tensor:
     return (d.pow(2).sum() / d.ne(0).sum().clamp_min(1)).sqrt().clamp_min(1e-12)
 
 
-def _derivative(model: NoisySequential, surrogate: str):
+def derivative(model: nn.Module, surrogate: str):
     """surrogate → (layer → (v, z) → the backward derivative used in place of φ'(v))."""
     if surrogate == "gauss":
-        if not all(isinstance(m.noise, Normal) for m in model.noisy_layers):
+        if not all(isinstance(m.noise, Normal) for m in noisy_layers(model)):
             raise ValueError("the Gaussian-smoothed surrogate assumes Gaussian noise")
         def gauss(layer):
             inner = getattr(layer.activation, "inner", layer.activation)
@@ -103,21 +143,48 @@ def _derivative(model: NoisySequential, surrogate: str):
     raise ValueError(f"unknown surrogate {surrogate!r}; valid: exact, gauss, sigmoid:<slope>, ste, lr")
 
 
-def attack_forward(model: NoisySequential, x: Tensor, noise: Tensor | None = None, surrogate: str | None = None) -> Tensor:
+def attack_forward(model: nn.Module, x: Tensor, noise: Tensor | None = None, surrogate: str | None = None) -> Tensor:
     """The network's forward for attacks: exact values, the ``surrogate``'s gradient through φ
-    (default: ``exact`` for smooth φ, ``gauss`` otherwise)."""
+    (default: ``exact`` for smooth φ, ``gauss`` otherwise). ``noise`` (..., B, Σ widths): the flat noise of
+    :func:`glrnet.nn.sample_noise` (a model whose layers run once per pass; :func:`noisy_attack_forward`
+    serves every model)."""
     surrogate = surrogate or default_surrogate(model)
-    x = model.bind(x)
+    x = bind(model, x)
     if surrogate == "exact":
         return model(x) if noise is None else forward_with_flat_noise(model, x, noise)
-    d = _derivative(model, surrogate)
-
-    class Pass(SurrogateInjection):
-        derivative = staticmethod(d)
+    pass_cls = surrogate_pass(model, surrogate)
     if noise is None:
-        with Pass(model.noisy_layers, 1, x.shape[0]):
+        with pass_cls(noisy_layers(model), 1, x.shape[0]):
             return model(x)
-    return forward_with_flat_noise(model, x, noise, injection=Pass)
+    return forward_with_flat_noise(model, x, noise, injection=pass_cls)
+
+
+def noisy_attack_forward(model: nn.Module, x: Tensor, samples: int, surrogate: str | None = None,
+                         generator: torch.Generator | None = None, repeated: bool | None = None) -> Tensor:
+    """``samples`` noisy passes of ``model`` on ``x`` (B, ...) for attacks, output (samples, B, C), the gradient
+    through φ by ``surrogate``: flat noise (:func:`attack_forward`) for a model whose noisy layers run once per
+    pass; for one whose layers run at every time step (a TimeLoop), noise drawn step by step. ``repeated``:
+    which of the two the model is, if known (default: found by a probe, :func:`through_time`)."""
+    surrogate = surrogate or default_surrogate(model)
+    x = bind(model, x)
+    if not (through_time(model, x) if repeated is None else repeated):
+        noise = sample_noise(model, samples, len(x), x=x, generator=generator)
+        return attack_forward(model, x, noise, surrogate)
+    layout = Layout(probe(model, x))
+    device = x.device if generator is not None else "cpu"
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=device))
+    draw = PassNoise(layout, get_sampler("iid").for_replications(samples), seed, samples, x)
+    cls = TimeInjection if surrogate == "exact" else surrogate_pass(model, surrogate, TimeInjection)
+    pr = layout.probe
+    injection = cls(pr.layers, samples, len(x), draw, pr.perturbations, layout.active)
+    out = noisy_forward(model, x, injection, layout.first)
+    return out.reshape(samples, len(x), *out.shape[1:])
+
+
+def surrogate_pass(model: nn.Module, surrogate: str, base: type = Injection) -> type:
+    """The handler class of a noisy pass (``base``: :class:`~glrnet.nn.Injection`, or
+    :class:`~glrnet.nn.TimeInjection` through time) whose units back-propagate ``surrogate``'s derivative."""
+    return type("SurrogatePass", (SurrogateInjection, base), {"derivative": staticmethod(derivative(model, surrogate))})
 
 
 class SurrogateInjection(Injection):
@@ -130,7 +197,8 @@ class SurrogateInjection(Injection):
         phi = layer.activation
         if phi is None:
             return v
-        z = v if i not in self.noise else layer.affine(h)
+        carries = self.active if isinstance(self, TimeInjection) else self.noise   # the layers with noise
+        z = v if i not in carries else layer.affine(h)
         if z.shape[0] != v.shape[0]:   # the batch grew at this layer: z once per input
             z = z.unsqueeze(0).expand(v.shape[0] // z.shape[0], *z.shape).reshape(v.shape)
         if isinstance(phi, Centered):   # centre by autograd (the chain rule through the mean), then the inner φ's surrogate
@@ -138,5 +206,6 @@ class SurrogateInjection(Injection):
         return _Surrogate.apply(v, z, phi, self.derivative(layer))
 
 
-def default_surrogate(model: NoisySequential) -> str:
-    return "exact" if all(is_smooth(a) for a in model.activations() if a is not None) else "gauss"
+def default_surrogate(model: nn.Module) -> str:
+    """``exact`` for a model whose activations are all smooth, ``gauss`` otherwise."""
+    return "exact" if all(is_smooth(a) for a in activation_names(model)) else "gauss"
