@@ -31,6 +31,9 @@ def read_run(d: Path) -> dict | None:
     return {"run": d.name, "task": a["task"], "method": a["method"], "hidden": a["hidden"],
             "recurrent": a["recurrent"], "K": "/".join(map(str, k)) if isinstance(k, list) else k,
             "injection": a["injection"] if a["method"] == "glr" else "", "sigma": a["sigma"] if a["method"] == "glr" else "",
+            "perturbation": "/".join(a["perturbation"]) if a["method"] == "glr" else "",
+            "sigma_weight": a["sigma_weight"] if a["method"] == "es" or "weight" in a["perturbation"] and a["method"] == "glr"
+            else "", "beta": a["beta"], "init_gain": a["init_gain"],
             "lr": a["lr"], "epochs_planned": a["epochs"], "subset": a["subset"] or "",
             "epochs_done": round(float(last["epoch"]), 2), "val_acc_last": last["val_acc"],
             "best_val": max(float(row["val_acc"]) for row in log),
