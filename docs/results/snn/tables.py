@@ -42,10 +42,40 @@ def read_run(d: Path) -> dict | None:
             "finished": r.get("finished", False), "_log": log}
 
 
+def robustness_table(src: Path, out: Path) -> None:
+    """robustness.csv and log.txt of robustness_snn.py copied, and robustness.md: per ε, each attack's accuracy
+    and the worst case of the defended predictor (LAP; in parentheses the noise-free network's, GLR)."""
+    (out / "robustness").mkdir(exist_ok=True)
+    for f in ("robustness.csv", "log.txt"):
+        shutil.copy(src / f, out / "robustness" / f)
+    rows = list(csv.DictReader(open(src / "robustness.csv")))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    attacks = ["fgsm", "apgd-ce", "apgd-dlr", "random", "worst-case"]
+    lines = ["| ε | " + " | ".join(f"{m}: {' / '.join(attacks)}" for m in models) + " |",
+             "|---|" + "---|" * len(models)]
+    eps = sorted({float(r["eps"]) for r in rows})
+    for e in eps:
+        cells = []
+        for m in models:
+            got = {r["attack"]: r for r in rows if r["model"] == m and float(r["eps"]) == e}
+            if e == 0:
+                r = got.get("none")
+                cells.append(f"clean {float(r['acc']):.3f}" if r else "")
+                continue
+            vals = [f"{float(got[a]['acc']):.3f}" if a in got else "—" for a in attacks]
+            esc = [a for a in got if a.startswith("worst-case ") and a != "worst-case"]
+            if esc:
+                vals[-1] += " → " + " → ".join(f"{float(got[a]['acc']):.3f} ({a.split()[1]})" for a in esc)
+            cells.append(" / ".join(vals))
+        lines.append(f"| {e:g} | " + " | ".join(cells) + " |")
+    (out / "robustness" / "robustness.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="/tmp/snn/runs")
     ap.add_argument("--pilots", default="/tmp/snn/pilots")
+    ap.add_argument("--robust", default="/tmp/snn/robust", help="robustness_snn.py's output folder")
     ap.add_argument("--out", default="docs/results/snn")
     args = ap.parse_args()
     out = Path(args.out)
@@ -69,6 +99,8 @@ def main() -> None:
                                                       hit["cpu_s"]] if hit else ["not reached", "", "", ""]))
         for r in runs:
             shutil.copy(Path(src) / r["run"] / "log.csv", out / "curves" / f"{r['run']}.csv")
+    if (Path(args.robust) / "robustness.csv").exists():
+        robustness_table(Path(args.robust), out)
     print((out / "runs.csv").read_text())
     print((out / "time_to_accuracy.csv").read_text())
 
