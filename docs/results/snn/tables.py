@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-LEVELS = (0.90, 0.93, 0.95, 0.96, 0.97)
+LEVELS = (0.80, 0.90, 0.93, 0.95, 0.96, 0.97)
 
 
 def read_run(d: Path) -> dict | None:
