@@ -75,6 +75,11 @@ def first_layer(model: nn.Module, x: Tensor) -> NoisyLayer:
     u = W₁x + b₁) and to carry Gaussian noise on its units (activity site); a ``ValueError``
     naming what fails."""
     pr = probe(model, x)
+    if pr.repeated:
+        raise ValueError("certify: the model applies its noisy layers at every step of a sequence (a network through "
+                         "time); its radius is σ/‖W_in‖₂ · Φ⁻¹(p) when each input is seen once and σ/(√T‖W_in‖₂) · "
+                         "Φ⁻¹(p) when the same input repeats (docs/results/snn: the argument and certify_rows.py); "
+                         "glrnet.certify covers networks whose noisy layers run once per input")
     layer = pr.layers[pr.order[0]]
     with torch.no_grad():
         h = record_preactivations(model, x[:1]).inputs[layer]
