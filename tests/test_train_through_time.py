@@ -49,6 +49,7 @@ def test_a_time_arch_builds_a_time_loop_with_its_perturbation():
     (["--arch", "lif:16"], "--arch lif:16 takes sequences: give --encoding rate:T, rows or pixels"),
     (["--encoding", "rows"], "--arch mlp takes images: --encoding is for networks through time"),
     (["--arch", "lif:16", "--encoding", "rows", "--hidden", "30"], "--arch lif:16 is a network through time whose"),
+    (["--arch", "lif:16", "--encoding", "rows", "--activation", "threshold"], "sets its own units (lif: spikes;"),
     (["--arch", "lif:x", "--encoding", "rows"], "--arch: cannot read 'lif:x' in a network through time"),
     (["--arch", "lif:16", "--encoding", "rows", "--method", "spsa"], "method spsa is not defined for it"),
 ])
