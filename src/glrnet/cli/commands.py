@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -119,8 +120,8 @@ def cmd_evaluate(args) -> int:
     cfg = extra.get("config", {})
     data = load_run_dataset(cfg, args.dataset, args.data_dir, args.image_size, None, args.split)
     encoding = cfg.get("encoding", "none")
-    if data.in_features * (sequence_shape(encoding, data.image_shape)[0] if encoding.startswith("rate") else 1) \
-            != model.in_features:
+    expected = data.in_features if encoding == "none" else math.prod(sequence_shape(encoding, data.image_shape))
+    if expected != model.in_features:
         raise ValueError(f"{data.name} images have {data.in_features} pixels, the model expects {model.in_features} "
                          "(set --image-size)")
     x, y = _first_test_images(data, args.subset)
