@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from glrnet.cli import build_parser, main
+from glrnet.experiments import packaged_specs
 from glrnet.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,13 @@ def test_help_shows_each_default_once_and_every_command_has_a_description(capsys
     main_job = next(line for line in (ROOT / "README.md").read_text().splitlines() if "# main job" in line)
     assert re.search(r"measured \d+ s", main_job), main_job
     assert not re.search(r"\d+ s\b", sub["reproduce"].format_help())
+    # every packaged spec is named where the help and the README list them
+    spec_help = next(a.help for a in sub["reproduce"]._actions if "--spec" in a.option_strings)
+    readme = (ROOT / "README.md").read_text()
+    listing = readme[readme.index("specs/ "):readme.index("cli/ ")]
+    for name in packaged_specs():
+        assert re.search(rf"\b{name}\b", spec_help), f"reproduce --spec help does not name {name}"
+        assert re.search(rf"\b{name}\b", listing), f"README's layout does not name the packaged spec {name}"
 
 
 def test_json_output_is_not_escaped(runs, capsys):

@@ -294,6 +294,27 @@ def test_held_noise_needs_one_forward_pass_per_chunk_activity_noise_two():
     assert calls.count("weight") == 1 and calls.count(None) == 2
 
 
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_noise_free_inputs_replay_the_noise_over_one_noise_free_pass(float64, monkeypatch, recurrent):
+    """Layer-wise injection on a feed-forward stack: each noisy layer's inputs come before any noise, so the
+    second pass is one noise-free pass of B rows with the noise drawn again; the same estimate as running
+    the k·B noisy rows again. A recurrent layer's input holds its own noisy spikes: the noisy pass again when
+    it is the noisy one (the readout after it still sees noise-free spikes)."""
+    model, x, y = lif_loop(recurrent=recurrent)
+    passes = []
+    run_pass = through_time.run_pass
+    monkeypatch.setattr(through_time, "run_pass", lambda *a, **kw: passes.append(a[3]) or run_pass(*a, **kw))
+    estimate = lambda: glrnet.GLR(replications=[8, 16], injection="layerwise", baseline=True,  # noqa: E731
+                                  generator=torch.Generator().manual_seed(0)).estimate(model, x, y)[0]
+    fast = estimate()
+    assert passes == ([8, 1, 16, 1] if not recurrent else [8, 8, 16, 1])
+    monkeypatch.setattr(through_time, "replay_noise_free",
+                        lambda model, x, layout, noise, on_apply: run_pass(model, x, layout, noise.k, noise,
+                                                                           on_apply=on_apply))
+    for f, g in zip(fast, estimate()):
+        torch.testing.assert_close(f, g, rtol=1e-12, atol=0.0)
+
+
 def test_the_estimator_refuses_to_run_across_processes():
     model, x, y = lif_loop()
     est = glrnet.GLR(replications=8)

@@ -12,6 +12,7 @@ from tqdm import std as tqdm_std
 from .. import __version__
 from ..checkpoint import output_lock
 from ..data import DataError
+from ..experiments import packaged_specs
 from ..robustness.settings import DEFAULT_EPS
 from .commands import cmd_certify, cmd_datasets, cmd_evaluate, cmd_reproduce, cmd_robustness, cmd_train
 from .options import Formatter as _Formatter
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "FGSM transferred, tables, CSV and figures), certified radii, the technique study, "
                                    "and the adaptive-attack protocol.")
     r.add_argument("--spec", default=None, help="experiment spec: a TOML file, or the name of a packaged one "
-                   "(paper, paper-seeds, fashion, fashion-seeds, mnist-10k, certified, scale, quick); default: paper")
+                   f"({', '.join(packaged_specs())}); default: paper")
     r.add_argument("--seeds", type=_seeds, default=None, help="train and evaluate every model once per seed, "
                    "e.g. 0,1,2 (tables show mean and min–max); default: the spec's seeds, else each model's own")
     r.add_argument("--dataset", default=None, help="run only this [[datasets]] entry of the spec (its name or "

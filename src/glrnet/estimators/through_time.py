@@ -22,7 +22,10 @@ after the last step, so it makes two passes over each chunk of replications:
 
 Its memory is one step's activations and noise (K·B × units) plus the losses (K × B), whatever T; the
 cost is two forward passes. A held perturbation needs no second forward pass: its term involves only its
-draw, which step 2 draws again without running the network (weight-noise GLR, ES: one forward pass).
+draw, which step 2 draws again without running the network (weight-noise GLR, ES: one forward pass). Nor
+does a noisy layer whose every input came before any noise (pass 1 sees it: B rows, not k·B — a
+feed-forward stack noisy in one layer, as layer-wise injection makes it): step 2 is then one noise-free
+pass of B rows that yields those inputs, with the noise drawn again beside it (:func:`replay_noise_free`).
 Back-propagation through time, by contrast, keeps every step's activations: memory linear in T
 (``benchmarks/bench_through_time.py`` measures both).
 
@@ -133,10 +136,14 @@ def accumulate_through_time(est, model: nn.Module, x: Tensor, y: Tensor, layout:
     seeds = [_seed(gen, x.device) for _ in sizes]
     y_rep = y.repeat(sizes[0])
 
-    # pass 1: the losses of every replication, nothing else kept
-    losses, groups, offset = [], [], 0
+    # pass 1: the losses of every replication, nothing else kept; and whether each chunk's noisy layers saw,
+    # at every application, an input of B rows: one computed before the batch grew, so free of the noise
+    losses, groups, offset, shared = [], [], 0, []
     for k, seed in zip(sizes, seeds):
-        out, _ = run_pass(model, x, layout, k, PassNoise(layout, sampler, seed, k, x))
+        rows = set()
+        out, _ = run_pass(model, x, layout, k, PassNoise(layout, sampler, seed, k, x),
+                          on_apply=lambda i, n, h, r: rows.add(h.shape[0]))
+        shared.append(k > 1 and rows <= {B})
         losses.append(est.loss(out.reshape(k * B, -1), y_rep[:k * B]).reshape(k, B))
         groups.append(sampler.group_ids(k, x.device) + offset)
         offset += k // sampler.group_size
@@ -150,7 +157,7 @@ def accumulate_through_time(est, model: nn.Module, x: Tensor, y: Tensor, layout:
     scale = {i: linear_score_scale(pr.perturbations[i].noise) for i in learn}
     held_only = all(pr.perturbations[i].held for i in layout.active)
     start = 0
-    for k, seed, L_chunk in zip(sizes, seeds, losses):
+    for k, seed, L_chunk, shared_inputs in zip(sizes, seeds, losses, shared):
         a = w[start:start + k]
         start += k
         # Normal noise: s(r) = r/σ², so the noise itself is the score and 1/σ² goes into the weights
@@ -171,6 +178,9 @@ def accumulate_through_time(est, model: nn.Module, x: Tensor, y: Tensor, layout:
             for i in layout.active:
                 on_apply(i, 0, None, noise(i, 0))
             continue
+        if shared_inputs:   # the inputs do not depend on the noise: a noise-free pass of B rows gives them
+            replay_noise_free(model, x, layout, noise, on_apply)
+            continue
         out, _ = run_pass(model, x, layout, k, noise, on_apply=on_apply)
         if est.check_finite:
             again = est.loss(out.reshape(k * B, -1), y_rep[:k * B]).reshape(k, B)
@@ -178,6 +188,23 @@ def accumulate_through_time(est, model: nn.Module, x: Tensor, y: Tensor, layout:
                 raise RuntimeError("the second pass of GLR through time did not reproduce the first one's losses: "
                                    "the model's forward pass must be a deterministic function of its noise")
     return grads, L.sum(0), nonfinite, len(sizes)
+
+
+def replay_noise_free(model: nn.Module, x: Tensor, layout: Layout, noise: PassNoise, on_apply) -> None:
+    """Pass 2 for a chunk whose noisy layers saw only inputs shared by the replications (computed before any
+    noise: a feed-forward stack noisy in one layer, layer-wise injection): one noise-free pass of B rows yields
+    those inputs, and ``noise`` draws the chunk's noise again in pass 1's order (each application's, a held
+    draw at the first), handing each application's input and noise to ``on_apply``. The same terms as the
+    noisy second pass, without running the k·B noisy rows again."""
+    pr = layout.probe
+    zero = {i: torch.zeros(1, x.shape[0] if pr.perturbations[i].per_input else 1, pr.width(i), dtype=x.dtype,
+                           device=x.device) for i in layout.active}
+
+    def replay(i, n, h, _):
+        if not (pr.perturbations[i].held and n > 0):
+            on_apply(i, n, h, noise(i, n))
+
+    run_pass(model, x, layout, 1, lambda i, n: zero[i], on_apply=replay)
 
 
 # ---------------------------------------------------------------------------------------------- forward gradients
