@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from glrnet.cli import main
-from glrnet.train import TrainConfig, train
+from glrnet.train import TrainConfig, build_model, train
 
 TINY = ["--epochs", "1", "--replications", "10", "--subset", "200", "--quiet"]
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -152,6 +152,8 @@ def test_an_unwritable_out_is_one_line(tmp_path, capsys, monkeypatch):
     (["--method", "es", "--weight-noise", "all"], "--perturb all=weight:0.05 sets GLR's perturbation; method es"),
     (["--perturb", "conv=weight"], "--perturb conv=weight:0.05 puts noise on the convolutions, and arch mlp has none"),
     (["--weight-noise", "conv"], "--perturb conv=weight:0.05 puts noise on the convolutions, and arch mlp has none"),
+    (["--arch", "lif:16", "--encoding", "rate:4", "--perturb", "conv=weight"],
+     "--perturb conv=weight:0.05 puts noise on the convolutions, and arch lif:16 has none"),
     (["--sigma", "0.1"], "sigma is ES's σ and SPSA's ε; method glr does not use it"),
     (["--perturb", "conv:weight"], "--perturb: cannot read 'conv:weight'; use activity, or WHICH=PERTURBATION[:STD]"),
     (["--eval-replications", "0"], "eval replications must be ≥ 1, got 0"),
@@ -170,6 +172,11 @@ def test_the_library_refuses_ignored_options_and_accepts_a_methods_own_state():
     TrainConfig(method="es", baseline=False).validate()      # no baseline is what ES is (specs' defaults say so)
     TrainConfig(method="forward", injection="layerwise").validate()
     TrainConfig(method="bp", bp_noise=True, perturb="first=weight").validate()
+
+
+def test_a_perturbation_site_with_no_layer_is_refused_when_the_model_is_built():
+    with pytest.raises(ValueError, match="arch avgpool:2 has no convolutions to carry it"):
+        build_model(TrainConfig(arch="avgpool:2", perturb="conv=weight"), (28, 28), 10)
 
 
 def test_weight_noise_on_an_mlp_trains_and_is_saved_with_its_sites(tmp_path, capsys):

@@ -412,7 +412,7 @@ def unused_options(cfg: TrainConfig, given: set[str] | None = None) -> dict[str,
             why = ("trains the noise-free network" if method == "bp"
                    else "perturbs every weight itself (σ = --sigma)")
             out["perturb"] = f"--perturb {cfg.perturb} sets GLR's perturbation; method {method} {why}: drop --perturb"
-        elif which == "conv" and cfg.arch == "mlp":
-            out["perturb"] = (f"--perturb {cfg.perturb} puts noise on the convolutions, and arch mlp has none: use "
-                              "first or all, or a convolutional --arch")
+        elif which == "conv" and (cfg.arch == "mlp" or parse_time_arch(cfg.arch) is not None):
+            out["perturb"] = (f"--perturb {cfg.perturb} puts noise on the convolutions, and arch {cfg.arch} has none: "
+                              "use first or all, or a convolutional --arch")
     return out
