@@ -195,7 +195,8 @@ def replay_noise_free(model: nn.Module, x: Tensor, layout: Layout, noise: PassNo
     noise: a feed-forward stack noisy in one layer, layer-wise injection): one noise-free pass of B rows yields
     those inputs, and ``noise`` draws the chunk's noise again in pass 1's order (each application's, a held
     draw at the first), handing each application's input and noise to ``on_apply``. The same terms as the
-    noisy second pass, without running the k·B noisy rows again."""
+    noisy second pass, without running the k·B noisy rows again (so without its check that the losses repeat:
+    the model must be a deterministic function of its noise, as for the noisy second pass)."""
     pr = layout.probe
     zero = {i: torch.zeros(1, x.shape[0] if pr.perturbations[i].per_input else 1, pr.width(i), dtype=x.dtype,
                            device=x.device) for i in layout.active}

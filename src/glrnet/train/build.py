@@ -40,9 +40,8 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
         chosen = {"first": trainable[:1], "conv": [m for m in trainable if isinstance(m, NoisyConv2d)],
                   "all": trainable}[which]
         if not chosen:
-            raise ValueError(f"--perturb {cfg.perturb}: arch {cfg.arch} has no "
-                             + ("convolutions" if which == "conv" else "trainable noisy layer")
-                             + " to carry it; use first or all" + (", or a convolutional --arch" if which == "conv" else ""))
+            what, alt = ("convolutions", ", or a convolutional --arch") if which == "conv" else ("trainable noisy layer", "")
+            raise ValueError(f"--perturb {cfg.perturb}: arch {cfg.arch} has no {what} to carry it; use first or all{alt}")
         for m in chosen:   # "first": the first trainable layer only (few parameters: ES-style NSR ≈ √(P/K) stays small)
             m.perturbation = get_perturbation(name, make_noise(cfg.noise, std))
             m.perturbation.check(m)
