@@ -59,6 +59,13 @@ def test_a_time_arch_and_its_encoding_go_together(tmp_path, capsys, options, mes
     assert not (tmp_path / "r").exists()
 
 
+def test_each_recurrent_layer_gets_its_own_activation_and_the_report_names_them():
+    cfg = TrainConfig(arch="rnn:16,rnn:16:relu", encoding="rows")
+    model = build_model(cfg, (28, 28), 10)
+    assert ["activation=tanh" in repr(model[0]), "activation=relu" in repr(model[1])] == [True, True]
+    assert cfg.unit == "rnn-tanh+rnn-relu" and TrainConfig(arch="lif:8,lif:8:rec", encoding="rows").unit == "lif"
+
+
 @pytest.mark.parametrize("method", ["glr", "bp"])
 def test_a_spiking_network_trains_saves_and_evaluates(tmp_path, capsys, method):
     out = tmp_path / method

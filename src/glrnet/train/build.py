@@ -98,11 +98,10 @@ def _time_model(cfg: TrainConfig, layers: list[tuple[str, int, bool]], image_sha
     output at the last step; every layer's noise N(0, noise_std²) (or the ``noise`` family) per step."""
     steps, width = sequence_shape(cfg.encoding, image_shape)
     mods = []
-    for kind, units, recurrent in layers:
+    for kind, units, recurrent, act in layers:
         if kind == "lif":
             mods.append(Leaky(width, units, recurrent=recurrent))
         else:
-            act = next((t.split(":")[2] for t in cfg.arch.split(",") if t.strip().startswith(f"rnn:{units}:")), "tanh")
             mods.append(Recurrent(width, units, activation=act))
         width = units
     spiking = layers[-1][0] == "lif"

@@ -32,10 +32,10 @@ def parse_arch(arch: str) -> list[tuple[str, list[int]]]:
     return out
 
 
-def parse_time_arch(arch: str) -> list[tuple[str, int, bool]] | None:
-    """A network through time as [(kind, width, recurrent)] — ``lif:H`` (leaky integrate-and-fire neurons),
-    ``lif:H:rec`` (with recurrent weights on the previous spikes), ``rnn:H`` (a recurrent tanh layer;
-    ``rnn:H:threshold`` or any activation) — or ``None`` for an arch that is not one."""
+def parse_time_arch(arch: str) -> list[tuple[str, int, bool, str | None]] | None:
+    """A network through time as [(kind, width, recurrent, activation)] — ``lif:H`` (leaky integrate-and-fire
+    neurons; activation None), ``lif:H:rec`` (with recurrent weights on the previous spikes), ``rnn:H`` (a
+    recurrent tanh layer; ``rnn:H:threshold`` or any activation) — or ``None`` for an arch that is not one."""
     tokens = [t.strip().split(":") for t in arch.split(",")]
     if not any(t[0] in ("lif", "rnn") for t in tokens):
         return None
@@ -52,7 +52,8 @@ def parse_time_arch(arch: str) -> list[tuple[str, int, bool]] | None:
         if not ok:
             raise ValueError(f"--arch: cannot read {':'.join(t)!r} in a network through time; use comma-separated "
                              "lif:H, lif:H:rec (recurrent) or rnn:H[:ACTIVATION], e.g. lif:256 or rnn:128")
-        out.append((t[0], int(t[1]), t[0] == "lif" and len(t) == 3 or t[0] == "rnn"))
+        act = None if t[0] == "lif" else (t[2] if len(t) == 3 else "tanh")
+        out.append((t[0], int(t[1]), t[0] == "lif" and len(t) == 3 or t[0] == "rnn", act))
     return out
 
 
@@ -117,8 +118,4 @@ def unit_name(arch: str, activation: str) -> str:
     time = parse_time_arch(arch)
     if time is None:
         return activation
-    kinds = []
-    for token, (kind, _, _) in zip(arch.split(","), time):
-        parts = token.strip().split(":")
-        kinds.append("lif" if kind == "lif" else f"rnn-{parts[2] if len(parts) == 3 else 'tanh'}")
-    return "+".join(dict.fromkeys(kinds))
+    return "+".join(dict.fromkeys("lif" if kind == "lif" else f"rnn-{act}" for kind, _, _, act in time))
